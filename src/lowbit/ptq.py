@@ -1,0 +1,228 @@
+"""Post-training quantization: round-to-nearest and GPTQ (Frantar et al. 2022).
+
+GPTQ quantizes one column at a time and spreads each column's rounding error over the columns
+not yet quantized, using the inverse Hessian ``H = 2 X X^T`` of the layer inputs gathered on
+calibration tokens (METHODS.md section 2). The model is processed one decoder block at a time:
+the block's inputs are kept, its linears are quantized, and the quantized block's outputs feed
+the next block, so memory stays near one block's activations beyond the model itself.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowbit.errors import LowbitError
+from lowbit.quantizers import make_quantizer
+from lowbit.surgery import (
+    QuantConfig,
+    is_linear,
+    linear_weight,
+    output_head_names,
+    quantize_model,
+    quantized_modules,
+    snap_weights_,
+)
+
+
+def rtn(model: nn.Module, config: QuantConfig) -> nn.Module:
+    """Round-to-nearest: scales from the weights alone (``config.scale_search``), no data."""
+    quantize_model(model, config)
+    snap_weights_(model)
+    return model
+
+
+def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The ModuleList of transformer blocks (Llama/Qwen/Gemma ``model.layers``, GPT-2 ``h``)."""
+    n = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
+    for _, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise LowbitError("could not find the decoder layers of this model: GPTQ supports HF decoder-only LMs")
+
+
+class _Captured(Exception):
+    pass
+
+
+@torch.no_grad()
+def _capture_block_inputs(model, layers, batches):
+    """Run the model up to block 0 for each calibration batch; keep (hidden, kwargs)."""
+    store = []
+
+    def hook(_module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        store.append((hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+        raise _Captured
+
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for ids in batches:
+            try:
+                model(input_ids=ids, use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    return store
+
+
+def _block_output(block, hidden, kwargs):
+    out = block(hidden, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def gptq_quantize_weight(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    quantizer,
+    damp: float = 0.01,
+    act_order: bool = False,
+    block_size: int = 128,
+    scale_search: str = "mse",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ for one matrix. Returns (dequantized weight, alpha (rows, G), zero (rows, G)).
+
+    Groups stay contiguous in the original column order; with act-order and groups, the group
+    scales are fixed from the original weights before any update ("static groups").
+    """
+    W = weight.detach().float().clone()
+    rows, cols = W.shape
+    H = hessian.clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    g = quantizer.group_size
+    if g == 0:
+        raise LowbitError("GPTQ does not support per-tensor scales (absmean): use rtn or a group size")
+    g = g or cols
+    n_groups = -(-cols // g)
+    alpha = torch.zeros(rows, n_groups)
+    zero = torch.zeros(rows, n_groups)
+    static = act_order or g == cols
+    if static:
+        for j in range(n_groups):
+            alpha[:, j : j + 1], zero[:, j : j + 1] = quantizer.group_scales(W[:, j * g : (j + 1) * g], scale_search)
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
+    W, H = W[:, perm], H[perm][:, perm]
+    diag = torch.arange(cols)
+    H[diag, diag] += damp * torch.mean(torch.diag(H))
+    try:
+        L = torch.linalg.cholesky(H)
+        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    except torch.linalg.LinAlgError as exc:
+        raise LowbitError(f"GPTQ Hessian is not positive definite even with damping {damp}: raise --damp") from exc
+    if not static:
+        block_size = g * max(1, block_size // g)
+    Q = torch.zeros_like(W)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])
+            grp = col // g
+            if not static and col % g == 0:
+                a, z = quantizer.group_scales(W1[:, i : i + g], scale_search)
+                alpha[:, grp : grp + 1], zero[:, grp : grp + 1] = a, z
+            w = W1[:, i : i + 1]
+            q = quantizer.fake_quantize_with(w, alpha[:, grp : grp + 1], zero[:, grp : grp + 1])
+            Q[:, i1 + i] = q[:, 0]
+            err = (w[:, 0] - q[:, 0]) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    Q = Q[:, torch.argsort(perm)]
+    return Q, alpha, zero
+
+
+@torch.no_grad()
+def gptq(
+    model: nn.Module,
+    config: QuantConfig,
+    calib_ids: torch.Tensor,
+    batch_size: int = 8,
+    damp: float = 0.01,
+    act_order: bool = False,
+    progress: bool = True,
+) -> nn.Module:
+    """Quantize ``model`` in place with GPTQ on calibration windows ``calib_ids`` (n, seq_len)."""
+    if calib_ids.ndim != 2 or len(calib_ids) == 0:
+        raise LowbitError("GPTQ needs at least one calibration window of tokens")
+    layers = find_decoder_layers(model)
+    heads = output_head_names(model)
+    batches = list(torch.split(calib_ids, batch_size))
+    store = _capture_block_inputs(model, layers, batches)
+    results: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    names = {m: n for n, m in model.named_modules()}
+    t0 = time.time()
+    bar = tqdm(total=len(layers), desc="GPTQ blocks", disable=not progress, unit="block")
+    for block in layers:
+        linears = {
+            names[m]: m for m in block.modules() if is_linear(m) and names[m] not in heads and config.spec_for(names[m])
+        }
+        hessians = {n: torch.zeros(linear_weight(m)[0].shape[1], linear_weight(m)[0].shape[1]) for n, m in linears.items()}
+        counts = dict.fromkeys(linears, 0)
+
+        def make_hook(name):
+            def hook(_module, args, _out):
+                x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+                n_old, n_new = counts[name], x.shape[0]
+                hessians[name].mul_(n_old / (n_old + n_new)).add_(x.t() @ x, alpha=2.0 / (n_old + n_new))
+                counts[name] = n_old + n_new
+
+            return hook
+
+        handles = [m.register_forward_hook(make_hook(n)) for n, m in linears.items()]
+        for hidden, kwargs in store:
+            _block_output(block, hidden, kwargs)
+        for h in handles:
+            h.remove()
+        for name, module in linears.items():
+            spec = config.spec_for(name)
+            quantizer = make_quantizer(spec.bits, spec.quantizer, spec.group_size)
+            weight, _ = linear_weight(module)
+            q, alpha, zero = gptq_quantize_weight(
+                weight, hessians[name], quantizer, damp=damp, act_order=act_order, scale_search=config.scale_search
+            )
+            _write_weight(module, q)
+            results[name] = (alpha, zero)
+            del hessians[name]
+        store = [(_block_output(block, hidden, kwargs), kwargs) for hidden, kwargs in store]
+        bar.update(1)
+        bar.set_postfix(s=f"{time.time() - t0:.0f}")
+    bar.close()
+    quantize_model(model, config, initialize=False)
+    for name, module in quantized_modules(model):
+        if name in results:
+            module.quantizer.set_scales(*results[name])
+        else:  # embeddings (quantize_embeddings): round-to-nearest
+            module.quantizer.initialize(module.weight, search=config.scale_search)
+            module.quantizer.round_scales_()
+    _check_on_grid(model, results)
+    snap_weights_(model)
+    return model
+
+
+def _write_weight(module: nn.Module, q: torch.Tensor) -> None:
+    if isinstance(module, nn.Linear):
+        module.weight.copy_(q.to(module.weight.dtype))
+    else:  # GPT-2 Conv1D stores (in, out)
+        module.weight.copy_(q.t().to(module.weight.dtype))
+
+
+def _check_on_grid(model, results):
+    """GPTQ's columns and the installed scales must describe the same grid (idempotence)."""
+    for name, module in quantized_modules(model):
+        if name not in results:
+            continue
+        w = module.weight
+        err = (module.quantizer(w) - w).abs().max().item()
+        if not math.isfinite(err) or err > 1e-5 * max(1.0, w.abs().max().item()):
+            raise RuntimeError(f"GPTQ result of {name} is not on its quantization grid (max err {err:g})")

@@ -1,0 +1,237 @@
+"""Model surgery: swap a causal LM's linear layers (and optionally its embeddings) for quantized ones.
+
+One :class:`QuantConfig` describes *what* to quantize; :func:`quantize_model` applies it. PTQ,
+QAT, packing and export all read the same :class:`QuantizedLinear` modules.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from lowbit.errors import LowbitError
+from lowbit.quantizers import Quantizer, check_group_size, make_quantizer, parse_bits
+
+HP_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LayerSpec:
+    """How one layer is quantized."""
+
+    bits: float
+    quantizer: str = "auto"
+    group_size: int | None = None
+
+
+@dataclass
+class QuantConfig:
+    """What to quantize: a default spec, name patterns, and per-pattern overrides (mixed precision).
+
+    ``include``/``exclude`` are fnmatch patterns over module names (``model.layers.*.mlp.*``).
+    The embedding and output head stay in high precision unless ``quantize_embeddings``.
+    ``overrides`` maps a pattern to a dict of LayerSpec fields; the last matching pattern wins.
+    High-precision tensors are stored (and evaluated) in ``hp_dtype``.
+    """
+
+    bits: float
+    quantizer: str = "auto"
+    group_size: int | None = None
+    include: list[str] = field(default_factory=lambda: ["*"])
+    exclude: list[str] = field(default_factory=list)
+    quantize_embeddings: bool = False
+    overrides: dict[str, dict] = field(default_factory=dict)
+    scale_search: str = "mse"
+    hp_dtype: str = "float16"
+
+    def __post_init__(self):
+        self.bits = parse_bits(self.bits)
+        if self.hp_dtype not in HP_DTYPES:
+            raise LowbitError(f"hp_dtype must be one of {', '.join(HP_DTYPES)}, not {self.hp_dtype!r}")
+        for pattern, spec in self.overrides.items():
+            unknown = set(spec) - {"bits", "quantizer", "group_size"}
+            if unknown:
+                raise LowbitError(f"override {pattern!r} has unknown keys {sorted(unknown)}: use bits, quantizer, group_size")
+            if "bits" in spec:
+                spec["bits"] = parse_bits(spec["bits"])
+
+    def spec_for(self, name: str) -> LayerSpec | None:
+        """The LayerSpec for module ``name``, or None if it stays in high precision."""
+        if not any(fnmatch.fnmatch(name, p) for p in self.include):
+            return None
+        if any(fnmatch.fnmatch(name, p) for p in self.exclude):
+            return None
+        spec = LayerSpec(self.bits, self.quantizer, self.group_size)
+        for pattern, fields in self.overrides.items():
+            if fnmatch.fnmatch(name, pattern):
+                spec = LayerSpec(**{**asdict(spec), **fields})
+        return spec
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> QuantConfig:
+        return cls(**d)
+
+
+class QuantizedLinear(nn.Module):
+    """``nn.Linear`` whose weight passes through a fake-quant :class:`Quantizer` in forward."""
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, quantizer: Quantizer):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight
+        self.bias = bias
+        self.quantizer = quantizer
+
+    def quantized_weight(self) -> torch.Tensor:
+        return self.quantizer(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.quantized_weight().to(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
+
+
+class QuantizedEmbedding(nn.Module):
+    """``nn.Embedding`` with a fake-quantized table (one scale per token row or group)."""
+
+    def __init__(self, embedding: nn.Embedding, quantizer: Quantizer):
+        super().__init__()
+        self.weight = embedding.weight
+        self.padding_idx = embedding.padding_idx
+        self.quantizer = quantizer
+        self.num_embeddings, self.embedding_dim = embedding.weight.shape
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(ids, self.quantizer(self.weight), self.padding_idx)
+
+
+def _conv1d_class():
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers always has it today
+        return ()
+    return (Conv1D,)
+
+
+def linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight (out, in), bias) of an nn.Linear or a GPT-2 Conv1D (whose weight is (in, out))."""
+    if isinstance(module, nn.Linear):
+        return module.weight, module.bias
+    return module.weight.t(), module.bias
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, *_conv1d_class()))
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """Names of the output head (and input embedding) modules of a causal LM."""
+    names = set()
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    for name, module in model.named_modules():
+        if module is out or module is inp:
+            names.add(name)
+    return names
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def quantize_model(model: nn.Module, config: QuantConfig, initialize: bool = True) -> nn.Module:
+    """Swap linear layers for :class:`QuantizedLinear` in place, following ``config``.
+
+    With ``initialize`` the scales are set from the current weights (``config.scale_search``);
+    high-precision parameters are rounded to ``config.hp_dtype`` so that evaluation sees what
+    will be stored. Returns the model, with ``model.lowbit_config`` set.
+    """
+    if getattr(model, "lowbit_config", None) is not None:
+        raise LowbitError("this model is already quantized: load the full-precision model instead")
+    heads = output_head_names(model)
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    in_emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    tied = out_emb is not None and in_emb is not None and out_emb.weight is in_emb.weight
+    targets: list[tuple[str, nn.Module, LayerSpec]] = []
+    for name, module in model.named_modules():
+        if name in heads:
+            continue
+        if is_linear(module):
+            spec = config.spec_for(name)
+            if spec is not None:
+                targets.append((name, module, spec))
+    if not targets and not config.quantize_embeddings:
+        raise LowbitError("no linear layer matched the include/exclude patterns: nothing to quantize")
+    for name, module, spec in targets:
+        weight, bias = linear_weight(module)
+        check_group_size(spec.group_size, weight.shape[1])
+        if not isinstance(module, nn.Linear):  # Conv1D: store as (out, in)
+            weight = nn.Parameter(weight.detach().contiguous(), requires_grad=module.weight.requires_grad)
+        quantizer = make_quantizer(spec.bits, spec.quantizer, spec.group_size)
+        if initialize:
+            quantizer.initialize(weight, search=config.scale_search)
+        _set_module(model, name, QuantizedLinear(weight, bias, quantizer))
+    if config.quantize_embeddings:
+        _quantize_embeddings(model, config, in_emb, out_emb, tied, initialize)
+    _round_high_precision(model, HP_DTYPES[config.hp_dtype])
+    model.lowbit_config = config
+    return model
+
+
+def _quantize_embeddings(model, config, in_emb, out_emb, tied, initialize):
+    spec = LayerSpec(config.bits, config.quantizer, config.group_size)
+    for pattern, fields in config.overrides.items():
+        if pattern in ("embeddings", "lm_head"):
+            spec = LayerSpec(**{**asdict(spec), **fields})
+    names = {m: n for n, m in model.named_modules()}
+    q_in = make_quantizer(spec.bits, spec.quantizer, spec.group_size)
+    if initialize:
+        q_in.initialize(in_emb.weight, search=config.scale_search)
+    _set_module(model, names[in_emb], QuantizedEmbedding(in_emb, q_in))
+    if out_emb is not None and isinstance(out_emb, nn.Linear):
+        q_out = q_in if tied else make_quantizer(spec.bits, spec.quantizer, spec.group_size)
+        if initialize and not tied:
+            q_out.initialize(out_emb.weight, search=config.scale_search)
+        _set_module(model, names[out_emb], QuantizedLinear(out_emb.weight, out_emb.bias, q_out))
+
+
+@torch.no_grad()
+def _round_high_precision(model: nn.Module, dtype: torch.dtype) -> None:
+    if dtype == torch.float32:
+        return
+    for module in model.modules():
+        if isinstance(module, Quantizer):
+            module.round_scales_(torch.float16)
+    for name, p in model.named_parameters():
+        if ".quantizer." in name or (name.endswith(".weight") and _is_quantized_weight(model, name)):
+            continue
+        if p.dtype == torch.float32:
+            p.copy_(p.to(dtype).float())
+
+
+def _is_quantized_weight(model: nn.Module, param_name: str) -> bool:
+    owner = model.get_submodule(param_name.rpartition(".")[0])
+    return isinstance(owner, (QuantizedLinear, QuantizedEmbedding))
+
+
+def quantized_modules(model: nn.Module) -> list[tuple[str, QuantizedLinear | QuantizedEmbedding]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding))]
+
+
+@torch.no_grad()
+def snap_weights_(model: nn.Module) -> None:
+    """Replace every quantized module's float weight by its quantized value (idempotent).
+
+    After this, codes x scales reproduce the weight exactly and the fake-quant is a no-op.
+    """
+    for _, module in quantized_modules(model):
+        module.weight.copy_(module.quantizer(module.weight))
