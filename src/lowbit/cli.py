@@ -6,12 +6,16 @@ Every error a user can cause is a :class:`LowbitError`, printed as one line with
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
 from pathlib import Path
 
 from lowbit.errors import LowbitError
+
+# Each module defines register(subparsers) adding one command whose func returns a dict (or None).
+COMMAND_MODULES: list[str] = []
 
 
 def _group_size(text: str) -> int | None:
@@ -183,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_info)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
     return parser
 
 
