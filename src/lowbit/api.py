@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lowbit.data import get_text, tokenize_windows
+from lowbit.data import get_text, tokenize_windows, tokenizer_adds_bos
 from lowbit.errors import LowbitError
 from lowbit.evaluation import evaluate, size_account
 from lowbit.io import is_quantized_dir, load_quantized, save_quantized
@@ -48,7 +48,9 @@ def quantize(
     if method == "gptq":
         if tokenizer is None:
             raise LowbitError("GPTQ needs a tokenizer to read its calibration text")
-        ids = tokenize_windows(tokenizer, get_text(calib), seq_len, max_tokens=calib_tokens)
+        ids = tokenize_windows(
+            tokenizer, get_text(calib), seq_len, max_tokens=calib_tokens, bos=tokenizer_adds_bos(tokenizer)
+        )
         return gptq(model, config, ids, act_order=act_order, damp=damp, progress=progress)
     raise LowbitError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
 
@@ -90,7 +92,9 @@ def eval_model(
     progress: bool = True,
 ) -> dict:
     """Perplexity / KL / top-1 on ``data`` plus the size account, as one flat dict."""
-    windows = tokenize_windows(tokenizer, get_text(data), seq_len, max_tokens=max_tokens)
+    windows = tokenize_windows(
+        tokenizer, get_text(data), seq_len, max_tokens=max_tokens, bos=tokenizer_adds_bos(tokenizer)
+    )
     with torch.inference_mode():
         result = evaluate(model, windows, reference=reference, batch_size=batch_size, progress=progress)
     return {"data": data, **result, **size_account(model)}

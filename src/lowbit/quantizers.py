@@ -50,6 +50,8 @@ def parse_bits(value: str | float | int) -> float:
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     """round() whose gradient is taken as 1 (straight-through estimator)."""
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return torch.round(x)
     return x + (torch.round(x) - x).detach()
 
 
@@ -196,18 +198,32 @@ class Quantizer(nn.Module):
         self.zero = zero.squeeze(-1).to(w.device)
         self.initialized = True
 
-    def _mse_search(self, wg, mask, alpha, zero, grid):
-        best_err = torch.full_like(alpha, math.inf)
+    def _mse_search(self, wg, mask, alpha, zero, grid, chunk: int = 64):
+        """Per-group grid search of alpha * ratio, ratio in [1, 0.2], minimising squared error.
+
+        Rows are processed in small chunks so that the temporaries stay in cache.
+        """
+        ratios = torch.linspace(1.0, 0.2, grid).tolist()
         best_alpha, best_zero = alpha.clone(), zero.clone()
-        for ratio in torch.linspace(1.0, 0.2, grid).tolist():
-            a = alpha * ratio
-            z = self.rescale_zero(zero, ratio)
-            wq = self._decode(self.to_codes(wg / a, z), a, z)
-            err = (((wq - wg) ** 2) * mask).sum(-1, keepdim=True)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_alpha = torch.where(better, a, best_alpha)
-            best_zero = torch.where(better, z, best_zero)
+        m = mask.to(wg.dtype)
+        for r0 in range(0, wg.shape[0], chunk):
+            w_c = wg[r0 : r0 + chunk]
+            a_c = alpha[r0 : r0 + chunk] if alpha.shape[0] > 1 else alpha
+            z_c = zero[r0 : r0 + chunk] if zero.shape[0] > 1 else zero
+            best_err = torch.full_like(a_c.expand(w_c.shape[0], -1, -1), math.inf)
+            b_a, b_z = a_c.expand_as(best_err).clone(), z_c.expand_as(best_err).clone()
+            for ratio in ratios:
+                a = a_c * ratio
+                z = self.rescale_zero(z_c, ratio)
+                err = (((self._decode(self.to_codes(w_c / a, z), a, z) - w_c) ** 2) * m).sum(-1, keepdim=True)
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                b_a = torch.where(better, a, b_a)
+                b_z = torch.where(better, z, b_z)
+            if alpha.shape[0] > 1:
+                best_alpha[r0 : r0 + chunk], best_zero[r0 : r0 + chunk] = b_a, b_z
+            else:
+                best_alpha, best_zero = b_a, b_z
         return best_alpha, best_zero
 
     def rescale_zero(self, zero: torch.Tensor, ratio: float) -> torch.Tensor:
