@@ -181,3 +181,31 @@ def test_evaluate_reports_kl_zero_against_itself(tiny_model):
     assert r["kl_to_reference"] == pytest.approx(0.0, abs=1e-6)
     assert r["top1_agreement"] == 1.0
     assert r["tokens"] == 2 * 15
+
+
+def _arch_model(arch: str):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    if arch == "qwen2":
+        return tf.Qwen2ForCausalLM(tf.Qwen2Config(**common)).eval()
+    if arch == "gemma3":
+        return tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**common, head_dim=8)).eval()
+    if arch == "gpt2":
+        return tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=2, n_positions=64)).eval()
+    return tiny_llama(hidden=32)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3", "gpt2"])
+def test_every_family_quantizes_saves_and_reloads(arch, tmp_path):
+    fp = _arch_model(arch)
+    model = copy.deepcopy(fp)
+    gptq(model, QuantConfig(bits=3, group_size=16), _ids(4, 16), progress=False)
+    ids = _ids(2, 16, seed=3)
+    before = model(ids).logits
+    save_quantized(model, None, tmp_path / arch)
+    loaded, _, _ = load_quantized(tmp_path / arch)
+    assert torch.equal(loaded(ids).logits, before)
+    assert evaluate(loaded, ids, reference=fp, progress=False)["top1_agreement"] > 0.3

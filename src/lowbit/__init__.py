@@ -1,3 +1,41 @@
-"""lowbit: extremely low-bit quantization of Hugging Face causal language models, with measurements."""
+"""lowbit: extremely low-bit quantization of Hugging Face causal language models, with measurements.
+
+The public API (everything else is internal)::
+
+    import lowbit
+    model, tok, _ = lowbit.load("smollm2-135m")               # name, HF folder, .gguf or quantized folder
+    cfg = lowbit.QuantConfig(bits=2, group_size=64)           # what to quantize
+    lowbit.quantize(model, cfg, method="gptq", tokenizer=tok) # RTN or GPTQ, in place
+    print(lowbit.eval_model(model, tok, "wiki-eval", reference=lowbit.load()[0]))
+    lowbit.save_quantized(model, tok, "out/q2")               # packed folder, loads with lowbit.load
+"""
 
 __version__ = "0.1.0"
+
+_API = {
+    "load": "lowbit.api",
+    "quantize": "lowbit.api",
+    "quantize_to_dir": "lowbit.api",
+    "eval_model": "lowbit.api",
+    "QuantConfig": "lowbit.surgery",
+    "quantize_model": "lowbit.surgery",
+    "make_quantizer": "lowbit.quantizers",
+    "rtn": "lowbit.ptq",
+    "gptq": "lowbit.ptq",
+    "evaluate": "lowbit.evaluation",
+    "size_account": "lowbit.evaluation",
+    "save_quantized": "lowbit.io",
+    "load_quantized": "lowbit.io",
+    "LowbitError": "lowbit.errors",
+}
+
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str):
+    """Import the API lazily so that ``lowbit --help`` starts fast."""
+    if name in _API:
+        import importlib
+
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'lowbit' has no attribute {name!r}")
