@@ -15,7 +15,7 @@ from pathlib import Path
 from lowbit.errors import LowbitError
 
 # Each module defines register(subparsers) adding one command whose func returns a dict (or None).
-COMMAND_MODULES: list[str] = ["lowbit.commands.pareto", "lowbit.commands.train"]
+COMMAND_MODULES: list[str] = ["lowbit.commands.pareto", "lowbit.commands.train", "lowbit.commands.export", "lowbit.commands.runtime"]
 
 
 def _group_size(text: str) -> int | None:

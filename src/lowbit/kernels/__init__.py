@@ -1,0 +1,290 @@
+"""CPU kernels for packed low-bit weights: ``matvec.c`` compiled with gcc at first use, called via ctypes.
+
+The shared library is built once per (source, flags, compiler) into
+``$LOWBIT_CACHE/<sha>/liblowbit.so`` (default cache ``~/.cache/lowbit/kernels``), compiled to a
+temporary name and renamed into place, so concurrent first uses never load a half-written file.
+It holds an AVX2+FMA path and a portable C path; the C code picks one at run time from the CPU
+flags. Without a compiler (or with ``LOWBIT_KERNELS=0``) :func:`available` is False and callers
+use the pure-PyTorch reference path; a missing compiler is reported by one warning.
+
+The kernels read the row-major layouts of :mod:`lowbit.packing` directly (no repacking):
+u1, u2, u3, u4 and u8 decode in registers, t5 (base-3) through a 256-entry table per byte.
+Threads: OpenMP over output rows, ``get_num_threads()`` (default ``torch.get_num_threads()``).
+Environment: ``LOWBIT_KERNELS=0`` disables the kernels, ``LOWBIT_ISA=portable`` forces the
+portable C path, ``CC`` picks the compiler, ``LOWBIT_CACHE`` the cache folder.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.packing import row_bytes
+
+SOURCE = Path(__file__).with_name("matvec.c")
+BASE_FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-fvisibility=hidden"]
+FORMAT_IDS = {"u1": 1, "u2": 2, "u3": 3, "u4": 4, "t5": 5, "u8": 8}
+SCALE_TYPES = {torch.float32: 0, torch.float16: 1, torch.uint8: 2}
+ISA_NAMES = {0: "portable", 1: "avx2"}
+_ISA_IDS = {"portable": 0, "avx2": 1}
+_ERRORS = {
+    -1: "unknown packing layout",
+    -2: "out of memory",
+    -3: "AVX2 requested on a CPU without it",
+    -4: "invalid weight description",
+}
+
+
+class _Weight(ctypes.Structure):
+    """Mirror of ``lb_weight`` in matvec.c."""
+
+    _fields_ = [
+        ("fmt", ctypes.c_int32),
+        ("step_type", ctypes.c_int32),
+        ("zero_type", ctypes.c_int32),
+        ("reserved", ctypes.c_int32),
+        ("packed", ctypes.c_void_p),
+        ("row_bytes", ctypes.c_int64),
+        ("rows", ctypes.c_int64),
+        ("cols", ctypes.c_int64),
+        ("group", ctypes.c_int64),
+        ("step", ctypes.c_void_p),
+        ("step_rs", ctypes.c_int64),
+        ("step_gs", ctypes.c_int64),
+        ("zero", ctypes.c_void_p),
+        ("zero_rs", ctypes.c_int64),
+        ("zero_gs", ctypes.c_int64),
+        ("bias", ctypes.c_void_p),
+    ]
+
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_load_failed = False
+_num_threads: int | None = None
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels live: ``$LOWBIT_CACHE`` or ``~/.cache/lowbit/kernels``."""
+    env = os.environ.get("LOWBIT_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "lowbit" / "kernels"
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC")
+    if cc:
+        return shutil.which(cc) or cc
+    return shutil.which("gcc") or shutil.which("cc")
+
+
+def _library_path(cc: str, flags: list[str]) -> Path:
+    key = hashlib.sha256(SOURCE.read_bytes() + "\0".join([cc, *flags]).encode()).hexdigest()[:16]
+    return cache_dir() / key / "liblowbit.so"
+
+
+def _compile(cc: str, flags: list[str]) -> Path:
+    """Build (or reuse) the library for these flags; raises CalledProcessError / OSError."""
+    path = _library_path(cc, flags)
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".liblowbit-", suffix=".so", dir=path.parent)
+    os.close(fd)
+    try:
+        subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True)
+        os.rename(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _setup(lib: ctypes.CDLL) -> ctypes.CDLL:
+    ptr = ctypes.POINTER(_Weight)
+    lib.lb_linear.argtypes = [ptr, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    lib.lb_linear.restype = ctypes.c_int
+    lib.lb_dequantize.argtypes = [ptr, ctypes.c_void_p, ctypes.c_int]
+    lib.lb_dequantize.restype = ctypes.c_int
+    lib.lb_f16_to_f32.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    lib.lb_f16_to_f32.restype = None
+    lib.lb_isa.restype = ctypes.c_int
+    lib.lb_openmp.restype = ctypes.c_int
+    return lib
+
+
+def load() -> ctypes.CDLL | None:
+    """The compiled library, building it on first use; None (after one warning) if that fails."""
+    global _lib, _load_failed
+    if _lib is not None or _load_failed:
+        return _lib
+    with _lock:
+        if _lib is not None or _load_failed:
+            return _lib
+        cc = _compiler()
+        problem = "no C compiler found (install gcc or set CC)"
+        if cc is not None:
+            for flags in (BASE_FLAGS + ["-fopenmp"], BASE_FLAGS):  # without OpenMP: one thread
+                try:
+                    _lib = _setup(ctypes.CDLL(str(_compile(cc, flags))))
+                    break
+                except (OSError, subprocess.CalledProcessError) as exc:
+                    detail = getattr(exc, "stderr", None) or str(exc)
+                    problem = f"building the kernels with {cc} failed: {detail.strip()[:500]}"
+        if _lib is None:
+            _load_failed = True
+            warnings.warn(
+                f"lowbit: {problem}; packed layers use the slower pure-PyTorch path", RuntimeWarning, stacklevel=2
+            )
+    return _lib
+
+
+def enabled() -> bool:
+    """False when ``LOWBIT_KERNELS=0``."""
+    return os.environ.get("LOWBIT_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def available() -> bool:
+    """True when the kernels are enabled and the library could be built and loaded."""
+    return enabled() and load() is not None
+
+
+def isa() -> str | None:
+    """The code path the kernels run: "avx2", "portable", or None when unavailable."""
+    if not available():
+        return None
+    return ISA_NAMES[0 if _isa_id() == 0 else int(load().lb_isa())]
+
+
+def _isa_id() -> int:
+    """-1 lets the C code pick (AVX2 when the CPU has it); 0 forces the portable path."""
+    return 0 if os.environ.get("LOWBIT_ISA", "").strip().lower() == "portable" else -1
+
+
+def has_openmp() -> bool:
+    lib = load()
+    return bool(lib is not None and lib.lb_openmp())
+
+
+def set_num_threads(n: int | None) -> None:
+    """Threads for the kernels; None follows ``torch.get_num_threads()``."""
+    global _num_threads
+    if n is not None and n < 1:
+        raise LowbitError(f"number of kernel threads must be at least 1, got {n}")
+    _num_threads = n
+
+
+def get_num_threads() -> int:
+    return _num_threads if _num_threads is not None else torch.get_num_threads()
+
+
+def _scale_ptr(t: torch.Tensor, what: str) -> tuple[int, int, int, int]:
+    if t.dim() != 2 or t.dtype not in SCALE_TYPES:
+        raise LowbitError(f"{what} must be a 2-d float32, float16 or uint8 tensor, got {t.dtype} {tuple(t.shape)}")
+    rs = t.stride(0) if t.shape[0] > 1 else 0
+    gs = t.stride(1) if t.shape[1] > 1 else 0
+    return t.data_ptr(), SCALE_TYPES[t.dtype], rs, gs
+
+
+def weight_struct(
+    packed: torch.Tensor,
+    layout: str,
+    cols: int,
+    group_size: int | None,
+    step: torch.Tensor,
+    zero: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> _Weight:
+    """Describe a packed weight to the C code. The tensors must outlive the struct."""
+    if layout not in FORMAT_IDS:
+        raise LowbitError(f"no kernel for layout {layout!r}")
+    rows = packed.shape[0]
+    if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] != row_bytes(layout, cols):
+        raise LowbitError(
+            f"packed weight must be uint8 ({rows}, {row_bytes(layout, cols)}), got {packed.dtype} {tuple(packed.shape)}"
+        )
+    if not packed.is_contiguous():
+        raise LowbitError("packed weight must be contiguous")
+    group = cols if not group_size else min(group_size, cols)
+    n_groups = -(-cols // group)
+    for t, what in ((step, "step"), (zero, "zero")):
+        if t.shape[0] not in (1, rows) or t.shape[1] not in (1, n_groups):
+            raise LowbitError(f"{what} of shape {tuple(t.shape)} does not fit {rows} rows x {n_groups} groups")
+    if bias is not None and (bias.dtype != torch.float32 or bias.shape != (rows,) or not bias.is_contiguous()):
+        raise LowbitError(f"bias must be a contiguous float32 tensor of shape ({rows},)")
+    s_ptr, s_type, s_rs, s_gs = _scale_ptr(step, "step")
+    z_ptr, z_type, z_rs, z_gs = _scale_ptr(zero, "zero")
+    return _Weight(
+        FORMAT_IDS[layout],
+        s_type,
+        z_type,
+        0,
+        packed.data_ptr(),
+        packed.shape[1],
+        rows,
+        cols,
+        group,
+        s_ptr,
+        s_rs,
+        s_gs,
+        z_ptr,
+        z_rs,
+        z_gs,
+        bias.data_ptr() if bias is not None else None,
+    )
+
+
+def _check(code: int) -> None:
+    if code == -2:
+        raise MemoryError("lowbit kernel: out of memory")
+    if code:
+        raise LowbitError(f"lowbit kernel failed: {_ERRORS.get(code, code)}")
+
+
+def linear(x: torch.Tensor, weight: _Weight, out: torch.Tensor | None = None, isa: str | None = None) -> torch.Tensor:
+    """``x @ W^T + bias`` for contiguous float32 ``x`` (batch, cols); ``isa`` forces "avx2"/"portable"."""
+    lib = load()
+    if lib is None:
+        raise LowbitError("lowbit kernels are not available (see the warning above)")
+    if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != weight.cols or not x.is_contiguous():
+        raise LowbitError(
+            f"kernel input must be contiguous float32 (batch, {weight.cols}), got {x.dtype} {tuple(x.shape)}"
+        )
+    if out is None:
+        out = torch.empty(x.shape[0], weight.rows, dtype=torch.float32)
+    isa_id = _isa_id() if isa is None else _ISA_IDS[isa]
+    threads = _num_threads or torch.get_num_threads()
+    code = lib.lb_linear(ctypes.byref(weight), x.data_ptr(), x.shape[0], out.data_ptr(), threads, isa_id)
+    if code:
+        _check(code)
+    return out
+
+
+def dequantize(weight: _Weight, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The float32 weight ``step * (code - zero)``, bit-exact with ``QuantizedWeight.dequantize``."""
+    lib = load()
+    if lib is None:
+        raise LowbitError("lowbit kernels are not available (see the warning above)")
+    if out is None:
+        out = torch.empty(weight.rows, weight.cols, dtype=torch.float32)
+    elif out.dtype != torch.float32 or out.shape != (weight.rows, weight.cols) or not out.is_contiguous():
+        raise LowbitError(f"out must be a contiguous float32 tensor of shape ({weight.rows}, {weight.cols})")
+    _check(lib.lb_dequantize(ctypes.byref(weight), out.data_ptr(), get_num_threads()))
+    return out
+
+
+def half_to_float(h: torch.Tensor) -> torch.Tensor:
+    """The C code's fp16 -> fp32 conversion (exposed for tests)."""
+    h = h.contiguous()
+    out = torch.empty(h.shape, dtype=torch.float32)
+    load().lb_f16_to_f32(h.data_ptr(), out.data_ptr(), h.numel())
+    return out

@@ -1,0 +1,217 @@
+"""``PackedLinear``: a linear layer that keeps its weight packed at the true bit-width and runs on it.
+
+The module holds the codes in a :mod:`lowbit.packing` layout (row-major: u1, u2, u3, u4, u8 or
+t5; ``self.layout`` says which), the per-group steps in fp16 (fp32 when fp16 would change a
+value) and the zero points (one value when they are all equal, else per group; uint8 when they
+are small integers), so that ``step * (code - zero)`` reproduces ``QuantizedWeight.dequantize``
+bit for bit.
+
+``forward`` on float32 CPU inputs calls the C kernels of :mod:`lowbit.kernels`, which read the
+packed bytes directly (no repacking, no float weight in memory): batches up to
+``KERNEL_MAX_BATCH`` rows run the matvec kernel; larger batches dequantize the weight into a
+temporary float32 matrix with the C decoder and call ``F.linear`` (a GEMM beats a matvec kernel
+there). Other devices and dtypes, inputs that need a gradient, a missing compiler or
+``LOWBIT_KERNELS=0`` take the pure-PyTorch reference path: unpack -> dequantize -> ``F.linear``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit import kernels
+from lowbit.errors import LowbitError
+from lowbit.packing import LAYOUT_LEVELS, default_layout, layout_bits_per_code, pack_codes, unpack_codes
+from lowbit.quantizers import QuantizedWeight
+
+# Above this many input rows, dequantize once per call and use a GEMM (see benchmarks/bench_matvec.py).
+KERNEL_MAX_BATCH = 32
+
+
+def kernel_layout(n_levels: int) -> str:
+    """The layout PackedLinear uses by default: the smallest one, except ternary in u2 (2 bits,
+    decoded faster than t5's 1.6-bit base-3 bytes); pass ``layout="t5"`` for the smaller one."""
+    return "u2" if n_levels == 3 else default_layout(n_levels)
+
+
+def compact_scale(t: torch.Tensor, allow_uint8: bool = False) -> torch.Tensor:
+    """The smallest exact storage of a float32 scale tensor: uint8 (small integers, if allowed),
+    then fp16, else fp32 unchanged."""
+    t = t.detach().float().contiguous()
+    if allow_uint8 and t.numel() and bool(((t >= 0) & (t <= 255) & (t == t.round())).all()):
+        return t.to(torch.uint8)
+    half = t.half()
+    if torch.equal(half.float(), t):
+        return half
+    return t
+
+
+class PackedLinear(nn.Module):
+    """``y = x @ W^T + bias`` with ``W = step * (code - zero)`` per group, codes packed at true width.
+
+    Buffers: ``packed`` uint8 (out, row_bytes), ``step`` (out or 1, n_groups or 1) fp16/fp32,
+    ``zero`` (1, 1) or like ``step`` (uint8/fp16/fp32), ``bias`` float32 (out,) or None.
+    Build it with :meth:`from_quantized`.
+    """
+
+    def __init__(
+        self,
+        packed: torch.Tensor,
+        step: torch.Tensor,
+        zero: torch.Tensor,
+        in_features: int,
+        group_size: int | None,
+        layout: str,
+        n_levels: int,
+        bits: float,
+        quantizer: str,
+        bias: torch.Tensor | None = None,
+    ):
+        super().__init__()
+        if layout not in LAYOUT_LEVELS:
+            raise LowbitError(f"unknown packing layout {layout!r}: choose one of {', '.join(LAYOUT_LEVELS)}")
+        if n_levels > LAYOUT_LEVELS[layout]:
+            raise LowbitError(f"{n_levels} levels do not fit layout {layout}")
+        self.in_features = int(in_features)
+        self.out_features = int(packed.shape[0])
+        self.group_size = group_size
+        self.layout = layout
+        self.n_levels = int(n_levels)
+        self.bits = float(bits)
+        self.quantizer = quantizer
+        self.register_buffer("packed", packed.contiguous())
+        self.register_buffer("step", step.contiguous())
+        self.register_buffer("zero", zero.contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
+        self._weight_cache: tuple | None = None
+        kernels.weight_struct(
+            self.packed, layout, self.in_features, group_size, self.step, self.zero, self.bias
+        )  # validates shapes and dtypes
+
+    @classmethod
+    def from_quantized(
+        cls, qw: QuantizedWeight, bias: torch.Tensor | None = None, layout: str | None = None
+    ) -> PackedLinear:
+        """Pack a :class:`QuantizedWeight` (layout: default :func:`kernel_layout`)."""
+        layout = layout or kernel_layout(qw.n_levels)
+        codes = qw.codes.detach().cpu()
+        step = compact_scale(qw.step.cpu())
+        zero = qw.zero.detach().float().cpu()
+        if zero.numel() and bool((zero == zero.reshape(-1)[0]).all()):
+            zero = zero.reshape(-1)[:1].reshape(1, 1)
+        zero = compact_scale(zero, allow_uint8=True)
+        if bias is not None:
+            bias = bias.detach().float().cpu()
+        return cls(
+            pack_codes(codes, layout),
+            step,
+            zero,
+            codes.shape[1],
+            qw.group_size,
+            layout,
+            qw.n_levels,
+            qw.bits,
+            qw.quantizer,
+            bias,
+        )
+
+    # --------------------------------------------------------------------- views
+    def extra_repr(self) -> str:
+        g = {None: "per-channel", 0: "per-tensor"}.get(self.group_size, f"group={self.group_size}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits:g}, "
+            f"layout={self.layout}, {g}, bias={self.bias is not None}"
+        )
+
+    def nbytes(self) -> int:
+        """Bytes of every buffer this layer needs to run (packed codes, steps, zeros, bias)."""
+        return sum(
+            t.numel() * t.element_size() for t in (self.packed, self.step, self.zero, self.bias) if t is not None
+        )
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Stored bits per weight including scales and zeros (bias excluded)."""
+        stored = self.nbytes() - (0 if self.bias is None else self.bias.numel() * 4)
+        return 8.0 * stored / (self.out_features * self.in_features)
+
+    @property
+    def code_bits(self) -> float:
+        return layout_bits_per_code(self.layout)
+
+    def quantized_weight(self) -> QuantizedWeight:
+        """The exact integer view back (codes unpacked, scales as float32)."""
+        packed = self.packed.cpu()
+        codes = unpack_codes(packed, self.layout, self.in_features)
+        step, zero = self.step.float().cpu(), self.zero.float().cpu()
+        shape = torch.broadcast_shapes(step.shape, zero.shape)
+        return QuantizedWeight(
+            codes,
+            step.expand(shape).contiguous(),
+            zero.expand(shape).contiguous(),
+            self.group_size,
+            self.n_levels,
+            self.bits,
+            self.quantizer,
+        )
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight (out, in), bit-exact with ``QuantizedWeight.dequantize``."""
+        return self.quantized_weight().dequantize().to(self.packed.device)
+
+    # --------------------------------------------------------------------- running
+    def _kernel_weight(self, x: torch.Tensor) -> kernels._Weight | None:
+        """The C description of the buffers if ``x`` can run the kernels, else None. Cached; rebuilt
+        when a buffer is replaced (``.to()``, assignment) or its storage changes."""
+        if (
+            x.dtype != torch.float32
+            or x.device.type != "cpu"
+            or (x.requires_grad and torch.is_grad_enabled())
+            or not kernels.available()
+        ):
+            return None
+        buffers = self._buffers  # direct access: this runs once per layer per token
+        packed, step, zero, bias = buffers["packed"], buffers["step"], buffers["zero"], buffers["bias"]
+        cache = self._weight_cache
+        if (
+            cache is None
+            or cache[0] is not packed
+            or cache[1] is not step
+            or cache[2] is not zero
+            or cache[3] is not bias
+            or cache[4] != packed.data_ptr()
+        ):
+            usable = packed.device.type == "cpu" and (bias is None or bias.dtype == torch.float32)
+            struct = (
+                kernels.weight_struct(packed, self.layout, self.in_features, self.group_size, step, zero, bias)
+                if usable
+                else None
+            )
+            cache = self._weight_cache = (packed, step, zero, bias, packed.data_ptr(), struct)
+        return cache[5]
+
+    def uses_kernel(self, x: torch.Tensor) -> bool:
+        """Whether ``forward(x)`` runs the C kernels (else the PyTorch reference path)."""
+        return self._kernel_weight(x) is not None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise LowbitError(f"input has {x.shape[-1]} features, layer expects {self.in_features}")
+        weight = self._kernel_weight(x)
+        if weight is None:
+            return self.forward_reference(x)
+        x2 = x.reshape(-1, self.in_features)
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        if x2.shape[0] <= KERNEL_MAX_BATCH:
+            y = kernels.linear(x2, weight)
+        else:
+            y = F.linear(x2, kernels.dequantize(weight), self._buffers["bias"])
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """Pure PyTorch: unpack -> dequantize -> ``F.linear`` (any device and float dtype)."""
+        w = self.dequantize().to(device=x.device, dtype=x.dtype)
+        b = None if self.bias is None else self.bias.to(device=x.device, dtype=x.dtype)
+        return F.linear(x, w, b)
