@@ -51,19 +51,19 @@ def pack_codes(codes: torch.Tensor, layout: str) -> torch.Tensor:
         raise LowbitError(f"codes up to {int(codes.max())} do not fit layout {layout}")
     rows, cols = codes.shape
     if layout == "t5":
-        c = _pad_cols(codes, 5).reshape(rows, -1, 5).to(torch.int32)
+        c = _pad_cols(codes, 5).reshape(rows, -(-cols // 5), 5).to(torch.int32)
         weights = torch.tensor([1, 3, 9, 27, 81], dtype=torch.int32)
         return (c * weights).sum(-1).to(torch.uint8)
     bits = LAYOUT_BITS[layout]
     if bits == 8:
         return codes.clone()
     per = 8 if bits == 3 else 8 // bits  # codes per group of bytes
-    c = _pad_cols(codes, per).reshape(rows, -1, per).to(torch.int32)
+    c = _pad_cols(codes, per).reshape(rows, -(-cols // per), per).to(torch.int32)
     shifts = torch.arange(per, dtype=torch.int32) * bits
     word = (c << shifts).sum(-1)  # up to 24 bits for u3
     n_bytes = bits * per // 8
     out = torch.stack([(word >> (8 * i)) & 0xFF for i in range(n_bytes)], -1)
-    return out.reshape(rows, -1).to(torch.uint8)
+    return out.reshape(rows, row_bytes(layout, cols)).to(torch.uint8)
 
 
 def unpack_codes(packed: torch.Tensor, layout: str, cols: int) -> torch.Tensor:
@@ -79,17 +79,17 @@ def unpack_codes(packed: torch.Tensor, layout: str, cols: int) -> torch.Tensor:
     p = packed.to(torch.int32)
     if layout == "t5":
         digits = torch.stack([(p // 3**i) % 3 for i in range(5)], -1)
-        return digits.reshape(rows, -1)[:, :cols].to(torch.uint8)
+        return digits.reshape(rows, packed.shape[1] * 5)[:, :cols].to(torch.uint8)
     bits = LAYOUT_BITS[layout]
     if bits == 8:
         return packed.clone()
     per = 8 if bits == 3 else 8 // bits
     n_bytes = bits * per // 8
-    b = p.reshape(rows, -1, n_bytes)
+    b = p.reshape(rows, packed.shape[1] // n_bytes, n_bytes)
     word = sum(b[..., i] << (8 * i) for i in range(n_bytes))
     shifts = torch.arange(per, dtype=torch.int32) * bits
     c = (word.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return c.reshape(rows, -1)[:, :cols].to(torch.uint8)
+    return c.reshape(rows, b.shape[1] * per)[:, :cols].to(torch.uint8)
 
 
 def _pad_cols(codes: torch.Tensor, multiple: int) -> torch.Tensor:
