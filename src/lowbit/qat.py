@@ -101,6 +101,7 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "auto"
     fsdp: bool = False
+    compile: bool = False
     first_token: str = "random"
     greedy_tokens: int = 3
     gen_batch: int = 16
@@ -110,8 +111,6 @@ class TrainConfig:
 
     def __post_init__(self):
         self.bits = parse_bits(self.bits)
-        if self.bits not in (1.0, 1.58, 2.0, 3.0, 4.0, 8.0):  # pragma: no cover - parse_bits guards
-            raise LowbitError(f"QAT supports 1, 1.58, 2, 3, 4 and 8 bits, not {self.bits:g}")
         if self.lr is None:
             self.lr = default_lr(self.bits)
         if self.scale_lr is None:
@@ -458,6 +457,22 @@ def student_skeleton(teacher: nn.Module, qconfig: QuantConfig, state: dict[str, 
     for name, module in quantized_modules(student):
         module.quantizer.set_scales(state[f"{name}.quantizer.alpha"], state[f"{name}.quantizer.zero"])
     return student
+
+
+def compile_quantizers_(model: nn.Module) -> None:
+    """``torch.compile`` every quantizer's fake-quant forward: its ~10 elementwise passes over the
+    weight (and their saved tensors) fuse into a few kernels, ~3x faster on CPU. Needs a C++
+    compiler on CPU; each distinct weight shape compiles once (seconds)."""
+    for _, module in quantized_modules(model):
+        quantizer = module.quantizer
+        if "forward" not in vars(quantizer):
+            quantizer.forward = torch.compile(quantizer.forward, dynamic=False)
+
+
+def uncompile_quantizers_(model: nn.Module) -> None:
+    """Back to the eager fake-quant, the exact arithmetic that saving and evaluation use."""
+    for _, module in quantized_modules(model):
+        vars(module.quantizer).pop("forward", None)
 
 
 @torch.no_grad()
@@ -856,6 +871,8 @@ def train(
         raise LowbitError(f"one step needs {cfg.global_batch} windows of {seq_len} tokens, the data has {len(windows)}")
     seed_everything(seed)
     model.requires_grad_(True)
+    if cfg.compile:
+        compile_quantizers_(model)
     optimizer, scheduler = make_optimizer(model, cfg)
     rows: list[dict] = []
     ctx = DistContext(device=next(model.parameters()).device)
@@ -863,6 +880,7 @@ def train(
         cfg, ctx, model, model, teacher, windows, optimizer, scheduler, progress=progress, on_log=rows.append
     )
     model.eval()
+    uncompile_quantizers_(model)
     round_for_storage_(model)
     tokens = steps * cfg.global_batch * seq_len
     return {
@@ -942,6 +960,8 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> TrainR
     student.requires_grad_(True)
     student.to(ctx.device)
     teacher.to(ctx.device)
+    if cfg.compile:
+        compile_quantizers_(student)
     model = student
     if cfg.fsdp:
         _shard(student, teacher)
@@ -1047,6 +1067,7 @@ def _finish(cfg, out, ctx, student, teacher, tokenizer, data_record, elapsed, st
         return TrainRun(None, None, tokenizer, {"rank": ctx.rank})
     student = student.to("cpu").eval()
     teacher = teacher.to("cpu")
+    uncompile_quantizers_(student)
     round_for_storage_(student)
     metrics = read_metrics(out / METRICS)
     tokens = cfg.steps * cfg.global_batch * cfg.seq_len

@@ -1,0 +1,470 @@
+"""Quantization-aware training on tiny random Llamas: schedule, data order, losses, bit-exact resume
+(simulated and real SIGKILL), DDP / FSDP under torchrun vs one process, data-free cache, errors."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_llama, tiny_tokenizer
+from lowbit import qat
+from lowbit.cli import main
+from lowbit.errors import LowbitError
+from lowbit.io import load_quantized, save_quantized
+from lowbit.qat import TrainConfig, distillation_loss, lr_multiplier, param_groups, step_indices
+from lowbit.surgery import QuantConfig, quantize_model, quantized_modules
+
+
+@pytest.fixture(autouse=True)
+def _private_cache_one_thread(tmp_path, monkeypatch):
+    """A cache per test, and one thread: tiny models gain nothing from more, and lose a lot on a busy box."""
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _cfg(model_dir, text_file, out, **kw) -> TrainConfig:
+    settings = dict(
+        bits=2,
+        steps=8,
+        model=str(model_dir),
+        data=str(text_file),
+        batch_size=4,
+        seq_len=32,
+        lr=1e-3,
+        save_every=3,
+        keep_checkpoint=True,
+    )
+    settings.update(kw)
+    return TrainConfig(out=str(out), **settings)
+
+
+def _checkpoint_model(out: Path) -> dict[str, torch.Tensor]:
+    return torch.load(out / qat.CHECKPOINT, weights_only=False)["model"]
+
+
+def _losses(out: Path) -> list[float]:
+    return [row["loss"] for row in qat.read_metrics(out / qat.METRICS)]
+
+
+def _torchrun(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "lowbit.cli",
+        "--threads",
+        "1",
+        *args,
+    ]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# ------------------------------------------------------------------------------------ pieces
+
+
+def test_lr_warmup_then_cosine_to_zero():
+    steps, warmup = 20, 4
+    mult = [lr_multiplier(s, warmup, steps) for s in range(steps + 1)]
+    assert mult[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert mult[4] == pytest.approx(1.0)
+    assert all(a >= b for a, b in itertools.pairwise(mult[4:]))
+    assert mult[steps] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_data_order_is_a_function_of_seed_and_step():
+    n, batch = 10, 4
+    first = [step_indices(7, s, batch, n) for s in range(5)]
+    again = [step_indices(7, s, batch, n) for s in reversed(range(5))][::-1]
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    flat = torch.cat(first)
+    assert sorted(flat[:10].tolist()) == list(range(10))  # epoch 0 is a permutation
+    assert sorted(flat[10:20].tolist()) == list(range(10))  # and so is epoch 1
+    assert not torch.equal(flat[:10], flat[10:20])
+    assert not torch.equal(step_indices(8, 0, batch, n), first[0])
+
+
+def test_distillation_loss_kinds():
+    torch.manual_seed(0)
+    logits, ids = torch.randn(2, 5, 11), torch.randint(0, 11, (2, 5))
+    kl, _ = distillation_loss(logits, ids, logits.clone(), "kl")
+    assert kl.item() == pytest.approx(0.0, abs=1e-6)
+    teacher = torch.randn(2, 5, 11)
+    kl, _ = distillation_loss(logits, ids, teacher, "kl")
+    p = teacher.log_softmax(-1)
+    expected = (p.exp() * (p - logits.log_softmax(-1))).sum(-1).mean()
+    assert kl.item() == pytest.approx(expected.item(), rel=1e-5)
+    ce, _ = distillation_loss(logits, ids, None, "ce")
+    mix, parts = distillation_loss(logits, ids, teacher, "mix", kl_weight=0.25)
+    assert mix.item() == pytest.approx(0.25 * kl.item() + 0.75 * ce.item(), rel=1e-5)
+    assert set(parts) == {"kl", "ce"}
+
+
+def test_scales_have_their_own_group_without_weight_decay(tiny_model):
+    quantize_model(tiny_model, QuantConfig(bits=2))
+    groups = {g["name"]: g for g in param_groups(tiny_model, lr=1e-4, scale_lr=1e-2, weight_decay=0.1)}
+    n_alpha = sum(1 for n, _ in tiny_model.named_parameters() if n.endswith("quantizer.alpha"))
+    assert len(groups["scales"]["params"]) == n_alpha > 0
+    assert groups["scales"]["lr"] == 1e-2 and groups["scales"]["weight_decay"] == 0.0
+    assert groups["weights"]["weight_decay"] == 0.1 and groups["vectors"]["weight_decay"] == 0.0
+    n_total = sum(len(g["params"]) for g in groups.values())
+    assert n_total == len(list(tiny_model.parameters()))
+
+
+def test_default_learning_rates_follow_paretoq():
+    assert TrainConfig(out="x", bits="ternary", steps=1, data="t").lr == 2e-5
+    assert TrainConfig(out="x", bits=4, steps=1, data="t").lr == 1e-5
+    cfg = TrainConfig(out="x", bits=2, steps=1, data="t", lr=1e-3)
+    assert cfg.scale_lr == 1e-3
+
+
+# ------------------------------------------------------------------------------------ training
+
+
+@pytest.mark.parametrize("bits", [1, 1.58, 2, 3, 4])
+def test_loss_decreases_on_tiny_overfit_task(bits):
+    tokenizer = tiny_tokenizer()
+    model = tiny_llama(vocab_size=len(tokenizer))
+    ids = torch.arange(64).remainder(len(tokenizer)).repeat(8)  # one repeated 64-token pattern
+    record = qat.train(
+        model,
+        QuantConfig(bits=bits),
+        tokenizer,
+        data=ids,
+        steps=30,
+        seq_len=32,
+        seed=0,
+        progress=False,
+        loss="ce",
+        lr=1e-2,
+        batch_size=4,
+    )
+    assert record["final_loss"] < 0.5 * record["first_loss"]
+    assert getattr(model, "lowbit_config", None) is not None
+
+
+def test_in_memory_train_signature_used_by_the_sweep(sample_text_file):
+    tokenizer = tiny_tokenizer()
+    model = tiny_llama(vocab_size=len(tokenizer))
+    record = qat.train(
+        model,
+        QuantConfig(bits=2),
+        tokenizer=tokenizer,
+        data=str(sample_text_file),
+        steps=3,
+        seq_len=32,
+        seed=0,
+        progress=False,
+        batch_size=2,
+    )
+    assert record["steps"] == 3 and len(record["metrics"]) == 3
+    with pytest.raises(LowbitError, match="teacher"):  # already quantized: it cannot teach itself
+        qat.train(
+            model,
+            QuantConfig(bits=2),
+            tokenizer=tokenizer,
+            data=str(sample_text_file),
+            steps=1,
+            seq_len=32,
+            progress=False,
+        )
+
+
+def test_run_writes_a_folder_that_evaluates_like_the_trained_model(tiny_model_dir, sample_text_file, tmp_path):
+    out = tmp_path / "run"
+    result = qat.run(_cfg(tiny_model_dir, sample_text_file, out, loss="mix"), progress=False)
+    for name in (
+        "lowbit.json",
+        "model.safetensors",
+        "config.json",
+        "metrics.jsonl",
+        "loss.png",
+        "train_config.json",
+        "train_result.json",
+    ):
+        assert (out / name).is_file(), name
+    rows = qat.read_metrics(out / qat.METRICS)
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert {"step", "loss", "lr", "tokens", "tokens_per_s", "elapsed", "kl", "ce"} <= set(rows[0])
+    loaded, _, meta = load_quantized(out)
+    assert meta["info"]["base_model"] == str(tiny_model_dir) and meta["info"]["method"] == "qat"
+    ids = torch.randint(0, 100, (2, 32))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, result.model(input_ids=ids).logits)
+    assert result.result["final_loss"] == rows[-1]["loss"]
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_resume_after_an_interruption_is_bit_exact(tiny_model_dir, sample_text_file, tmp_path, monkeypatch):
+    unbroken = tmp_path / "unbroken"
+    qat.run(_cfg(tiny_model_dir, sample_text_file, unbroken, grad_accum=2, warmup=2), progress=False)
+
+    broken = tmp_path / "broken"
+    save = qat.save_checkpoint
+
+    def save_then_die(path, *args, **kwargs):
+        save(path, *args, **kwargs)
+        if args[3] == 6:  # step
+            raise _Killed
+
+    monkeypatch.setattr(qat, "save_checkpoint", save_then_die)
+    with pytest.raises(_Killed):
+        qat.run(_cfg(tiny_model_dir, sample_text_file, broken, grad_accum=2, warmup=2), progress=False)
+    monkeypatch.setattr(qat, "save_checkpoint", save)
+    with pytest.raises(LowbitError, match="--resume"):
+        qat.run(_cfg(tiny_model_dir, sample_text_file, broken, grad_accum=2, warmup=2), progress=False)
+    result = qat.run(
+        _cfg(tiny_model_dir, sample_text_file, broken, grad_accum=2, warmup=2), resume=True, progress=False
+    )
+    assert result.result["resumed_from_step"] == 6
+    a, b = _checkpoint_model(unbroken), _checkpoint_model(broken)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _losses(unbroken) == _losses(broken)
+    # a finished run resumed again just reports its result
+    again = qat.run(_cfg(tiny_model_dir, sample_text_file, broken, grad_accum=2, warmup=2), resume=True, progress=False)
+    assert again.result["final_loss"] == result.result["final_loss"]
+
+
+def test_resume_after_sigkill_is_bit_exact(tiny_model_dir, sample_text_file, tmp_path):
+    args = [
+        "train",
+        "--model",
+        str(tiny_model_dir),
+        "--bits",
+        "ternary",
+        "--data",
+        str(sample_text_file),
+        "--steps",
+        "60",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "64",
+        "--lr",
+        "1e-3",
+        "--save-every",
+        "2",
+        "--keep-checkpoint",
+        "--json",
+    ]
+    unbroken = tmp_path / "unbroken"
+    assert main(["--threads", "1", *args, "--out", str(unbroken)]) == 0
+
+    broken = tmp_path / "broken"
+    cmd = [sys.executable, "-m", "lowbit.cli", "--threads", "1", *args, "--out", str(broken)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (broken / qat.CHECKPOINT).exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(broken / qat.CHECKPOINT, weights_only=False)["step"]
+    assert killed_at < 60, "the run finished before it could be killed"
+    assert main(["--threads", "1", *args, "--out", str(broken), "--resume"]) == 0
+    a, b = _checkpoint_model(unbroken), _checkpoint_model(broken)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _losses(unbroken) == _losses(broken)
+
+
+@pytest.mark.slow
+def test_ddp_and_fsdp_two_processes_match_one(tiny_model_dir, sample_text_file, tmp_path):
+    single = tmp_path / "single"
+    qat.run(_cfg(tiny_model_dir, sample_text_file, single, grad_accum=2), progress=False)
+    common = [
+        "train",
+        "--model",
+        str(tiny_model_dir),
+        "--bits",
+        "2",
+        "--data",
+        str(sample_text_file),
+        "--steps",
+        "8",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "32",
+        "--lr",
+        "1e-3",
+        "--save-every",
+        "3",
+        "--grad-accum",
+        "2",
+        "--keep-checkpoint",
+        "--json",
+    ]
+    for name, extra in (("ddp", []), ("fsdp", ["--fsdp"])):
+        proc = _torchrun(*common, "--out", str(tmp_path / name), *extra)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert json.loads(proc.stdout)["world_size"] == 2
+        a, b = _checkpoint_model(single), _checkpoint_model(tmp_path / name)
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
+        assert _losses(tmp_path / name) == pytest.approx(_losses(single), rel=1e-4)
+        loaded, _, _ = load_quantized(tmp_path / name)
+        assert loaded is not None
+
+
+def test_data_free_tokens_are_cached_and_reused(tiny_model_dir, tmp_path, monkeypatch):
+    first = qat.run(
+        _cfg(tiny_model_dir, None, tmp_path / "a", data=None, data_free=256, steps=2, gen_batch=3), progress=False
+    )
+    assert first.result["data_cache_hit"] is False
+    records = list((tmp_path / "cache" / "datafree").glob("*.json"))
+    assert len(records) == 1
+    record = json.loads(records[0].read_text())
+    assert record["n_sequences"] == 8 and record["seq_len"] == 32 and record["first_token"] == "random"
+    tokens = torch.load(records[0].with_suffix(".pt"))
+    assert tokens.shape == (8, 32)
+    assert len(set(tokens[:, 0].tolist())) > 1  # random first tokens
+
+    second = qat.run(
+        _cfg(tiny_model_dir, None, tmp_path / "b", data=None, data_free=256, steps=2, gen_batch=3), progress=False
+    )
+    assert second.result["data_cache_hit"] is True
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
+
+    monkeypatch.setattr(qat.shutil, "disk_usage", lambda _: type("U", (), {"free": 1024})())
+    with pytest.raises(LowbitError, match="disk space"):
+        qat.run(_cfg(tiny_model_dir, None, tmp_path / "c", data=None, data_free=512, steps=2), progress=False)
+
+
+def test_init_from_a_quantized_folder(tiny_model_dir, sample_text_file, tmp_path):
+    from lowbit.ptq import rtn
+
+    model, tokenizer = qat.load_teacher(str(tiny_model_dir))
+    rtn(model, QuantConfig(bits=2))
+    save_quantized(model, tokenizer, tmp_path / "rtn2", info={"base_model": str(tiny_model_dir)})
+    result = qat.run(
+        _cfg(tiny_model_dir, sample_text_file, tmp_path / "run", init=str(tmp_path / "rtn2"), steps=2), progress=False
+    )
+    assert result.result["init"] == str(tmp_path / "rtn2")
+    with pytest.raises(LowbitError, match="bits=2"):
+        qat.run(
+            _cfg(tiny_model_dir, sample_text_file, tmp_path / "r3", bits=3, init=str(tmp_path / "rtn2")), progress=False
+        )
+    with pytest.raises(LowbitError, match="full-precision model as teacher"):
+        qat.run(_cfg(tmp_path / "rtn2", sample_text_file, tmp_path / "r4"), progress=False)
+
+
+# ------------------------------------------------------------------------------------ errors and CLI
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"bits": 5}, "unsupported bit-width"),
+        ({"data": None}, "training data"),
+        ({"data_free": 1000}, "not both"),
+        ({"loss": "mse"}, "unknown loss"),
+        ({"warmup": 8}, "warmup"),
+        ({"init": "nowhere"}, "--init"),
+        ({"batch_size": 0}, "batch-size"),
+    ],
+)
+def test_bad_configs_are_lowbit_errors(tiny_model_dir, sample_text_file, tmp_path, changes, message):
+    with pytest.raises(LowbitError, match=message):
+        _cfg(tiny_model_dir, sample_text_file, tmp_path / "x", **changes)
+
+
+def test_bad_runs_are_lowbit_errors(tiny_model_dir, sample_text_file, tmp_path):
+    with pytest.raises(LowbitError, match="only"):  # batch larger than the data
+        qat.run(_cfg(tiny_model_dir, sample_text_file, tmp_path / "a", batch_size=4096), progress=False)
+    with pytest.raises(LowbitError, match="--fsdp"):
+        qat.run(_cfg(tiny_model_dir, sample_text_file, tmp_path / "b", fsdp=True), progress=False)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    with pytest.raises(LowbitError, match="not a lowbit training run"):
+        qat.run(_cfg(tiny_model_dir, sample_text_file, busy), progress=False)
+    qat.run(_cfg(tiny_model_dir, sample_text_file, tmp_path / "done", steps=2), progress=False)
+    with pytest.raises(LowbitError, match="differ"):
+        qat.run(
+            _cfg(tiny_model_dir, sample_text_file, tmp_path / "done", steps=2, lr=1e-2), resume=True, progress=False
+        )
+
+
+def test_cli_train_then_eval(tiny_model_dir, sample_text_file, tmp_path, capsys):
+    out = tmp_path / "cli"
+    code = main(
+        [
+            "train",
+            "--model",
+            str(tiny_model_dir),
+            "--bits",
+            "3",
+            "--data",
+            str(sample_text_file),
+            "--steps",
+            "3",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "32",
+            "--out",
+            str(out),
+            "--eval-data",
+            str(sample_text_file),
+            "--eval-seq-len",
+            "32",
+            "--json",
+        ]
+    )
+    assert code == 0
+    trained = json.loads(capsys.readouterr().out)
+    assert trained["quantizer"] == "lsq" and trained["train_tokens"] == 3 * 2 * 32
+    code = main(["eval", "--model", str(out), "--data", str(sample_text_file), "--seq-len", "32", "--json"])
+    assert code == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["reference"] == str(tiny_model_dir)
+    assert evaluated["perplexity"] == trained["eval_perplexity"]
+    assert evaluated["kl_to_reference"] == trained["eval_kl_to_reference"]
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(tiny_model_dir),
+                "--bits",
+                "5",
+                "--data",
+                "x",
+                "--steps",
+                "1",
+                "--out",
+                str(tmp_path / "bad"),
+            ]
+        )
+        == 2
+    )
+    assert "unsupported bit-width" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_compiled_fake_quant_trains_and_saves_the_eager_model(tiny_model_dir, sample_text_file, tmp_path):
+    result = qat.run(_cfg(tiny_model_dir, sample_text_file, tmp_path / "c", steps=3, compile=True), progress=False)
+    assert all("forward" not in vars(m.quantizer) for _, m in quantized_modules(result.model))
+    loaded, _, _ = load_quantized(tmp_path / "c")
+    ids = torch.randint(0, 100, (2, 32))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, result.model(input_ids=ids).logits)
