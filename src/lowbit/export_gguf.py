@@ -31,6 +31,7 @@ import json
 import os
 import tempfile
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -711,24 +712,62 @@ def _summary(
 # --------------------------------------------------------------------------------------------
 
 
-def llamacpp_logits(
-    gguf_path: str | os.PathLike, ids: list[int], n_threads: int = 2, n_ctx: int | None = None
-) -> np.ndarray:
-    """Per-position logits (len(ids), vocab) from llama.cpp for exactly these token ids."""
+@contextmanager
+def _extra_buffer_types(enabled: bool):
+    """llama-cpp-python builds its model params from ``llama_model_default_params()``; flip
+    ``use_extra_bufts`` there for the duration of one ``Llama(...)`` construction."""
+    from llama_cpp import llama_cpp as lib
+
+    original = lib.llama_model_default_params
+
+    def patched():
+        params = original()
+        params.use_extra_bufts = enabled
+        return params
+
+    lib.llama_model_default_params = patched
+    try:
+        yield
+    finally:
+        lib.llama_model_default_params = original
+
+
+def open_llamacpp(
+    gguf_path: str | os.PathLike,
+    n_ctx: int = 512,
+    n_threads: int = 2,
+    logits_all: bool = True,
+    extra_bufts: bool = False,
+):
+    """A ``llama_cpp.Llama`` for ``gguf_path``.
+
+    ``extra_bufts=False`` (default) turns off llama.cpp's weight-repacking buffer types (AMX,
+    CPU_REPACK): in llama-cpp-python 0.3.36 built with GGML_NATIVE on an AMX (Sapphire Rapids)
+    CPU the AMX matmul segfaults on the first eval for Q4_0 and Q8_0 files, llama.cpp's own
+    quantizations included (upstream llama.cpp issue #20824). Plain CPU kernels are used instead.
+    """
     try:
         from llama_cpp import Llama
     except ImportError as exc:
         raise LowbitError(
             "llama.cpp comparison needs llama-cpp-python: pip install llama-cpp-python diskcache"
         ) from exc
-    llm = Llama(
-        str(gguf_path),
-        n_ctx=n_ctx or max(64, len(ids)),
-        logits_all=True,
-        n_threads=n_threads,
-        n_threads_batch=n_threads,
-        verbose=False,
-    )
+    with _extra_buffer_types(extra_bufts):
+        return Llama(
+            str(gguf_path),
+            n_ctx=n_ctx,
+            logits_all=logits_all,
+            n_threads=n_threads,
+            n_threads_batch=n_threads,
+            verbose=False,
+        )
+
+
+def llamacpp_logits(
+    gguf_path: str | os.PathLike, ids: list[int], n_threads: int = 2, n_ctx: int | None = None
+) -> np.ndarray:
+    """Per-position logits (len(ids), vocab) from llama.cpp for exactly these token ids."""
+    llm = open_llamacpp(gguf_path, n_ctx=n_ctx or max(64, len(ids)), n_threads=n_threads)
     try:
         llm.reset()
         llm.eval(list(ids))

@@ -7,8 +7,9 @@ It holds an AVX2+FMA path and a portable C path; the C code picks one at run tim
 flags. Without a compiler (or with ``LOWBIT_KERNELS=0``) :func:`available` is False and callers
 use the pure-PyTorch reference path; a missing compiler is reported by one warning.
 
-The kernels read the row-major layouts of :mod:`lowbit.packing` directly (no repacking):
-u1, u2, u3, u4 and u8 decode in registers, t5 (base-3) through a 256-entry table per byte.
+The kernels read the row-major layouts of :mod:`lowbit.packing` directly (no repacking): every
+layout decodes in registers (t5 with groups that are not multiples of 40 through a decoded row).
+Building takes about 10 s of one core, once per machine and source version.
 Threads: OpenMP over output rows, ``get_num_threads()`` (default ``torch.get_num_threads()``).
 Environment: ``LOWBIT_KERNELS=0`` disables the kernels, ``LOWBIT_ISA=portable`` forces the
 portable C path, ``CC`` picks the compiler, ``LOWBIT_CACHE`` the cache folder.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
@@ -68,6 +70,7 @@ class _Weight(ctypes.Structure):
     ]
 
 
+log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _load_failed = False
@@ -98,6 +101,7 @@ def _compile(cc: str, flags: list[str]) -> Path:
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
+    log.info("lowbit: compiling the CPU kernels into %s (once)", path)
     fd, tmp = tempfile.mkstemp(prefix=".liblowbit-", suffix=".so", dir=path.parent)
     os.close(fd)
     try:
