@@ -167,11 +167,8 @@ def read_meta(path: str | os.PathLike) -> dict:
     return meta
 
 
-def load_quantized(path: str | os.PathLike, verify: bool = True):
-    """Load a quantized model folder; returns (model, tokenizer, meta)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(path)
+def open_weights(path: Path, verify: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read ``lowbit.json`` and the weights file, refusing a missing, truncated or corrupted file."""
     meta = read_meta(path)
     weights = path / meta["weights_file"]
     if not weights.is_file():
@@ -182,9 +179,26 @@ def load_quantized(path: str | os.PathLike, verify: bool = True):
     if verify and _sha256(weights) != meta["weights_sha256"]:
         raise LowbitError(f"{weights} fails its SHA-256 check: the file is corrupted, re-run lowbit quantize")
     try:
-        tensors = load_file(weights)
+        return meta, load_file(weights)
     except SafetensorError as exc:
         raise LowbitError(f"{weights} cannot be read ({exc}): the file is corrupted") from exc
+
+
+def pop_quantized_weight(tensors: dict[str, torch.Tensor], name: str, info: dict) -> QuantizedWeight:
+    """Take layer ``name``'s packed codes, steps and zeros out of ``tensors`` as a QuantizedWeight."""
+    codes = unpack_codes(tensors.pop(f"{name}.qweight"), info["layout"], info["shape"][1])
+    step = tensors.pop(f"{name}.step").float()
+    zero_t = tensors.pop(f"{name}.zero", None)
+    zero = zero_t.float() if zero_t is not None else torch.full_like(step, info["grid_zero"])
+    return QuantizedWeight(codes, step, zero, info["group_size"], info["n_levels"], info["bits"], info["quantizer"])
+
+
+def load_quantized(path: str | os.PathLike, verify: bool = True):
+    """Load a quantized model folder; returns (model, tokenizer, meta)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    meta, tensors = open_weights(path, verify)
     hf_config = AutoConfig.from_pretrained(path)
     model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
     model.eval()
@@ -199,14 +213,9 @@ def load_quantized(path: str | os.PathLike, verify: bool = True):
             info = layer_meta[name]
             if "tied_to" in info:
                 continue
-            rows, cols = info["shape"]
-            codes = unpack_codes(tensors.pop(f"{name}.qweight"), info["layout"], cols)
-            step = tensors.pop(f"{name}.step").float()
-            zero_t = tensors.pop(f"{name}.zero", None)
-            zero = zero_t.float() if zero_t is not None else torch.full_like(step, info["grid_zero"])
-            qw = QuantizedWeight(codes, step, zero, info["group_size"], info["n_levels"], info["bits"], info["quantizer"])
+            qw = pop_quantized_weight(tensors, name, info)
             module.weight.copy_(qw.dequantize())
-            module.quantizer.set_scales(alpha_for_step(step, module.quantizer.step_per_alpha), zero)
+            module.quantizer.set_scales(alpha_for_step(qw.step, module.quantizer.step_per_alpha), qw.zero)
             if f"{name}.bias" in tensors:
                 module.bias.copy_(tensors.pop(f"{name}.bias").float())
         rest = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.io import WEIGHTS, _sha256, read_meta
+from lowbit.io import open_weights, pop_quantized_weight
 from lowbit.packed_linear import PackedLinear
 from lowbit.packing import unpack_codes
 from lowbit.quantizers import QuantizedWeight
@@ -58,17 +58,10 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 def load_packed(path: str | os.PathLike, verify: bool = True):
     """Load a lowbit quantized folder for inference on packed weights. Returns (model, tokenizer, meta)."""
     from accelerate import init_empty_weights
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
-    meta = read_meta(path)
-    weights = path / meta["weights_file"]
-    if not weights.is_file() or weights.stat().st_size != meta["weights_bytes"]:
-        raise LowbitError(f"{weights} is missing or truncated: re-run lowbit quantize")
-    if verify and _sha256(weights) != meta["weights_sha256"]:
-        raise LowbitError(f"{weights} fails its SHA-256 check: the file is corrupted, re-run lowbit quantize")
-    tensors = load_file(weights)
+    meta, tensors = open_weights(path, verify)
     hf_config = AutoConfig.from_pretrained(path)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
@@ -79,12 +72,7 @@ def load_packed(path: str | os.PathLike, verify: bool = True):
     for name, info in meta["layers"].items():
         if "tied_to" in info:
             continue
-        rows, cols = info["shape"]
-        codes = unpack_codes(tensors.pop(f"{name}.qweight"), info["layout"], cols)
-        step = tensors.pop(f"{name}.step").float()
-        zero_t = tensors.pop(f"{name}.zero", None)
-        zero = zero_t.float() if zero_t is not None else torch.full_like(step, info["grid_zero"])
-        qw = QuantizedWeight(codes, step, zero, info["group_size"], info["n_levels"], info["bits"], info["quantizer"])
+        qw = pop_quantized_weight(tensors, name, info)
         packed[name] = PackedLinear.from_quantized(qw, tensors.pop(f"{name}.bias", None))
     for name, info in meta["layers"].items():
         target = packed[info.get("tied_to", name)]
