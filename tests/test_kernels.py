@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowbit import kernels
+from lowbit import kernels, packed_linear
 from lowbit.errors import LowbitError
 from lowbit.packed_linear import KERNEL_MAX_BATCH, PackedLinear, compact_scale, kernel_layout
 from lowbit.packing import LAYOUT_LEVELS, pack_codes, row_bytes
@@ -234,14 +234,20 @@ def test_scales_stay_exact():
 
 
 @needs_kernels
-def test_packed_linear_batch_paths():
-    """Small batches run the matvec kernel, large ones dequantize + GEMM; both agree with the reference."""
+def test_packed_linear_batch_paths(monkeypatch):
+    """Small batches run the matvec kernel, large ones dequantize blocks + GEMM; all agree with the reference."""
     qw, bias = quantized_layer(2, "auto", 64, rows=40, cols=256)
     layer = PackedLinear.from_quantized(qw, bias)
     for batch in (1, KERNEL_MAX_BATCH, KERNEL_MAX_BATCH + 1, 70):
         x = torch.randn(batch, 256)
         assert layer.uses_kernel(x)
         assert_close(layer(x), qw, x, bias)
+    monkeypatch.setattr(packed_linear, "DEQUANT_BLOCK_FLOATS", 7 * 256)  # blocks of 7 rows, a shorter last one
+    x = torch.randn(50, 3, 256)
+    assert_close(layer(x).reshape(150, 40), qw, x.reshape(150, 256), bias)
+    no_bias = PackedLinear.from_quantized(qw)
+    assert_close(no_bias(x[:, 0]), qw, x[:, 0], None)
+    assert torch.equal(kernels.dequantize(layer._kernel_weight(x), rows=(5, 19)), qw.dequantize()[5:19])
 
 
 def test_reference_paths(monkeypatch):

@@ -8,9 +8,8 @@ bit for bit.
 
 ``forward`` on float32 CPU inputs calls the C kernels of :mod:`lowbit.kernels`, which read the
 packed bytes directly (no repacking, no float weight in memory): batches up to
-``KERNEL_MAX_BATCH`` rows run the matvec kernel; larger batches dequantize the weight into a
-temporary float32 matrix with the C decoder and call ``F.linear`` (a GEMM beats a matvec kernel
-there). Other devices and dtypes, inputs that need a gradient, a missing compiler or
+``KERNEL_MAX_BATCH`` rows run the matvec kernel; larger batches dequantize a few MB of rows at a
+time into one reused float32 buffer with the C decoder and multiply it with a GEMM. Other devices and dtypes, inputs that need a gradient, a missing compiler or
 ``LOWBIT_KERNELS=0`` take the pure-PyTorch reference path: unpack -> dequantize -> ``F.linear``.
 """
 
@@ -25,8 +24,10 @@ from lowbit.errors import LowbitError
 from lowbit.packing import LAYOUT_LEVELS, default_layout, layout_bits_per_code, pack_codes, unpack_codes
 from lowbit.quantizers import QuantizedWeight
 
-# Above this many input rows, dequantize once per call and use a GEMM (see benchmarks/bench_matvec.py).
-KERNEL_MAX_BATCH = 32
+# Above this many input rows, dequantize block by block and use a GEMM (see benchmarks/bench_matvec.py).
+KERNEL_MAX_BATCH = 12
+# Floats of dequantized weight per block of the large-batch path (1 Mi floats = 4 MB).
+DEQUANT_BLOCK_FLOATS = 1 << 20
 
 
 def kernel_layout(n_levels: int) -> str:
@@ -207,8 +208,23 @@ class PackedLinear(nn.Module):
         if x2.shape[0] <= KERNEL_MAX_BATCH:
             y = kernels.linear(x2, weight)
         else:
-            y = F.linear(x2, kernels.dequantize(weight), self._buffers["bias"])
+            y = self._forward_blocked(x2, weight)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
+
+    def _forward_blocked(self, x: torch.Tensor, weight: kernels._Weight) -> torch.Tensor:
+        """Large batches: dequantize ``DEQUANT_BLOCK_FLOATS`` of weight at a time into one reused
+        buffer (cache-resident, never the whole float matrix) and multiply it with a GEMM."""
+        rows = max(1, min(self.out_features, DEQUANT_BLOCK_FLOATS // self.in_features))
+        buf = torch.empty(rows, self.in_features)
+        y_t = torch.empty(self.out_features, x.shape[0])  # transposed: each block fills whole rows
+        x_t = x.t()
+        for r0 in range(0, self.out_features, rows):
+            r1 = min(r0 + rows, self.out_features)
+            w = kernels.dequantize(weight, (r0, r1), out=buf[: r1 - r0])
+            torch.mm(w, x_t, out=y_t[r0:r1])
+        bias = self._buffers["bias"]
+        y = y_t.t().contiguous()
+        return y if bias is None else y.add_(bias)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """Pure PyTorch: unpack -> dequantize -> ``F.linear`` (any device and float dtype)."""

@@ -117,7 +117,7 @@ def _setup(lib: ctypes.CDLL) -> ctypes.CDLL:
     ptr = ctypes.POINTER(_Weight)
     lib.lb_linear.argtypes = [ptr, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     lib.lb_linear.restype = ctypes.c_int
-    lib.lb_dequantize.argtypes = [ptr, ctypes.c_void_p, ctypes.c_int]
+    lib.lb_dequantize.argtypes = [ptr, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
     lib.lb_dequantize.restype = ctypes.c_int
     lib.lb_f16_to_f32.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     lib.lb_f16_to_f32.restype = None
@@ -273,16 +273,20 @@ def linear(x: torch.Tensor, weight: _Weight, out: torch.Tensor | None = None, is
     return out
 
 
-def dequantize(weight: _Weight, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The float32 weight ``step * (code - zero)``, bit-exact with ``QuantizedWeight.dequantize``."""
+def dequantize(weight: _Weight, rows: tuple[int, int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The float32 weight ``step * (code - zero)`` (only ``rows=(r0, r1)`` if given), bit-exact
+    with ``QuantizedWeight.dequantize``."""
     lib = load()
     if lib is None:
         raise LowbitError("lowbit kernels are not available (see the warning above)")
+    r0, r1 = rows if rows is not None else (0, weight.rows)
+    if not 0 <= r0 <= r1 <= weight.rows:
+        raise LowbitError(f"row range {r0}:{r1} outside 0:{weight.rows}")
     if out is None:
-        out = torch.empty(weight.rows, weight.cols, dtype=torch.float32)
-    elif out.dtype != torch.float32 or out.shape != (weight.rows, weight.cols) or not out.is_contiguous():
-        raise LowbitError(f"out must be a contiguous float32 tensor of shape ({weight.rows}, {weight.cols})")
-    _check(lib.lb_dequantize(ctypes.byref(weight), out.data_ptr(), get_num_threads()))
+        out = torch.empty(r1 - r0, weight.cols, dtype=torch.float32)
+    elif out.dtype != torch.float32 or out.shape != (r1 - r0, weight.cols) or not out.is_contiguous():
+        raise LowbitError(f"out must be a contiguous float32 tensor of shape ({r1 - r0}, {weight.cols})")
+    _check(lib.lb_dequantize(ctypes.byref(weight), r0, r1, out.data_ptr(), get_num_threads()))
     return out
 
 

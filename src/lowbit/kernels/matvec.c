@@ -47,6 +47,12 @@
 enum { LB_U1 = 1, LB_U2 = 2, LB_U3 = 3, LB_U4 = 4, LB_T5 = 5, LB_U8 = 8 };
 enum { LB_F32 = 0, LB_F16 = 1, LB_U8Z = 2 }; /* scale / zero storage types */
 enum { LB_OK = 0, LB_EFORMAT = -1, LB_ENOMEM = -2, LB_EISA = -3, LB_EARG = -4 };
+#ifndef LB_PREFETCH_ROWS
+/* While a block of 4 rows runs, each unit load also prefetches the same bytes of the next block:
+ * rows are short streams (a 4096-wide 2-bit row is 1 KB), too short for the hardware prefetcher
+ * to run ahead of, when the weights come from memory rather than cache. */
+#define LB_PREFETCH_ROWS 4
+#endif
 
 /* Mirrored by lowbit.kernels._Weight (ctypes). */
 typedef struct {
@@ -209,6 +215,7 @@ typedef struct {
     float *sx;       /* (batch, ng): group sums of x */
     int kind;        /* AVX2 unit kind: 1, 2, 3, 4, 5 (t5) or 8 (u8 or decoded buffer) */
     int64_t fast_cols; /* direct path: columns whose units load without crossing the row end */
+    int64_t prefetch;  /* direct path: bytes ahead to prefetch (the same place in the next block of rows) */
     int direct;      /* 1: the AVX2 loop reads packed rows; 0: rows decoded to a u8 buffer */
 } lb_call;
 
@@ -450,6 +457,7 @@ LB_INLINE LB_AVX2 void lb_units(const lb_call *C, const uint8_t **p, const float
         __m256i v[4];
 #pragma GCC unroll 4
         for (int r = 0; r < R; r++) {
+            _mm_prefetch((const char *)p[r] + C->prefetch, _MM_HINT_T0);
             v[r] = lb_unit_lanes(p[r], KIND);
             p[r] += step;
         }
@@ -668,7 +676,10 @@ LB_EXPORT int lb_linear(const lb_weight *w, const float *x, int64_t batch, float
     C.kind = C.direct ? w->fmt : LB_U8;
 
 #ifdef LB_X86
-    if (C.direct) C.fast_cols = lb_fast_cols(C.kind, w->cols, w->row_bytes);
+    if (C.direct) {
+        C.fast_cols = lb_fast_cols(C.kind, w->cols, w->row_bytes);
+        C.prefetch = LB_PREFETCH_ROWS * w->row_bytes;
+    }
 #endif
     /* x' rows start on 64-byte boundaries so that no vector load splits a cache line */
     const int64_t U = lb_unit_cols(C.kind), xps = ((w->cols + U - 1) / U * U + 15) / 16 * 16;
@@ -761,17 +772,19 @@ static LB_AVX2 void lb_dequant_row_avx2(const lb_weight *w, int64_t r, int64_t G
 }
 #endif
 
-/* out (rows, cols) float32 = step * (code - zero), computed exactly as QuantizedWeight.dequantize. */
-LB_EXPORT int lb_dequantize(const lb_weight *w, float *out, int nthreads)
+/* out (r1 - r0, cols) float32 = rows r0..r1 of step * (code - zero), computed exactly as
+ * QuantizedWeight.dequantize. */
+LB_EXPORT int lb_dequantize(const lb_weight *w, int64_t r0, int64_t r1, float *out, int nthreads)
 {
     int err = lb_check(w);
     if (err) return err;
+    if (r0 < 0 || r1 > w->rows || r0 > r1) return LB_EARG;
     const int64_t cols = w->cols, G = w->group < cols ? w->group : cols, ng = (cols + G - 1) / G;
     const int avx2 = lb_cpu_has_avx2();
     int failed = 0;
 #ifdef _OPENMP
     if (nthreads < 1) nthreads = omp_get_max_threads();
-#pragma omp parallel num_threads(nthreads) if (nthreads > 1 && w->rows * cols >= 65536) reduction(| : failed)
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1 && (r1 - r0) * cols >= 65536) reduction(| : failed)
 #endif
     {
         uint8_t *buf = malloc((size_t)(cols + 16));
@@ -779,14 +792,14 @@ LB_EXPORT int lb_dequantize(const lb_weight *w, float *out, int nthreads)
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
-        for (int64_t r = 0; r < w->rows; r++) {
+        for (int64_t r = r0; r < r1; r++) {
             if (failed) continue;
 #ifdef LB_X86
             if (avx2)
-                lb_dequant_row_avx2(w, r, G, ng, buf, out + r * cols);
+                lb_dequant_row_avx2(w, r, G, ng, buf, out + (r - r0) * cols);
             else
 #endif
-                lb_dequant_row_portable(w, r, G, ng, buf, out + r * cols);
+                lb_dequant_row_portable(w, r, G, ng, buf, out + (r - r0) * cols);
         }
         free(buf);
     }
