@@ -205,6 +205,7 @@ def bench_folder(folder: Path, fallback: str, gguf_dir: Path, args, text_ids: li
         "perplexity_llamacpp": float(np.exp(nll_lc / count)),
     }
     prompt, steps = text_ids[:16], text_ids[16 : 16 + args.decode_tokens]
+    load_before = round(os.getloadavg()[0], 2)
     lc = llamacpp_decode_speed(out, prompt, steps, args.threads, args.reps)
     tc = torch_decode_speed(dense_fp32(model), prompt, steps, args.reps)
     packed = packed_decode_speed(folder, prompt, steps, args.reps)
@@ -225,6 +226,7 @@ def bench_folder(folder: Path, fallback: str, gguf_dir: Path, args, text_ids: li
             "lowbit_torch_fp32_tok_s": round(statistics.median(tc), 1),
             "lowbit_torch_fp32_tok_s_runs": [round(x, 1) for x in tc],
             "lowbit_packed_runtime": packed,
+            "loadavg_1min_before_after": [load_before, round(os.getloadavg()[0], 2)],
         },
     }
 
@@ -325,15 +327,15 @@ def write_md(results: dict, path: Path) -> None:
         f"## Decode speed (batch 1, one token per step after a 16-token prompt, {results['threads']} threads)",
         "",
         "| folder | llama.cpp tok/s | PyTorch fp32 (dequantized) tok/s | lowbit packed runtime tok/s "
-        "| runs (llama.cpp) | runs (PyTorch fp32) |",
-        "|---|---:|---:|---:|---|---|",
+        "| runs (llama.cpp) | runs (PyTorch fp32) | load avg before/after |",
+        "|---|---:|---:|---:|---|---|---|",
     ]
     for r in results["runs"]:
         d = r["decode"]
         lines.append(
             f"| {Path(r['folder']).name} ({r['fallback']}) | {d['llamacpp_tok_s']} | {d['lowbit_torch_fp32_tok_s']} | "
             f"{d['lowbit_packed_runtime'].get('tok_s', 'n/a')} | "
-            f"{d['llamacpp_tok_s_runs']} | {d['lowbit_torch_fp32_tok_s_runs']} |"
+            f"{d['llamacpp_tok_s_runs']} | {d['lowbit_torch_fp32_tok_s_runs']} | {d['loadavg_1min_before_after']} |"
         )
     if results.get("tiny"):
         lines += [

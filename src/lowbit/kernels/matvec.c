@@ -230,7 +230,7 @@ static int lb_fmt_ok(int fmt)
     return fmt == LB_U1 || fmt == LB_U2 || fmt == LB_U3 || fmt == LB_U4 || fmt == LB_U8 || fmt == LB_T5;
 }
 
-/* Columns per unit, codes per lane (sub-steps) of each kind. */
+/* Columns per unit (the packed bytes one vector step decodes) of each kind. */
 static int lb_unit_cols(int kind) { return kind == 5 ? 40 : kind == 3 || kind == 8 ? 8 : 64 / kind; }
 
 /* x' for one input row: x'[c + 8h + i] = x[c + i*H + h] * 2^(-b*h) per unit starting at c;
