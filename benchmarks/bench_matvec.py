@@ -247,7 +247,7 @@ def batch_sweep(n: int, args, results: list) -> None:
         if label in ("4-bit u4 g128", "2-bit u2 per-channel")
     }
     with torch.inference_mode():
-        for batch in (1, 2, 4, 8, 12, 13, 16, 32, 64):
+        for batch in (1, 2, 4, 8, 16, 17, 24, 32, 64):
             x = torch.randn(batch, n)
             fns = {FP32: lambda x=x: F.linear(x, w32)} | {label: (lambda m=m, x=x: m(x)) for label, m in layers.items()}
             timings = measure(fns, max(10, args.reps // 5), args.threads, block=5)

@@ -270,6 +270,7 @@ def test_reference_paths(monkeypatch):
 
 
 def test_no_compiler_falls_back_with_one_warning(monkeypatch, tmp_path):
+    monkeypatch.delenv("LOWBIT_KERNELS", raising=False)
     monkeypatch.setattr(kernels, "_lib", None)
     monkeypatch.setattr(kernels, "_load_failed", False)
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))

@@ -25,7 +25,7 @@ from lowbit.packing import LAYOUT_LEVELS, default_layout, layout_bits_per_code, 
 from lowbit.quantizers import QuantizedWeight
 
 # Above this many input rows, dequantize block by block and use a GEMM (see benchmarks/bench_matvec.py).
-KERNEL_MAX_BATCH = 12
+KERNEL_MAX_BATCH = 16
 # Floats of dequantized weight per block of the large-batch path (1 Mi floats = 4 MB).
 DEQUANT_BLOCK_FLOATS = 1 << 20
 
