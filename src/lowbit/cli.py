@@ -55,7 +55,7 @@ def _print(result: dict, as_json: bool) -> None:
         print(f"{key:<{width}}  {value}")
 
 
-def _quant_config(args) -> "QuantConfig":  # noqa: F821
+def _quant_config(args) -> QuantConfig:  # noqa: F821
     from lowbit.surgery import QuantConfig
 
     base = {}

@@ -170,7 +170,7 @@ def gptq(
         hessians = {n: torch.zeros(linear_weight(m)[0].shape[1], linear_weight(m)[0].shape[1]) for n, m in linears.items()}
         counts = dict.fromkeys(linears, 0)
 
-        def make_hook(name):
+        def make_hook(name, hessians=hessians, counts=counts):  # bind this block's dicts
             def hook(_module, args, _out):
                 x = args[0].detach().float().reshape(-1, args[0].shape[-1])
                 n_old, n_new = counts[name], x.shape[0]

@@ -45,7 +45,7 @@ from lowbit.io import is_quantized_dir, load_quantized, save_quantized
 from lowbit.models import DEFAULT_MODEL, cache_root, load_model, model_id
 from lowbit.ptq import gptq
 from lowbit.quantizers import Quantizer, parse_bits
-from lowbit.surgery import HP_DTYPES, QuantConfig, _round_high_precision, quantize_model, quantized_modules
+from lowbit.surgery import HP_DTYPES, QuantConfig, quantize_model, quantized_modules, round_high_precision_
 
 LOSSES = ("kl", "ce", "mix")
 INITS = ("rtn", "gptq")
@@ -482,7 +482,7 @@ def round_for_storage_(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, Quantizer):
             module.round_scales_(torch.float16)
-    _round_high_precision(model, HP_DTYPES[model.lowbit_config.hp_dtype])
+    round_high_precision_(model, HP_DTYPES[model.lowbit_config.hp_dtype])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from lowbit.io import open_weights, pop_quantized_weight
 from lowbit.packed_linear import PackedLinear
 from lowbit.packing import unpack_codes
 from lowbit.quantizers import QuantizedWeight
+from lowbit.surgery import set_module
 
 
 class HalfEmbedding(nn.Module):
@@ -50,11 +51,6 @@ class HalfLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
 def load_packed(path: str | os.PathLike, verify: bool = True):
     """Load a lowbit quantized folder for inference on packed weights. Returns (model, tokenizer, meta)."""
     from accelerate import init_empty_weights
@@ -78,17 +74,17 @@ def load_packed(path: str | os.PathLike, verify: bool = True):
         target = packed[info.get("tied_to", name)]
         module = model.get_submodule(name)
         if module is in_emb:
-            _set_module(model, name, PackedEmbedding(target))
+            set_module(model, name, PackedEmbedding(target))
         else:
-            _set_module(model, name, target)
+            set_module(model, name, target)
     emb_name = names[in_emb]
     if f"{emb_name}.weight" in tensors:
         emb_w = tensors.pop(f"{emb_name}.weight")
-        _set_module(model, emb_name, HalfEmbedding(emb_w, in_emb.padding_idx))
+        set_module(model, emb_name, HalfEmbedding(emb_w, in_emb.padding_idx))
         if out_emb is not None and names[out_emb] not in meta["layers"]:
             head_key = f"{names[out_emb]}.weight"
             head_w = tensors.pop(head_key) if head_key in tensors else emb_w  # tied head: share the table
-            _set_module(model, names[out_emb], HalfLinear(head_w, tensors.pop(f"{names[out_emb]}.bias", None)))
+            set_module(model, names[out_emb], HalfLinear(head_w, tensors.pop(f"{names[out_emb]}.bias", None)))
     rest = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
     missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]

@@ -142,7 +142,7 @@ def output_head_names(model: nn.Module) -> set[str]:
     return names
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
@@ -179,10 +179,10 @@ def quantize_model(model: nn.Module, config: QuantConfig, initialize: bool = Tru
         quantizer = make_quantizer(spec.bits, spec.quantizer, spec.group_size)
         if initialize:
             quantizer.initialize(weight, search=config.scale_search)
-        _set_module(model, name, QuantizedLinear(weight, bias, quantizer))
+        set_module(model, name, QuantizedLinear(weight, bias, quantizer))
     if config.quantize_embeddings:
         _quantize_embeddings(model, config, in_emb, out_emb, tied, initialize)
-    _round_high_precision(model, HP_DTYPES[config.hp_dtype])
+    round_high_precision_(model, HP_DTYPES[config.hp_dtype])
     model.lowbit_config = config
     return model
 
@@ -196,16 +196,17 @@ def _quantize_embeddings(model, config, in_emb, out_emb, tied, initialize):
     q_in = make_quantizer(spec.bits, spec.quantizer, spec.group_size)
     if initialize:
         q_in.initialize(in_emb.weight, search=config.scale_search)
-    _set_module(model, names[in_emb], QuantizedEmbedding(in_emb, q_in))
+    set_module(model, names[in_emb], QuantizedEmbedding(in_emb, q_in))
     if out_emb is not None and isinstance(out_emb, nn.Linear):
         q_out = q_in if tied else make_quantizer(spec.bits, spec.quantizer, spec.group_size)
         if initialize and not tied:
             q_out.initialize(out_emb.weight, search=config.scale_search)
-        _set_module(model, names[out_emb], QuantizedLinear(out_emb.weight, out_emb.bias, q_out))
+        set_module(model, names[out_emb], QuantizedLinear(out_emb.weight, out_emb.bias, q_out))
 
 
 @torch.no_grad()
-def _round_high_precision(model: nn.Module, dtype: torch.dtype) -> None:
+def round_high_precision_(model: nn.Module, dtype: torch.dtype) -> None:
+    """Round every high-precision parameter to ``dtype`` (kept as float32) and quantizer steps to fp16."""
     if dtype == torch.float32:
         return
     for module in model.modules():
