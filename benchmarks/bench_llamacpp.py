@@ -122,7 +122,7 @@ def torch_decode_speed(model, prompt: list[int], steps: list[int], reps: int) ->
 def dense_fp32(model):
     """The same model with every quantized linear replaced by a plain fp32 nn.Linear holding its
     dequantized weight (the fake-quant modules would re-quantize the weight at every step)."""
-    from lowbit.surgery import QuantizedLinear, _set_module
+    from lowbit.surgery import QuantizedLinear, set_module
 
     with torch.no_grad():
         for name, module in list(model.named_modules()):
@@ -131,19 +131,25 @@ def dense_fp32(model):
                 dense.weight.copy_(module.quantized_weight())
                 if module.bias is not None:
                     dense.bias.copy_(module.bias)
-                _set_module(model, name, dense)
+                set_module(model, name, dense)
     return model
 
 
 def packed_decode_speed(folder: Path, prompt: list[int], steps: list[int], reps: int) -> dict:
-    """lowbit's own packed runtime (C kernels), when this checkout has it."""
+    """lowbit's own packed runtime (C kernels), when this checkout has it: int8 activations (the
+    default, as llama.cpp) as ``tok_s``, exact float activations as ``float_tok_s``."""
     try:
         from lowbit.runtime import load_packed
 
-        model, _, _ = load_packed(folder, verify=False)
-        model.eval()
-        runs = torch_decode_speed(model, prompt, steps, reps)
-        return {"tok_s": round(statistics.median(runs), 1), "runs": [round(x, 1) for x in runs]}
+        out = {}
+        for mode, key in (("int8", "tok_s"), ("float", "float_tok_s")):
+            model, _, _ = load_packed(folder, verify=False, activations=mode)
+            model.eval()
+            runs = torch_decode_speed(model, prompt, steps, reps)
+            out[key] = round(statistics.median(runs), 1)
+            out[f"{key}_runs"] = [round(x, 1) for x in runs]
+            del model
+        return out
     except Exception as exc:  # the packed runtime is optional here
         return {"error": f"{type(exc).__name__}: {exc}"}
 
@@ -326,15 +332,18 @@ def write_md(results: dict, path: Path) -> None:
         "",
         f"## Decode speed (batch 1, one token per step after a 16-token prompt, {results['threads']} threads)",
         "",
-        "| folder | llama.cpp tok/s | PyTorch fp32 (dequantized) tok/s | lowbit packed runtime tok/s "
-        "| runs (llama.cpp) | runs (PyTorch fp32) | load avg before/after |",
-        "|---|---:|---:|---:|---|---|---|",
+        "| folder | llama.cpp tok/s | PyTorch fp32 (dequantized) tok/s | lowbit packed, int8 act. tok/s "
+        "| lowbit packed, float act. tok/s | lowbit int8 / llama.cpp | runs (llama.cpp) | runs (PyTorch fp32) "
+        "| load avg before/after |",
+        "|---|---:|---:|---:|---:|---:|---|---|---|",
     ]
     for r in results["runs"]:
         d = r["decode"]
+        p = d["lowbit_packed_runtime"]
+        ratio = f"{p['tok_s'] / d['llamacpp_tok_s']:.2f}x" if "tok_s" in p else "n/a"
         lines.append(
             f"| {Path(r['folder']).name} ({r['fallback']}) | {d['llamacpp_tok_s']} | {d['lowbit_torch_fp32_tok_s']} | "
-            f"{d['lowbit_packed_runtime'].get('tok_s', 'n/a')} | "
+            f"{p.get('tok_s', 'n/a')} | {p.get('float_tok_s', 'n/a')} | {ratio} | "
             f"{d['llamacpp_tok_s_runs']} | {d['lowbit_torch_fp32_tok_s_runs']} | {d['loadavg_1min_before_after']} |"
         )
     if results.get("tiny"):

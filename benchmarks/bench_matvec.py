@@ -20,6 +20,10 @@ Two cache regimes:
   last-level cache, so every call reads its weight from memory, as a model larger than the
   cache does for every generated token.
 
+Every u1/u2/u4/u8 format is timed twice: exact float32 activations, and "int8-act"
+(``PackedLinear.activations = "int8"``: the input rounded to int8 per 32 columns, integer dot
+products with VNNI / vpmaddubsw, as llama.cpp's CPU matvec does).
+
 A batch sweep (PackedLinear forward, which switches to dequantize + GEMM above
 ``KERNEL_MAX_BATCH`` rows) shows where the matvec kernel stops paying off.
 
@@ -56,7 +60,13 @@ FORMATS = [
     ("ternary t5 per-channel", "t5", 3, None),
     ("1-bit u1 per-channel", "u1", 2, None),
 ]
+# The same weights through the int8-activation kernels (PackedLinear activations="int8"): x rounded
+# to int8 per 32 columns, integer dot products; layouts u1/u2/u4/u8 only.
+INT8 = " int8-act"
+FORMATS += [(label + INT8, lay, lv, g) for label, lay, lv, g in FORMATS if lay in ("u1", "u2", "u4", "u8")]
 COLD_FORMATS = ["4-bit u4 g128", "2-bit u2 per-channel", "ternary u2 per-channel", "ternary t5 per-channel"]
+COLD_FORMATS += [f + INT8 for f in COLD_FORMATS if "t5" not in f]
+SWEEP_FORMATS = ["4-bit u4 g128", "2-bit u2 per-channel", "4-bit u4 g128" + INT8, "2-bit u2 per-channel" + INT8]
 FP32 = "fp32 F.linear"
 
 
@@ -166,9 +176,15 @@ def random_quantized(n: int, n_levels: int, group_size: int | None, seed: int = 
     return QuantizedWeight(codes, step, zero, group_size, n_levels, 0.0, "bench")
 
 
+def make_layer(label: str, layout: str, n_levels: int, group_size: int | None, n: int) -> PackedLinear:
+    layer = PackedLinear.from_quantized(random_quantized(n, n_levels, group_size), layout=layout)
+    layer.activations = "int8" if label.endswith(INT8) else "float"
+    return layer
+
+
 def layer_copy(layer: PackedLinear) -> PackedLinear:
     b = layer._buffers
-    return PackedLinear(
+    copy = PackedLinear(
         b["packed"].clone(),
         b["step"].clone(),
         b["zero"].clone(),
@@ -179,6 +195,8 @@ def layer_copy(layer: PackedLinear) -> PackedLinear:
         layer.bits,
         layer.quantizer,
     )
+    copy.activations = layer.activations
+    return copy
 
 
 def rotating(items: list, call):
@@ -198,9 +216,9 @@ def rotating(items: list, call):
 def bench_shape(n: int, args, bandwidth: float, results: list) -> None:
     x = torch.randn(1, n)
     w32 = torch.randn(n, n)
-    layers = {
-        label: PackedLinear.from_quantized(random_quantized(n, lv, g), layout=lay) for label, lay, lv, g in FORMATS
-    }
+    layers = {label: make_layer(label, lay, lv, g, n) for label, lay, lv, g in FORMATS}
+    for label, layer in layers.items():  # the int8 rows must run the int8 kernel, not a fallback
+        assert layer.uses_int8(x) == label.endswith(INT8), label
     nbytes = {FP32: w32.numel() * 4} | {label: layer.nbytes() for label, layer in layers.items()}
     cold_bytes = args.cold_mb * 2**20
     with torch.inference_mode():
@@ -225,6 +243,7 @@ def bench_shape(n: int, args, bandwidth: float, results: list) -> None:
                     "batch": 1,
                     "format": label,
                     "layout": None if layer is None else layer.layout,
+                    "activations": None if layer is None else layer.activations,
                     "group_size": None if layer is None else layer.group_size,
                     "regime": regime,
                     "bytes": nbytes[label],
@@ -241,18 +260,14 @@ def bench_shape(n: int, args, bandwidth: float, results: list) -> None:
 
 def batch_sweep(n: int, args, results: list) -> None:
     w32 = torch.randn(n, n)
-    layers = {
-        label: PackedLinear.from_quantized(random_quantized(n, lv, g), layout=lay)
-        for label, lay, lv, g in FORMATS
-        if label in ("4-bit u4 g128", "2-bit u2 per-channel")
-    }
+    layers = {label: make_layer(label, lay, lv, g, n) for label, lay, lv, g in FORMATS if label in SWEEP_FORMATS}
     with torch.inference_mode():
         for batch in (1, 2, 4, 8, 16, 17, 24, 32, 64):
             x = torch.randn(batch, n)
             fns = {FP32: lambda x=x: F.linear(x, w32)} | {label: (lambda m=m, x=x: m(x)) for label, m in layers.items()}
             timings = measure(fns, max(10, args.reps // 5), args.threads, block=5)
             for label, r in timings.items():
-                path = "GEMM" if label == FP32 else "kernel" if batch <= KERNEL_MAX_BATCH else "dequantize+GEMM"
+                path = "GEMM" if label == FP32 else ("int8 kernel" if label.endswith(INT8) else "kernel") if batch <= KERNEL_MAX_BATCH else "dequantize+GEMM"
                 results.append(
                     {
                         "shape": [n, n],
@@ -316,6 +331,7 @@ def main() -> None:
             "torch": torch.__version__,
             "python": platform.python_version(),
             "kernel_isa": kernels.isa(),
+            "kernel_int8_isa": kernels.q8_isa(),
             "kernel_openmp": kernels.has_openmp(),
             "load_average_at_start": os.getloadavg(),
         },

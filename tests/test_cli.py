@@ -125,3 +125,23 @@ def test_entry_point_exits_nonzero_without_traceback(tmp_path):
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.startswith("lowbit: error:")
+
+
+def test_bench_json_reports_speed_and_memory(tmp_path, tiny_model_dir, capsys):
+    """lowbit bench --json: the contract keys for the packed model and the fp32 reference."""
+    out = tmp_path / "q4"
+    code, _, err = _run(capsys, "quantize", "--model", tiny_model_dir, "--bits", "4", "--group-size", "32",
+                        "--method", "rtn", "--out", out)
+    assert code == 0, err
+    code, stdout, err = _run(capsys, "bench", "--model", out, "--reference", tiny_model_dir, "--prompt-tokens", "8",
+                             "--new-tokens", "4", "--repeats", "1", "--json")
+    assert code == 0, err
+    result = json.loads(stdout)
+    for key in ("decode_tokens_per_s", "prefill_tokens_per_s", "resident_bytes"):
+        assert result[key] > 0 and result[f"reference_{key}"] > 0, key
+    assert result["activations"] == "int8"
+    assert result["size_account_bytes"] == (out / "model.safetensors").stat().st_size
+    assert result["resident_over_account"] == result["resident_bytes"] / result["size_account_bytes"]
+    with pytest.raises(SystemExit) as exc:  # argparse: usage line + "invalid choice", exit code 2
+        _run(capsys, "bench", "--model", out, "--activations", "int4")
+    assert exc.value.code == 2 and "invalid choice: 'int4'" in capsys.readouterr().err

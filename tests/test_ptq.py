@@ -9,14 +9,13 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import tiny_llama
 from lowbit.errors import LowbitError
 from lowbit.evaluation import evaluate, size_account
 from lowbit.io import load_quantized, save_quantized
 from lowbit.ptq import gptq, gptq_quantize_weight, rtn
 from lowbit.quantizers import make_quantizer
 from lowbit.surgery import QuantConfig, QuantizedEmbedding, QuantizedLinear, quantize_model, quantized_modules
-
-from conftest import tiny_llama
 
 
 def _ids(n=8, seq=32, vocab=128, seed=1):

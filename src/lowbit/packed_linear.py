@@ -8,7 +8,9 @@ bit for bit.
 
 ``forward`` on float32 CPU inputs calls the C kernels of :mod:`lowbit.kernels`, which read the
 packed bytes directly (no repacking, no float weight in memory): batches up to
-``KERNEL_MAX_BATCH`` rows run the matvec kernel; larger batches dequantize a few MB of rows at a
+``KERNEL_MAX_BATCH`` rows run the matvec kernel (with ``activations="int8"``, the int8-activation
+kernel where the layout has one: x rounded to int8 per block of 32 columns, integer dot
+products, as llama.cpp's CPU matvec does; the default "float" is exact); larger batches dequantize a few MB of rows at a
 time into one reused float32 buffer with the C decoder and multiply it with a GEMM. Other devices and dtypes, inputs that need a gradient, a missing compiler or
 ``LOWBIT_KERNELS=0`` take the pure-PyTorch reference path: unpack -> dequantize -> ``F.linear``.
 """
@@ -28,6 +30,22 @@ from lowbit.quantizers import QuantizedWeight
 KERNEL_MAX_BATCH = 16
 # Floats of dequantized weight per block of the large-batch path (1 Mi floats = 4 MB).
 DEQUANT_BLOCK_FLOATS = 1 << 20
+# How the matvec kernels take the activations: exact float32, or rounded to int8 per 32 columns.
+ACTIVATIONS = ("float", "int8")
+
+
+def q8_round(x: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded as the int8-activation kernel rounds it: per block of 32 features (last dim)
+    ``d = max|x| / 127``, ``q = round(x * (1 / d))`` (half to even), returned as ``d * q`` in
+    float32. The same float32 operations as the C code, so q and d agree bit for bit."""
+    shape, cols = x.shape, x.shape[-1]
+    x2 = x.reshape(-1, cols).float()
+    pad = -cols % 32
+    xb = F.pad(x2, (0, pad)).reshape(x2.shape[0], -1, 32)
+    d = xb.abs().amax(dim=-1, keepdim=True) / 127.0
+    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    q = torch.round(xb * inv).clamp_(-127, 127)
+    return (d * q).reshape(x2.shape[0], -1)[:, :cols].reshape(shape)
 
 
 def kernel_layout(n_levels: int) -> str:
@@ -86,6 +104,7 @@ class PackedLinear(nn.Module):
         self.register_buffer("zero", zero.contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
         self._weight_cache: tuple | None = None
+        self._activations = "float"
         kernels.weight_struct(
             self.packed, layout, self.in_features, group_size, self.step, self.zero, self.bias
         )  # validates shapes and dtypes
@@ -116,6 +135,85 @@ class PackedLinear(nn.Module):
             qw.quantizer,
             bias,
         )
+
+    @property
+    def activations(self) -> str:
+        """"float" (exact) or "int8" (faster: see :func:`lowbit.kernels.linear_q8`)."""
+        return self._activations
+
+    @activations.setter
+    def activations(self, value: str) -> None:
+        if value not in ACTIVATIONS:
+            raise LowbitError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {value!r}")
+        self._activations = value
+
+    @classmethod
+    def concat(cls, layers: list[PackedLinear]) -> PackedLinear | None:
+        """One layer computing ``cat([l(x) for l in layers], -1)`` (e.g. q/k/v projections that
+        share their input), or None when their formats differ (layout, groups, scale storage)."""
+        first = layers[0]
+        same = all(
+            m.in_features == first.in_features
+            and m.layout == first.layout
+            and m.group_size == first.group_size
+            and m.n_levels == first.n_levels
+            and m.activations == first.activations
+            and m.step.dtype == first.step.dtype
+            and m.zero.dtype == first.zero.dtype
+            and m.step.shape[0] == m.out_features
+            and (m.bias is None) == (first.bias is None)
+            for m in layers
+        )
+        if not same:
+            return None
+        zeros = [m.zero for m in layers]
+        if all(z.shape == (1, 1) for z in zeros) and all(torch.equal(z, zeros[0]) for z in zeros):
+            zero = zeros[0].clone()
+        elif all(z.shape[0] == m.out_features for z, m in zip(zeros, layers, strict=True)):
+            zero = torch.cat([z.expand(m.out_features, -1) for z, m in zip(zeros, layers, strict=True)])
+        else:
+            return None
+        out = cls(
+            torch.cat([m.packed for m in layers]),
+            torch.cat([m.step for m in layers]),
+            zero,
+            first.in_features,
+            first.group_size,
+            first.layout,
+            first.n_levels,
+            first.bits,
+            first.quantizer,
+            None if first.bias is None else torch.cat([m.bias for m in layers]),
+        )
+        out.activations = first.activations
+        return out
+
+    @classmethod
+    def from_packed(
+        cls,
+        packed: torch.Tensor,
+        step: torch.Tensor,
+        zero: torch.Tensor | float,
+        in_features: int,
+        group_size: int | None,
+        layout: str,
+        n_levels: int,
+        bits: float,
+        quantizer: str,
+        bias: torch.Tensor | None = None,
+    ) -> PackedLinear:
+        """Build from codes already packed in ``layout`` (as a lowbit folder stores them), without
+        unpacking: the scales are stored as :meth:`from_quantized` would store them (so both give
+        the same buffers), ``zero`` may be one number."""
+        step = compact_scale(step.float())
+        zero = torch.full((1, 1), float(zero)) if not isinstance(zero, torch.Tensor) else zero.detach().float()
+        if zero.numel() and bool((zero == zero.reshape(-1)[0]).all()):
+            zero = zero.reshape(-1)[:1].reshape(1, 1)
+        zero = compact_scale(zero, allow_uint8=True)
+        if bias is not None:
+            bias = bias.detach().float().clone()
+        return cls(packed.contiguous().clone(), step, zero, in_features, group_size, layout, n_levels, bits,
+                   quantizer, bias)
 
     # --------------------------------------------------------------------- views
     def extra_repr(self) -> str:
@@ -189,26 +287,53 @@ class PackedLinear(nn.Module):
                 if usable
                 else None
             )
-            cache = self._weight_cache = (packed, step, zero, bias, packed.data_ptr(), struct)
+            q8 = struct is not None and kernels.q8_supported(struct)
+            cache = self._weight_cache = (packed, step, zero, bias, packed.data_ptr(), struct, q8)
         return cache[5]
+
+    def decode_fn(self):
+        """A callable for 2-d contiguous float32 CPU inputs of at most ``KERNEL_MAX_BATCH`` rows that
+        calls the kernel directly, skipping the module machinery and checks of ``forward`` (the
+        decode loop calls every layer once per token). It snapshots the buffers and settings: get a
+        new one after changing them. Falls back to ``self`` where the kernels do not apply."""
+        probe = torch.empty(1, self.in_features)
+        weight = self._kernel_weight(probe)
+        int8 = self._activations == "int8"
+        if weight is None or (int8 and not self._weight_cache[6]):
+            return self
+        return kernels.bound_linear(weight, int8, keep=self._weight_cache)
 
     def uses_kernel(self, x: torch.Tensor) -> bool:
         """Whether ``forward(x)`` runs the C kernels (else the PyTorch reference path)."""
         return self._kernel_weight(x) is not None
 
+    def uses_int8(self, x: torch.Tensor) -> bool:
+        """Whether ``forward(x)`` runs the int8-activation kernel."""
+        return (
+            self._activations == "int8"
+            and self._kernel_weight(x) is not None
+            and self._weight_cache[6]
+            and x.reshape(-1, self.in_features).shape[0] <= KERNEL_MAX_BATCH
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W^T + bias``; with ``activations="int8"`` every path computes ``q8_round(x) @ W^T
+        + bias`` (the int8 kernel where it applies, else the float paths on the rounded input)."""
         if x.shape[-1] != self.in_features:
             raise LowbitError(f"input has {x.shape[-1]} features, layer expects {self.in_features}")
+        int8 = self._activations == "int8"
         weight = self._kernel_weight(x)
         if weight is None:
-            return self.forward_reference(x)
+            return self.forward_reference(q8_round(x).to(x.dtype) if int8 else x)
         x2 = x.reshape(-1, self.in_features)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
-        if x2.shape[0] <= KERNEL_MAX_BATCH:
-            y = kernels.linear(x2, weight)
+        if int8 and x2.shape[0] <= KERNEL_MAX_BATCH and self._weight_cache[6]:
+            y = kernels.run_unchecked(x2, weight, int8=True)
+        elif x2.shape[0] <= KERNEL_MAX_BATCH:
+            y = kernels.run_unchecked(q8_round(x2) if int8 else x2, weight, int8=False)
         else:
-            y = self._forward_blocked(x2, weight)
+            y = self._forward_blocked(q8_round(x2) if int8 else x2, weight)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
     def _forward_blocked(self, x: torch.Tensor, weight: kernels._Weight) -> torch.Tensor:

@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit import kernels
 from lowbit.errors import LowbitError
 from lowbit.io import open_weights, pop_quantized_weight
-from lowbit.packed_linear import PackedLinear
+from lowbit.packed_linear import ACTIVATIONS, KERNEL_MAX_BATCH, PackedLinear, kernel_layout
 from lowbit.packing import unpack_codes
 from lowbit.quantizers import QuantizedWeight
 from lowbit.surgery import set_module
@@ -47,12 +48,38 @@ class HalfLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x.to(self.weight.dtype), self.weight).float()
+        w = self.weight
+        if (
+            w.dtype == torch.float16
+            and x.dtype == torch.float32
+            and x.device.type == "cpu"
+            and w.device.type == "cpu"
+            and x.numel() // self.in_features <= KERNEL_MAX_BATCH
+            and w.is_contiguous()
+            and kernels.available()
+        ):  # decode: read the halves in the C kernel (F.linear in fp16 is ~2x slower at batch 1)
+            bias = None if self.bias is None else self.bias.float().contiguous()
+            y = kernels.linear_f16(x.reshape(-1, self.in_features).contiguous(), w, bias)
+            return y.reshape(*x.shape[:-1], self.out_features)
+        y = F.linear(x.to(w.dtype), w).float()
         return y if self.bias is None else y + self.bias
 
 
-def load_packed(path: str | os.PathLike, verify: bool = True):
-    """Load a lowbit quantized folder for inference on packed weights. Returns (model, tokenizer, meta)."""
+TERNARY_LAYOUTS = ("u2", "t5")
+
+
+def load_packed(path: str | os.PathLike, verify: bool = True, activations: str = "int8", ternary_layout: str = "u2"):
+    """Load a lowbit quantized folder for inference on packed weights. Returns (model, tokenizer, meta).
+
+    ``activations``: "int8" (default) rounds each packed layer's input to int8 per 32 features and
+    runs integer dot products (llama.cpp's CPU scheme; see benchmarks/results/decode.md for its
+    cost in KL), "float" keeps the exact float32 matvec.
+    ``ternary_layout``: "u2" (default) runs ternary layers from 2-bit codes (the fast int8 kernels;
+    25% more memory than the file), "t5" keeps the file's 1.6-bit base-3 bytes (float kernels only)."""
+    if activations not in ACTIVATIONS:
+        raise LowbitError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
+    if ternary_layout not in TERNARY_LAYOUTS:
+        raise LowbitError(f"ternary_layout must be one of {', '.join(TERNARY_LAYOUTS)}, got {ternary_layout!r}")
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -68,8 +95,19 @@ def load_packed(path: str | os.PathLike, verify: bool = True):
     for name, info in meta["layers"].items():
         if "tied_to" in info:
             continue
-        qw = pop_quantized_weight(tensors, name, info)
-        packed[name] = PackedLinear.from_quantized(qw, tensors.pop(f"{name}.bias", None))
+        bias = tensors.pop(f"{name}.bias", None)
+        layout = ternary_layout if info["n_levels"] == 3 else kernel_layout(info["n_levels"])
+        if info["layout"] == layout:  # stored as the kernels read it: no repacking
+            step = tensors.pop(f"{name}.step")
+            zero = tensors.pop(f"{name}.zero", None)
+            packed[name] = PackedLinear.from_packed(
+                tensors.pop(f"{name}.qweight"), step, info["grid_zero"] if zero is None else zero,
+                info["shape"][1], info["group_size"], info["layout"], info["n_levels"], info["bits"],
+                info["quantizer"], bias,
+            )
+        else:  # e.g. ternary stored in t5 (1.6 bits), run in u2
+            packed[name] = PackedLinear.from_quantized(pop_quantized_weight(tensors, name, info), bias, layout=layout)
+        packed[name].activations = activations
     for name, info in meta["layers"].items():
         target = packed[info.get("tied_to", name)]
         module = model.get_submodule(name)
@@ -79,18 +117,21 @@ def load_packed(path: str | os.PathLike, verify: bool = True):
             set_module(model, name, target)
     emb_name = names[in_emb]
     if f"{emb_name}.weight" in tensors:
-        emb_w = tensors.pop(f"{emb_name}.weight")
+        emb_w = tensors.pop(f"{emb_name}.weight").clone()  # own memory, not a view of the file
         set_module(model, emb_name, HalfEmbedding(emb_w, in_emb.padding_idx))
         if out_emb is not None and names[out_emb] not in meta["layers"]:
             head_key = f"{names[out_emb]}.weight"
-            head_w = tensors.pop(head_key) if head_key in tensors else emb_w  # tied head: share the table
+            head_w = tensors.pop(head_key).clone() if head_key in tensors else emb_w  # tied head: share the table
             set_module(model, names[out_emb], HalfLinear(head_w, tensors.pop(f"{names[out_emb]}.bias", None)))
-    rest = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+    rest = {k: v.float() if v.is_floating_point() and v.dtype != torch.float32 else v.clone() for k, v in tensors.items()}
+    tensors.clear()
     missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
     if unexpected or still_meta:
         raise LowbitError(f"{path}: weights do not match the model (missing {still_meta[:3]}, unexpected {unexpected[:3]})")
     tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
+    del tensors, rest
+    _trim_heap()  # the file's buffers are gone: give their pages back
     return model, tokenizer, meta
 
 
@@ -141,12 +182,32 @@ def module_bytes(model: nn.Module) -> int:
 
 
 @torch.inference_mode()
-def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, greedy: bool = True, stream: bool = True) -> str:
-    """Generate text from ``prompt`` (greedy by default), streaming tokens to stdout."""
+def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, greedy: bool = True, stream: bool = True,
+             engine: str = "auto") -> str:
+    """Generate text from ``prompt`` (greedy by default), streaming tokens to stdout.
+
+    ``engine``: "lowbit" (:class:`lowbit.decoder.Decoder`, greedy only), "transformers"
+    (``model.generate``), or "auto": lowbit for greedy decoding of a model it supports."""
     from transformers import TextStreamer
+
+    from lowbit.decoder import Decoder, resolve_engine
 
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     streamer = TextStreamer(tokenizer, skip_prompt=False) if stream else None
+    engine = "transformers" if engine == "auto" and not greedy else resolve_engine(model, engine)
+    if engine == "lowbit" and not greedy:
+        raise LowbitError("the lowbit decode loop is greedy only: use --engine transformers with --sample")
+    if engine == "lowbit" and greedy:
+        decoder = Decoder(model, max_len=ids.shape[1] + max_new_tokens)
+        if streamer is not None:
+            streamer.put(ids)
+        tokens = decoder.generate(
+            ids[0], max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+            on_token=(lambda tok: streamer.put(torch.tensor([tok]))) if streamer is not None else None,
+        )
+        if streamer is not None:
+            streamer.end()
+        return tokenizer.decode(ids[0].tolist() + tokens, skip_special_tokens=True)
     out = model.generate(
         ids,
         max_new_tokens=max_new_tokens,
@@ -158,11 +219,27 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, greedy: bo
 
 
 @torch.inference_mode()
-def time_decode(model, prompt_ids: torch.Tensor, new_tokens: int, repeats: int = 1) -> dict:
-    """Prefill tokens/s (one forward over the prompt) and decode tokens/s (greedy, KV cache)."""
+def time_decode(model, prompt_ids: torch.Tensor, new_tokens: int, repeats: int = 1, engine: str = "transformers") -> dict:
+    """Prefill tokens/s (one forward over the prompt) and decode tokens/s (greedy, KV cache), with
+    the transformers forward or lowbit's :class:`~lowbit.decoder.Decoder` (``engine``)."""
     from transformers import DynamicCache
 
+    from lowbit.decoder import Decoder, resolve_engine
+
     best_prefill, best_decode = 0.0, 0.0
+    if resolve_engine(model, engine) == "lowbit":
+        decoder = Decoder(model, max_len=prompt_ids.shape[1] + new_tokens + 1)
+        for _ in range(repeats):
+            decoder.reset()
+            t0 = time.perf_counter()
+            logits = decoder.forward(prompt_ids[0])
+            t1 = time.perf_counter()
+            for _ in range(new_tokens):
+                logits = decoder.forward(logits.argmax().reshape(1))
+            t2 = time.perf_counter()
+            best_prefill = max(best_prefill, prompt_ids.shape[1] / (t1 - t0))
+            best_decode = max(best_decode, new_tokens / (t2 - t1))
+        return {"prefill_tokens_per_s": best_prefill, "decode_tokens_per_s": best_decode}
     for _ in range(repeats):
         cache = DynamicCache()
         t0 = time.perf_counter()
@@ -181,39 +258,155 @@ def time_decode(model, prompt_ids: torch.Tensor, new_tokens: int, repeats: int =
     return {"prefill_tokens_per_s": best_prefill, "decode_tokens_per_s": best_decode}
 
 
+def _trim_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc ``malloc_trim``), so that RSS shows what is live."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        pass
+
+
+def _peak_resident_bytes() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # pragma: no cover - non-Linux
+        pass
+    return None
+
+
+def _memory_child(kind: str, spec: str, activations: str, threads: int, ternary_layout: str = "u2") -> dict:
+    """Runs in a fresh interpreter (see :func:`measure_resident`)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+    from lowbit.models import NAMED_MODELS, cached_model_dir, load_model
+
+    torch.set_num_threads(threads)
+    kernels.load()
+    # The baseline includes what any model of this architecture costs once per process (modules
+    # imported on first use, about 130 MB for Llama in transformers 5) and the tokenizer: an empty
+    # (meta) model is built and a tokenizer loaded before it is taken.
+    if kind == "packed":
+        folder = Path(spec)
+    elif spec in NAMED_MODELS or not Path(spec).is_dir():
+        folder = cached_model_dir(spec)
+    else:
+        folder = Path(spec)
+    with init_empty_weights(include_buffers=False):
+        AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    if (folder / "tokenizer_config.json").exists():
+        AutoTokenizer.from_pretrained(folder)
+    _trim_heap()
+    baseline = resident_bytes()
+    if kind == "packed":
+        model, _, _ = load_packed(spec, activations=activations, ternary_layout=ternary_layout)
+    else:
+        model, _ = load_model(spec)
+    _trim_heap()
+    loaded = resident_bytes()
+    with torch.inference_mode():
+        vocab = model.config.vocab_size
+        ids = torch.randint(min(100, vocab - 1), min(1000, vocab), (1, 16), generator=torch.Generator().manual_seed(0))
+        out = model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True)
+        for _ in range(8):
+            out = model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, use_cache=True)
+    _trim_heap()
+    return {
+        "baseline_rss": baseline,
+        "resident_bytes": loaded - baseline,
+        "resident_bytes_after_decode": resident_bytes() - baseline,
+        "peak_rss": _peak_resident_bytes(),
+        "model_bytes": module_bytes(model),
+    }
+
+
+def measure_resident(kind: str, spec: str, activations: str = "int8", threads: int = 1, ternary_layout: str = "u2") -> dict:
+    """Resident memory of a model in a fresh Python process: RSS after loading it (and after 16 + 8
+    decode steps) minus the RSS of the same process just before, with torch, transformers, the
+    kernels, an empty model of the same architecture and the tokenizer already loaded. A fresh process, because a process that already held a model reuses its
+    freed heap and would under-count. ``kind``: "packed" (a lowbit folder) or "reference"."""
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys; from lowbit.runtime import _memory_child; "
+        "print(json.dumps(_memory_child(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, kind, str(spec), activations, str(threads), ternary_layout],
+        capture_output=True, text=True,
+    )
+    if proc.returncode != 0:
+        raise LowbitError(f"measuring the resident memory of {spec} failed: {proc.stderr.strip()[-500:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def bench(packed_dir: str, reference: str | None = None, prompt_tokens: int = 128, new_tokens: int = 64,
-          repeats: int = 2, threads: int | None = None) -> dict:
-    """Decode / prefill tokens/s and resident memory of the packed model and of the fp32 reference,
-    measured in this one process (packed first, then the reference)."""
+          repeats: int = 2, threads: int | None = None, activations: str = "int8", memory: bool = True,
+          ternary_layout: str = "u2", engine: str = "auto") -> dict:
+    """Decode / prefill tokens/s of the packed model and of the fp32 reference, timed in this one
+    process (packed first, then the reference), and the resident memory of each.
+
+    ``resident_bytes``: growth of a fresh process's resident set while it loads the model and
+    decodes 24 tokens (see :func:`measure_resident`; transformers maps fp32 weights lazily, so only
+    a model that has run shows its full size); ``size_account_bytes``: the bytes the folder stores (what ``lowbit
+    eval`` counts), so ``resident_over_account`` near 1 means nothing but the stored bytes was
+    materialised. The reference's account is its parameter bytes.
+
+    ``engine`` runs the packed model (see :func:`time_decode`; "auto": lowbit's decode loop where
+    it supports the model); the fp32 reference always runs the transformers forward, and, when the
+    packed model ran on the lowbit loop, also on it (``reference_lowbit_engine_*``), which
+    separates the loop's gain from the packed kernels' gain."""
+    from lowbit.decoder import resolve_engine
     from lowbit.models import load_model
 
     if threads:
         torch.set_num_threads(threads)
-    gc.collect()
-    base_rss = resident_bytes()
-    model, tokenizer, meta = load_packed(packed_dir)
-    gc.collect()
-    rss_packed = resident_bytes() - base_rss
-    ids = torch.randint(100, 1000, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
+    model, tokenizer, meta = load_packed(packed_dir, activations=activations, ternary_layout=ternary_layout)
+    vocab = model.config.vocab_size
+    ids = torch.randint(min(100, vocab - 1), min(1000, vocab), (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
     result = {"model": str(packed_dir), "threads": torch.get_num_threads(), "prompt_tokens": prompt_tokens,
-              "new_tokens": new_tokens}
-    result.update(time_decode(model, ids, new_tokens, repeats))
-    result["resident_bytes"] = rss_packed
+              "new_tokens": new_tokens, "activations": activations, "ternary_layout": ternary_layout}
+    engine = resolve_engine(model, engine)
+    result["engine"] = engine
+    result.update(time_decode(model, ids, new_tokens, repeats, engine=engine))
     result["model_bytes"] = module_bytes(model)
     result["file_bytes"] = meta["weights_bytes"]
+    result["size_account_bytes"] = meta["weights_bytes"]
     del model
     gc.collect()
+    if memory:
+        mem = measure_resident("packed", str(packed_dir), activations, torch.get_num_threads(), ternary_layout)
+        result["resident_bytes"] = mem["resident_bytes_after_decode"]
+        result["resident_bytes_after_load"] = mem["resident_bytes"]
+        result["resident_over_account"] = result["resident_bytes"] / meta["weights_bytes"]
     ref_spec = reference or meta.get("info", {}).get("base_model")
     if ref_spec:
-        base_rss = resident_bytes()
         ref, _ = load_model(ref_spec)
-        gc.collect()
-        rss_ref = resident_bytes() - base_rss
         r = time_decode(ref, ids, new_tokens, repeats)
         result["reference"] = ref_spec
         result["reference_decode_tokens_per_s"] = r["decode_tokens_per_s"]
         result["reference_prefill_tokens_per_s"] = r["prefill_tokens_per_s"]
-        result["reference_resident_bytes"] = rss_ref
+        result["reference_size_account_bytes"] = module_bytes(ref)
+        if engine == "lowbit":
+            r2 = time_decode(ref, ids, new_tokens, repeats, engine="lowbit")
+            result["reference_lowbit_engine_decode_tokens_per_s"] = r2["decode_tokens_per_s"]
+            result["reference_lowbit_engine_prefill_tokens_per_s"] = r2["prefill_tokens_per_s"]
+        del ref
+        gc.collect()
+        if memory:
+            mem = measure_resident("reference", ref_spec, activations, torch.get_num_threads())
+            result["reference_resident_bytes"] = mem["resident_bytes_after_decode"]
+            result["reference_resident_over_account"] = (
+                result["reference_resident_bytes"] / result["reference_size_account_bytes"]
+            )
         result["decode_speedup"] = result["decode_tokens_per_s"] / r["decode_tokens_per_s"]
         result["prefill_speedup"] = result["prefill_tokens_per_s"] / r["prefill_tokens_per_s"]
     return result

@@ -9,6 +9,11 @@ use the pure-PyTorch reference path; a missing compiler is reported by one warni
 
 The kernels read the row-major layouts of :mod:`lowbit.packing` directly (no repacking): every
 layout decodes in registers (t5 with groups that are not multiples of 40 through a decoded row).
+Two matvec families: :func:`linear` keeps the activations in float32 (exact up to summation
+order); :func:`linear_q8` rounds them to int8 per block of 32 (as llama.cpp does) and runs integer
+dot products (AVX-VNNI / AVX512-VNNI ``vpdpbusd`` when the CPU has it, else AVX2 ``vpmaddubsw``)
+on u1/u2/u4/u8 codes: 2-3x fewer instructions per weight. :func:`linear_f16` multiplies by an
+fp16 matrix (unquantized layers such as a tied output head).
 Building takes about 10 s of one core, once per machine and source version.
 Threads: OpenMP over output rows, ``get_num_threads()`` (default ``torch.get_num_threads()``).
 Environment: ``LOWBIT_KERNELS=0`` disables the kernels, ``LOWBIT_ISA=portable`` forces the
@@ -34,16 +39,21 @@ from lowbit.errors import LowbitError
 from lowbit.packing import row_bytes
 
 SOURCE = Path(__file__).with_name("matvec.c")
+HEADERS = (Path(__file__).with_name("q8_tile.h"),)  # included by matvec.c
 BASE_FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-fvisibility=hidden"]
 FORMAT_IDS = {"u1": 1, "u2": 2, "u3": 3, "u4": 4, "t5": 5, "u8": 8}
 SCALE_TYPES = {torch.float32: 0, torch.float16: 1, torch.uint8: 2}
 ISA_NAMES = {0: "portable", 1: "avx2"}
 _ISA_IDS = {"portable": 0, "avx2": 1}
+# The int8-activation path's vector code: AVX2 (vpmaddubsw) or a VNNI dot-product instruction.
+Q8_ISA_NAMES = {0: "portable", 1: "avx2", 2: "avxvnni", 3: "avx512vnni"}
+_Q8_ISA_IDS = {v: k for k, v in Q8_ISA_NAMES.items()}
 _ERRORS = {
     -1: "unknown packing layout",
     -2: "out of memory",
     -3: "AVX2 requested on a CPU without it",
     -4: "invalid weight description",
+    -5: "the int8-activation path does not take this layout / group size (use the float path)",
 }
 
 
@@ -91,7 +101,8 @@ def _compiler() -> str | None:
 
 
 def _library_path(cc: str, flags: list[str]) -> Path:
-    key = hashlib.sha256(SOURCE.read_bytes() + "\0".join([cc, *flags]).encode()).hexdigest()[:16]
+    sources = SOURCE.read_bytes() + b"".join(h.read_bytes() for h in HEADERS)
+    key = hashlib.sha256(sources + "\0".join([cc, *flags]).encode()).hexdigest()[:16]
     return cache_dir() / key / "liblowbit.so"
 
 
@@ -122,6 +133,16 @@ def _setup(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.lb_f16_to_f32.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     lib.lb_f16_to_f32.restype = None
     lib.lb_isa.restype = ctypes.c_int
+    lib.lb_linear_q8.argtypes = lib.lb_linear.argtypes
+    lib.lb_linear_q8.restype = ctypes.c_int
+    lib.lb_q8_supported.argtypes = [ptr]
+    lib.lb_q8_supported.restype = ctypes.c_int
+    lib.lb_q8_isa_id.restype = ctypes.c_int
+    lib.lb_linear_f16.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                                  ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    lib.lb_linear_f16.restype = ctypes.c_int
+    lib.lb_q8_isa_ok.argtypes = [ctypes.c_int]
+    lib.lb_q8_isa_ok.restype = ctypes.c_int
     lib.lb_openmp.restype = ctypes.c_int
     return lib
 
@@ -271,6 +292,114 @@ def linear(x: torch.Tensor, weight: _Weight, out: torch.Tensor | None = None, is
     if code:
         _check(code)
     return out
+
+
+def q8_supported(weight: _Weight) -> bool:
+    """Whether :func:`linear_q8` takes this weight: layouts u1/u2/u4/u8 whose groups are whole
+    32-byte units, the whole row, or an even split of a unit into 4-code lanes (u3, t5 and odd
+    groups run the float kernels)."""
+    lib = load()
+    return bool(lib is not None and lib.lb_q8_supported(ctypes.byref(weight)))
+
+
+def q8_isa() -> str | None:
+    """The vector code of the int8-activation path on this CPU ("avxvnni", "avx512vnni", "avx2",
+    "portable"), or None when the kernels are unavailable."""
+    if not available():
+        return None
+    return Q8_ISA_NAMES[0 if _isa_id() == 0 else int(load().lb_q8_isa_id())]
+
+
+def q8_isa_ok(name: str) -> bool:
+    """Whether this CPU can run the int8 path's ``name`` code (see :data:`Q8_ISA_NAMES`)."""
+    lib = load()
+    return bool(lib is not None and lib.lb_q8_isa_ok(_Q8_ISA_IDS[name]))
+
+
+def linear_q8(
+    x: torch.Tensor, weight: _Weight, out: torch.Tensor | None = None, isa: str | None = None
+) -> torch.Tensor:
+    """``q8(x) @ W^T + bias`` with integer dot products: each row of ``x`` is quantized per block
+    of 32 columns to ``d * q`` (``d = max|x| / 127``, ``q = round(x * (1 / d))``, int8), as
+    llama.cpp does for its CPU matvec. Exact integer sums, float32 scaling: the result equals
+    ``F.linear(d * q, W) + bias`` up to float32 summation order. ``isa`` forces one of
+    :data:`Q8_ISA_NAMES`; raises LowbitError for weights :func:`q8_supported` rejects."""
+    lib = load()
+    if lib is None:
+        raise LowbitError("lowbit kernels are not available (see the warning above)")
+    if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != weight.cols or not x.is_contiguous():
+        raise LowbitError(
+            f"kernel input must be contiguous float32 (batch, {weight.cols}), got {x.dtype} {tuple(x.shape)}"
+        )
+    if out is None:
+        out = torch.empty(x.shape[0], weight.rows, dtype=torch.float32)
+    isa_id = (0 if _isa_id() == 0 else -1) if isa is None else _Q8_ISA_IDS[isa]
+    threads = _num_threads or torch.get_num_threads()
+    code = lib.lb_linear_q8(ctypes.byref(weight), x.data_ptr(), x.shape[0], out.data_ptr(), threads, isa_id)
+    if code:
+        _check(code)
+    return out
+
+
+def linear_f16(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, isa: str | None = None
+) -> torch.Tensor:
+    """``x @ W^T + bias`` for an fp16 weight (rows, cols) and float32 ``x`` (batch, cols), read in
+    fp16 (each half converted in registers, float32 sums): for unquantized layers a packed model
+    keeps in fp16, such as the tied output head."""
+    lib = load()
+    if lib is None:
+        raise LowbitError("lowbit kernels are not available (see the warning above)")
+    if weight.dtype != torch.float16 or weight.dim() != 2 or not weight.is_contiguous():
+        raise LowbitError(f"weight must be a contiguous 2-d float16 tensor, got {weight.dtype} {tuple(weight.shape)}")
+    rows, cols = weight.shape
+    if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != cols or not x.is_contiguous():
+        raise LowbitError(f"kernel input must be contiguous float32 (batch, {cols}), got {x.dtype} {tuple(x.shape)}")
+    if bias is not None and (bias.dtype != torch.float32 or bias.shape != (rows,) or not bias.is_contiguous()):
+        raise LowbitError(f"bias must be a contiguous float32 tensor of shape ({rows},)")
+    out = torch.empty(x.shape[0], rows, dtype=torch.float32)
+    isa_id = _isa_id() if isa is None else _ISA_IDS[isa]
+    threads = _num_threads or torch.get_num_threads()
+    _check(
+        lib.lb_linear_f16(
+            weight.data_ptr(), rows, cols, None if bias is None else bias.data_ptr(), x.data_ptr(), x.shape[0],
+            out.data_ptr(), threads, isa_id,
+        )
+    )
+    return out
+
+
+def run_unchecked(x: torch.Tensor, weight: _Weight, int8: bool) -> torch.Tensor:
+    """:func:`linear` / :func:`linear_q8` without the argument checks, for PackedLinear's decode
+    path (one call per layer per token), whose buffers and input the caller has checked."""
+    lib = _lib
+    out = torch.empty(x.shape[0], weight.rows, dtype=torch.float32)
+    fn = lib.lb_linear_q8 if int8 else lib.lb_linear
+    code = fn(ctypes.byref(weight), x.data_ptr(), x.shape[0], out.data_ptr(), _num_threads or torch.get_num_threads(),
+              _isa_id())
+    if code:
+        _check(code)
+    return out
+
+
+def bound_linear(weight: _Weight, int8: bool, keep=None):
+    """``run_unchecked`` with everything but the input bound once (library function, weight
+    pointer, threads, code path); ``keep`` is held so that the buffers outlive the callable."""
+    lib = load()
+    fn = lib.lb_linear_q8 if int8 else lib.lb_linear
+    ref, rows = ctypes.byref(weight), weight.rows
+    threads, isa_id = get_num_threads(), _isa_id()
+    empty, f32 = torch.empty, torch.float32
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        out = empty(x.shape[0], rows, dtype=f32)
+        code = fn(ref, x.data_ptr(), x.shape[0], out.data_ptr(), threads, isa_id)
+        if code:
+            _check(code)
+        return out
+
+    run.keep = (weight, keep)
+    return run
 
 
 def dequantize(weight: _Weight, rows: tuple[int, int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -25,6 +25,9 @@
  * of 4; a block runs tiles of (rows, inputs) = (4, 1), (2, 2) or (1, 4) with two FMA chains per
  * (row, input). A portable C path (no intrinsics) is compiled alongside and chosen at run time
  * when the CPU lacks AVX2/FMA/F16C.
+ *
+ * lb_linear_q8 (int8 activations, q8_tile.h) and lb_linear_f16 (fp16 weights) are described at
+ * their definitions below.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -46,7 +49,7 @@
 
 enum { LB_U1 = 1, LB_U2 = 2, LB_U3 = 3, LB_U4 = 4, LB_T5 = 5, LB_U8 = 8 };
 enum { LB_F32 = 0, LB_F16 = 1, LB_U8Z = 2 }; /* scale / zero storage types */
-enum { LB_OK = 0, LB_EFORMAT = -1, LB_ENOMEM = -2, LB_EISA = -3, LB_EARG = -4 };
+enum { LB_OK = 0, LB_EFORMAT = -1, LB_ENOMEM = -2, LB_EISA = -3, LB_EARG = -4, LB_EUNSUP = -5 };
 #ifndef LB_PREFETCH_ROWS
 /* While a block of 4 rows runs, each unit load also prefetches the same bytes of the next block:
  * rows are short streams (a 4096-wide 2-bit row is 1 KB), too short for the hardware prefetcher
@@ -219,6 +222,21 @@ typedef struct {
     int direct;      /* 1: the AVX2 loop reads packed rows; 0: rows decoded to a u8 buffer */
 } lb_call;
 
+/* The int8-activation path: x quantized per block of 32 columns, x = d * q with q in [-127, 127]. */
+typedef struct {
+    lb_call c;       /* c.sx: group sums of the dequantized activations d * q */
+    int cpb;         /* codes per packed byte: 8, 4, 2, 1 (u1, u2, u4, u8) */
+    int mode;        /* 0: groups of whole units or per-channel, 1: groups inside a unit */
+    int64_t units;   /* 32-byte units per row (the last may run past the row end) */
+    const int8_t *q; /* (batch, cols): q in column order (portable path) */
+    const float *d;  /* (batch, nblk): the scale of each block of 32 columns */
+    int64_t nblk;
+    const int8_t *xq; /* (batch, xqs): q permuted to the plane order of the units (AVX2 path) */
+    int64_t xqs;
+    const float *dxl; /* (batch, dxls): the activation scale of each int32 lane of each unit */
+    int64_t dxls;
+} lb_q8call;
+
 /* 64-byte aligned allocation (free with free()). */
 static void *lb_alloc(size_t bytes)
 {
@@ -315,6 +333,15 @@ LB_INLINE LB_AVX2 __m256 lb_load8(const void *p, int type, int64_t base, int64_t
     }
 }
 
+LB_INLINE LB_AVX2 float lb_load_scalar_f16c(const void *p, int type, int64_t i)
+{
+    switch (type) {
+    case LB_F16: return _cvtsh_ss(((const uint16_t *)p)[i]);
+    case LB_U8Z: return (float)((const uint8_t *)p)[i];
+    default: return ((const float *)p)[i];
+    }
+}
+
 /* Steps of row r as floats into s[0..ng), and zt[b] = sum_g step * zero * X[g] per input. */
 LB_INLINE LB_AVX2 void lb_row_scales(const lb_call *C, int64_t r, int64_t b0, const int NB, float *s, float *zt)
 {
@@ -335,9 +362,9 @@ LB_INLINE LB_AVX2 void lb_row_scales(const lb_call *C, int64_t r, int64_t b0, co
         }
     for (int b = 0; b < NB; b++)
         zt[b] = lb_hsum(acc[b]);
-    for (; g < ng; g++) {
-        s[g] = lb_step(w, r, g);
-        const float sz = s[g] * lb_zero(w, r, g);
+    for (; g < ng; g++) { /* the last groups (all of them when ng < 8): F16C scalar conversions */
+        s[g] = lb_load_scalar_f16c(w->step, w->step_type, sb + g * w->step_gs);
+        const float sz = s[g] * lb_load_scalar_f16c(w->zero, w->zero_type, zb + g * w->zero_gs);
         for (int b = 0; b < NB; b++)
             zt[b] += sz * C->sx[(b0 + b) * ng + g];
     }
@@ -619,6 +646,32 @@ static LB_AVX2 void lb_rows_avx2(const lb_call *C, int64_t r0, int64_t r1, uint8
         lb_tile_dispatch(C, rowp, rid, n, row_bytes, b0, sbuf, 1, C->kind);
 }
 
+/* ---------------------------------------------------------------- int8-activation path (AVX2) */
+
+#define LB_Q8_NAME(x) x##_avx2
+#define LB_Q8_TARGET LB_AVX2
+#define LB_Q8_VNNI 0
+#include "q8_tile.h"
+#undef LB_Q8_NAME
+#undef LB_Q8_TARGET
+#undef LB_Q8_VNNI
+
+#define LB_Q8_NAME(x) x##_avxvnni
+#define LB_Q8_TARGET __attribute__((target("avx2,fma,f16c,avxvnni")))
+#define LB_Q8_VNNI 1
+#include "q8_tile.h"
+#undef LB_Q8_NAME
+#undef LB_Q8_TARGET
+#undef LB_Q8_VNNI
+
+#define LB_Q8_NAME(x) x##_avx512vnni
+#define LB_Q8_TARGET __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")))
+#define LB_Q8_VNNI 2
+#include "q8_tile.h"
+#undef LB_Q8_NAME
+#undef LB_Q8_TARGET
+#undef LB_Q8_VNNI
+
 static int lb_cpu_has_avx2(void)
 {
     __builtin_cpu_init();
@@ -740,6 +793,310 @@ LB_EXPORT int lb_linear(const lb_weight *w, const float *x, int64_t batch, float
     (void)nthreads;
     free(scratch);
     return failed ? LB_ENOMEM : LB_OK;
+}
+
+/* ---------------------------------------------------------------- int8-activation entry points */
+
+/* 0: no AVX2 (portable), 1: AVX2, 2: AVX-VNNI, 3: AVX512-VNNI (used on ymm registers). */
+static int lb_q8_isa(void)
+{
+#ifdef LB_X86
+    if (!lb_cpu_has_avx2()) return 0;
+    if (__builtin_cpu_supports("avxvnni")) return 2;
+    if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl")) return 3;
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+LB_EXPORT int lb_q8_isa_id(void) { return lb_q8_isa(); }
+
+/* Whether this CPU runs int8 path `isa` (a test can force each one the CPU has). */
+LB_EXPORT int lb_q8_isa_ok(int isa)
+{
+#ifdef LB_X86
+    if (isa == 1) return lb_cpu_has_avx2();
+    if (isa == 2) return lb_cpu_has_avx2() && __builtin_cpu_supports("avxvnni");
+    if (isa == 3) return lb_cpu_has_avx2() && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl");
+#endif
+    return isa == 0;
+}
+
+/* Codes per byte of the layouts the int8 path reads (0: not one of them). */
+static int lb_q8_cpb(int fmt) { return fmt == LB_U1 ? 8 : fmt == LB_U2 ? 4 : fmt == LB_U4 ? 2 : fmt == LB_U8 ? 1 : 0; }
+
+/* 0 / 1: the tile mode for this weight (0: per-channel or several units per group, 1: one unit
+ * per group or several groups per unit); -1: the int8 path does not take it (u3, t5, or groups
+ * whose boundaries split a 4-code int32 lane of a unit). */
+static int lb_q8_mode(const lb_weight *w)
+{
+    const int cpb = lb_q8_cpb(w->fmt);
+    if (!cpb) return -1;
+    const int64_t G = w->group < w->cols ? w->group : w->cols, UC = 32 * cpb;
+    if (G == w->cols || (G % UC == 0 && G >= 2 * UC)) return 0; /* several units per group */
+    if (G == UC || (UC % G == 0 && G % (4 * cpb) == 0)) return 1;
+    return -1;
+}
+
+LB_EXPORT int lb_q8_supported(const lb_weight *w) { return lb_check(w) == LB_OK && lb_q8_mode(w) >= 0; }
+
+/* Quantize one input row: per 32-column block d = max|x| / 127, q = round(x / d) (as x * (1 / d),
+ * half to even); q in column order, permuted (xq), lane scales (dxl) and group sums of d * q. */
+static void lb_q8_prepare(const lb_q8call *Q, const float *x, int8_t *q, float *d, int8_t *xq, float *dxl, float *sx)
+{
+    const int64_t cols = Q->c.w->cols, G = Q->c.G, cpb = Q->cpb, UC = 32 * cpb;
+    for (int64_t k = 0; k < Q->nblk; k++) {
+        const int64_t c0 = 32 * k, c1 = c0 + 32 < cols ? c0 + 32 : cols;
+        float amax = 0.0f;
+        for (int64_t c = c0; c < c1; c++) {
+            const float a = x[c] < 0 ? -x[c] : x[c];
+            amax = a > amax ? a : amax;
+        }
+        const float dk = amax / 127.0f, id = dk > 0.0f ? 1.0f / dk : 0.0f;
+        d[k] = dk;
+        for (int64_t c = c0; c < c1; c++) {
+            float v = __builtin_nearbyintf(x[c] * id);
+            v = v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v;
+            q[c] = (int8_t)v;
+        }
+    }
+    for (int64_t g = 0; g < Q->c.ng; g++) {
+        const int64_t c0 = g * G, c1 = c0 + G < cols ? c0 + G : cols;
+        double s = 0.0;
+        for (int64_t c = c0; c < c1; c++)
+            s += (double)d[c / 32] * q[c];
+        sx[g] = (float)s;
+    }
+    if (!xq) return;
+    for (int64_t u = 0; u < Q->units; u++) {
+        for (int64_t h = 0; h < cpb; h++)
+            for (int64_t i = 0; i < 32; i++) {
+                const int64_t c = (32 * u + i) * cpb + h;
+                xq[u * UC + 32 * h + i] = c < cols ? q[c] : 0;
+            }
+        for (int64_t k = 0; k < 8; k++) {
+            const int64_t c = (32 * u + 4 * k) * cpb;
+            dxl[8 * u + k] = c < cols ? d[c / 32] : 0.0f;
+        }
+    }
+}
+
+static void lb_q8_rows_portable(const lb_q8call *Q, int64_t r0, int64_t r1, uint8_t *buf)
+{
+    const lb_weight *w = Q->c.w;
+    const int64_t cols = w->cols, G = Q->c.G, ng = Q->c.ng;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *codes = w->packed + r * w->row_bytes;
+        if (w->fmt != LB_U8) {
+            lb_decode_row(w->fmt, codes, cols, buf);
+            codes = buf;
+        }
+        const float bias = w->bias ? w->bias[r] : 0.0f;
+        for (int64_t b = 0; b < Q->c.batch; b++) {
+            const int8_t *q = Q->q + b * cols;
+            const float *d = Q->d + b * Q->nblk;
+            float y = 0.0f;
+            for (int64_t g = 0; g < ng; g++) {
+                const int64_t c1 = (g + 1) * G < cols ? (g + 1) * G : cols;
+                float acc = 0.0f;
+                for (int64_t c = g * G; c < c1;) {
+                    const int64_t e = (c / 32 + 1) * 32 < c1 ? (c / 32 + 1) * 32 : c1;
+                    int32_t isum = 0;
+                    for (int64_t j = c; j < e; j++)
+                        isum += (int32_t)codes[j] * q[j];
+                    acc += d[c / 32] * (float)isum;
+                    c = e;
+                }
+                y += lb_step(w, r, g) * (acc - lb_zero(w, r, g) * Q->c.sx[b * ng + g]);
+            }
+            Q->c.y[b * w->rows + r] = y + bias;
+        }
+    }
+}
+
+/* y (batch, rows) = q8(x) @ W^T + bias: x quantized to int8 per block of 32 columns, integer
+ * dot products with the codes. isa: -1 auto (the best of lb_q8_isa), 0 portable, 1 AVX2,
+ * 2 AVX-VNNI, 3 AVX512-VNNI. Returns LB_EUNSUP for weights lb_q8_supported rejects. */
+LB_EXPORT int lb_linear_q8(const lb_weight *w, const float *x, int64_t batch, float *y, int nthreads, int isa)
+{
+    int err = lb_check(w);
+    if (err) return err;
+    const int mode = lb_q8_mode(w);
+    if (mode < 0) return LB_EUNSUP;
+    if (batch < 1) return LB_OK;
+    if (isa < 0) isa = lb_q8_isa();
+    else if (!lb_q8_isa_ok(isa)) return LB_EISA;
+
+    lb_q8call Q;
+    memset(&Q, 0, sizeof Q);
+    lb_call *C = &Q.c;
+    C->w = w;
+    C->G = w->group < w->cols ? w->group : w->cols;
+    C->ng = (w->cols + C->G - 1) / C->G;
+    C->y = y;
+    C->batch = batch;
+    C->prefetch = LB_PREFETCH_ROWS * w->row_bytes;
+    Q.cpb = lb_q8_cpb(w->fmt);
+    Q.mode = mode;
+    Q.units = (w->row_bytes + 31) / 32;
+    Q.nblk = (w->cols + 31) / 32;
+    Q.xqs = (Q.units * 32 * Q.cpb + 63) / 64 * 64;
+    Q.dxls = (Q.units * 8 + 15) / 16 * 16;
+    const int64_t qs = (w->cols + 63) / 64 * 64, ds = (Q.nblk + 15) / 16 * 16, ss = (C->ng + 15) / 16 * 16;
+    const int vec = isa >= 1;
+    /* scratch (64-byte aligned pieces): q, xq (bytes); d, dxl, sx (floats) */
+    const size_t q_bytes = (size_t)(batch * qs), xq_bytes = vec ? (size_t)(batch * Q.xqs) : 0;
+    const size_t floats = (size_t)(batch * (ds + (vec ? Q.dxls : 0) + ss));
+    uint8_t *scratch = lb_alloc(q_bytes + xq_bytes + sizeof(float) * floats);
+    if (!scratch) return LB_ENOMEM;
+    int8_t *qb = (int8_t *)scratch, *xqb = vec ? (int8_t *)(scratch + q_bytes) : NULL;
+    float *db = (float *)(scratch + q_bytes + xq_bytes), *dxlb = vec ? db + batch * ds : NULL;
+    float *sxb = db + batch * ds + (vec ? batch * Q.dxls : 0);
+    for (int64_t b = 0; b < batch; b++)
+        lb_q8_prepare(&Q, x + b * w->cols, qb + b * qs, db + b * ds, vec ? xqb + b * Q.xqs : NULL,
+                      vec ? dxlb + b * Q.dxls : NULL, sxb + b * ss);
+    Q.q = qb;
+    Q.d = db;
+    Q.xq = xqb;
+    Q.dxl = dxlb;
+    /* lb_row_scales reads sx as (batch, ng) */
+    if (ss != C->ng)
+        for (int64_t b = 1; b < batch; b++)
+            memmove(sxb + b * C->ng, sxb + b * ss, sizeof(float) * (size_t)C->ng);
+    C->sx = sxb;
+    /* the portable path indexes q and d by cols and nblk */
+    if (!vec) {
+        for (int64_t b = 1; b < batch; b++) {
+            memmove(qb + b * w->cols, qb + b * qs, (size_t)w->cols);
+            memmove(db + b * Q.nblk, db + b * ds, sizeof(float) * (size_t)Q.nblk);
+        }
+    }
+
+    const int64_t nblocks = (w->rows + 3) / 4;
+    int failed = 0;
+#ifdef _OPENMP
+    if (nthreads < 1) nthreads = omp_get_max_threads();
+    const int parallel = nthreads > 1 && w->rows * w->cols * batch >= 65536 && nblocks > 1;
+    int64_t chunk = nblocks / (16 * (int64_t)nthreads);
+    if (chunk < 1) chunk = 1;
+#pragma omp parallel num_threads(nthreads) if (parallel) reduction(| : failed)
+#endif
+    {
+        /* one decoded row (portable) and 4 rows of steps as floats, each padded by 8 zeros */
+        const size_t codes_bytes = ((size_t)(w->cols + 16) + 63) & ~(size_t)63;
+        const size_t sfloats = (size_t)(4 * (C->ng + 8));
+        uint8_t *buf = lb_alloc(codes_bytes + sizeof(float) * sfloats);
+        float *sbuf = buf ? (float *)(buf + codes_bytes) : NULL;
+        if (!buf) failed = 1;
+        else memset(sbuf, 0, sizeof(float) * sfloats);
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, chunk)
+#endif
+        for (int64_t blk = 0; blk < nblocks; blk++) {
+            if (failed) continue;
+            const int64_t r0 = blk * 4, r1 = r0 + 4 < w->rows ? r0 + 4 : w->rows;
+#ifdef LB_X86
+            if (isa == 3) lb_q8_rows_avx512vnni(&Q, r0, r1, sbuf);
+            else if (isa == 2) lb_q8_rows_avxvnni(&Q, r0, r1, sbuf);
+            else if (isa == 1) lb_q8_rows_avx2(&Q, r0, r1, sbuf);
+            else
+#endif
+                lb_q8_rows_portable(&Q, r0, r1, buf);
+        }
+        free(buf);
+    }
+    (void)nthreads;
+    free(scratch);
+    return failed ? LB_ENOMEM : LB_OK;
+}
+
+/* ---------------------------------------------------------------- fp16 weights (unquantized layers) */
+
+/* y[b, r] = sum_c half(w[r, c]) * x[b, c] (+ bias[r]) for rows r0..r1; 4 rows at a time, two
+ * accumulators per row. For the high-precision layers a packed model keeps in fp16 (the tied
+ * output head): reads the halves once per call instead of converting the whole matrix. */
+static void lb_f16_rows_portable(const uint16_t *w, int64_t cols, const float *x, int64_t batch, int64_t rows,
+                                 const float *bias, float *y, int64_t r0, int64_t r1)
+{
+    for (int64_t r = r0; r < r1; r++)
+        for (int64_t b = 0; b < batch; b++) {
+            float acc = 0.0f;
+            for (int64_t c = 0; c < cols; c++)
+                acc += lb_half_to_float(w[r * cols + c]) * x[b * cols + c];
+            y[b * rows + r] = acc + (bias ? bias[r] : 0.0f);
+        }
+}
+
+#ifdef LB_X86
+static LB_AVX2 void lb_f16_rows_avx2(const uint16_t *w, int64_t cols, const float *x, int64_t batch, int64_t rows,
+                                     const float *bias, float *y, int64_t r0, int64_t r1)
+{
+    const int64_t c8 = cols / 8 * 8;
+    for (int64_t r = r0; r < r1; r += 4) {
+        const int n = r1 - r < 4 ? (int)(r1 - r) : 4;
+        const uint16_t *wr[4];
+        for (int i = 0; i < 4; i++)
+            wr[i] = w + (r + (i < n ? i : n - 1)) * cols;
+        for (int64_t b = 0; b < batch; b++) {
+            const float *xb = x + b * cols;
+            __m256 a[4][2];
+            for (int i = 0; i < 4; i++)
+                a[i][0] = a[i][1] = _mm256_setzero_ps();
+            int64_t c = 0;
+            for (; c + 16 <= c8; c += 16) {
+                const __m256 x0 = _mm256_loadu_ps(xb + c), x1 = _mm256_loadu_ps(xb + c + 8);
+#pragma GCC unroll 4
+                for (int i = 0; i < 4; i++) {
+                    _mm_prefetch((const char *)(wr[i] + c) + 8 * cols, _MM_HINT_T0);
+                    a[i][0] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wr[i] + c))), x0, a[i][0]);
+                    a[i][1] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wr[i] + c + 8))), x1,
+                                              a[i][1]);
+                }
+            }
+            for (; c < c8; c += 8) {
+                const __m256 x0 = _mm256_loadu_ps(xb + c);
+                for (int i = 0; i < 4; i++)
+                    a[i][0] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wr[i] + c))), x0, a[i][0]);
+            }
+            for (int i = 0; i < n; i++) {
+                float acc = lb_hsum(_mm256_add_ps(a[i][0], a[i][1]));
+                for (int64_t k = c8; k < cols; k++)
+                    acc += lb_half_to_float(wr[i][k]) * xb[k];
+                y[b * rows + r + i] = acc + (bias ? bias[r + i] : 0.0f);
+            }
+        }
+    }
+}
+#endif
+
+/* y (batch, rows) = x (batch, cols) @ half(W)^T + bias, W (rows, cols) fp16 row-major. */
+LB_EXPORT int lb_linear_f16(const uint16_t *w, int64_t rows, int64_t cols, const float *bias, const float *x,
+                            int64_t batch, float *y, int nthreads, int isa)
+{
+    if (!w || rows < 0 || cols < 1) return LB_EARG;
+    if (batch < 1 || rows == 0) return LB_OK;
+    if (isa < 0) isa = lb_cpu_has_avx2();
+    if (isa == 1 && !lb_cpu_has_avx2()) return LB_EISA;
+    const int64_t nblocks = (rows + 3) / 4;
+#ifdef _OPENMP
+    if (nthreads < 1) nthreads = omp_get_max_threads();
+    const int parallel = nthreads > 1 && rows * cols * batch >= 65536 && nblocks > 1;
+    int64_t chunk = nblocks / (16 * (int64_t)nthreads);
+    if (chunk < 1) chunk = 1;
+#pragma omp parallel for num_threads(nthreads) if (parallel) schedule(dynamic, chunk)
+#endif
+    for (int64_t blk = 0; blk < nblocks; blk++) {
+        const int64_t r0 = blk * 4, r1 = r0 + 4 < rows ? r0 + 4 : rows;
+#ifdef LB_X86
+        if (isa == 1)
+            lb_f16_rows_avx2(w, cols, x, batch, rows, bias, y, r0, r1);
+        else
+#endif
+            lb_f16_rows_portable(w, cols, x, batch, rows, bias, y, r0, r1);
+    }
+    (void)nthreads;
+    return LB_OK;
 }
 
 /* One row of the dequantized weight: out[c] = step * (code - zero), no FMA (bit-exact with torch). */

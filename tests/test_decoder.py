@@ -1,0 +1,108 @@
+"""lowbit's lean decode loop (lowbit.decoder.Decoder) against the transformers forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_llama, tiny_tokenizer
+from lowbit.decoder import Decoder, resolve_engine, unsupported_reason
+from lowbit.errors import LowbitError
+from lowbit.io import save_quantized
+from lowbit.packed_linear import PackedLinear
+from lowbit.ptq import rtn
+from lowbit.runtime import generate, load_packed, module_bytes, time_decode
+from lowbit.surgery import QuantConfig
+
+
+def tiny_qwen2(vocab_size=128, seed=0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=vocab_size, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def step_logits(decoder: Decoder, ids: torch.Tensor, split: int) -> torch.Tensor:
+    """Logits of every position: the first ``split`` tokens as one prompt, then one at a time."""
+    decoder.reset()
+    out = []
+    for j in range(ids.numel()):
+        if j < split - 1:
+            continue
+        if j == split - 1:
+            out.append(decoder.forward(ids[:split]))
+        else:
+            out.append(decoder.forward(ids[j : j + 1]))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_qwen2], ids=["llama", "qwen2"])
+@pytest.mark.parametrize("split", [1, 5, 20])
+def test_decoder_matches_transformers_fp32(make, split):
+    """Prompt of 1, 5 or 20 tokens (20 > KERNEL_MAX_BATCH: the module path), then single steps."""
+    model = make()
+    ids = torch.randint(0, 128, (24,), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        ref = model(input_ids=ids[None]).logits[0, split - 1 :]
+    got = step_logits(Decoder(model, max_len=32), ids, split)
+    assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4), (got - ref).abs().max()
+
+
+def _packed(tmp_path, cfg, activations="float"):
+    tok = tiny_tokenizer()
+    model = tiny_llama(vocab_size=len(tok))
+    rtn(model, cfg)
+    save_quantized(model, tok, tmp_path / "q")
+    packed, tok, _ = load_packed(tmp_path / "q", activations=activations)
+    return packed, tok
+
+
+@pytest.mark.parametrize("cfg", [QuantConfig(bits=4, group_size=32), QuantConfig(bits=1.58)], ids=["4bit", "ternary"])
+def test_decoder_on_packed_model_fuses_without_copies(tmp_path, cfg):
+    """q/k/v and gate/up run as one kernel call each, the layers become views of the fused buffers
+    (no extra bytes), and the logits match the transformers forward of the same packed model."""
+    packed, tok = _packed(tmp_path, cfg)
+    ids = torch.randint(0, len(tok), (12,), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        ref = packed(input_ids=ids[None]).logits[0, 3:]
+    before = module_bytes(packed)
+    decoder = Decoder(packed, max_len=16)
+    (qkv, sizes), _, (gate_up, gu_sizes), _ = decoder.fast[0]
+    assert sizes is not None and gu_sizes is not None  # fused
+    attn = packed.model.layers[0].self_attn
+    assert attn.k_proj.packed.data_ptr() == attn.q_proj.packed.data_ptr() + attn.q_proj.packed.numel()
+    assert module_bytes(packed) == before
+    got = step_logits(decoder, ids, 4)
+    assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4), (got - ref).abs().max()
+    with torch.inference_mode():  # the original modules still compute the same thing
+        assert torch.allclose(packed(input_ids=ids[None]).logits[0, 3:], ref, atol=1e-5)
+
+
+def test_decoder_int8_and_generate_agree_with_transformers(tmp_path):
+    packed, tok = _packed(tmp_path, QuantConfig(bits=4, group_size=32), activations="int8")
+    assert isinstance(packed.model.layers[0].mlp.down_proj, PackedLinear)
+    a = generate(packed, tok, "The quick brown", max_new_tokens=8, stream=False, engine="lowbit")
+    b = generate(packed, tok, "The quick brown", max_new_tokens=8, stream=False, engine="transformers")
+    assert a.startswith("The quick brown") and a == b
+    speed = time_decode(packed, torch.tensor([[5, 6, 7]]), new_tokens=3, engine="lowbit")
+    assert speed["decode_tokens_per_s"] > 0 and speed["prefill_tokens_per_s"] > 0
+
+
+def test_unsupported_models_and_limits():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).eval()
+    assert "gpt2" in unsupported_reason(gpt2)
+    assert resolve_engine(gpt2, "auto") == "transformers"
+    with pytest.raises(LowbitError, match="--engine transformers"):
+        resolve_engine(gpt2, "lowbit")
+    with pytest.raises(LowbitError, match="engine must be"):
+        resolve_engine(gpt2, "fast")
+    with pytest.raises(LowbitError, match="cannot run this model"):
+        Decoder(gpt2)
+    decoder = Decoder(tiny_llama(), max_len=4)
+    with pytest.raises(LowbitError, match="max_len"):
+        decoder.forward(torch.arange(5))
