@@ -3,10 +3,11 @@ quality cost of the int8-activation kernels.
 
 For each quantized folder of the default model (made with ``lowbit quantize`` if missing):
 
-1. ``lowbit.runtime.bench`` with ``activations="int8"`` and ``"float"``: prefill / decode tokens/s
-   of the packed model and of the fp32 ``transformers`` model in the same process (greedy decode
-   with KV cache, batch 1), resident memory of each (growth of this process's RSS while it loads)
-   against the folder's size account (bytes stored).
+1. ``lowbit.runtime.bench`` with ``activations="int8"`` and ``"float"`` on lowbit's decode loop,
+   and int8 on the transformers forward: prefill / decode tokens/s of the packed model and of the
+   fp32 ``transformers`` model in the same process (greedy decode with KV cache, batch 1; the fp32
+   model also on lowbit's loop), resident memory of each (a fresh process's RSS growth while it
+   loads and decodes) against the folder's size account (bytes stored).
 2. Quality of the packed model with each activation mode on the Wikipedia eval split (first
    ``--eval-windows`` windows of 512 tokens): perplexity, KL to the fp32 model, top-1 agreement;
    and KL(int8 || float) — what rounding the activations alone costs.
@@ -103,14 +104,17 @@ def main() -> None:
         meta = json.loads((Path(folder) / "lowbit.json").read_text())
         row = {"folder": folder, "quant_config": meta.get("quant_config", {}), "speed": {}}
         ternary = meta["quant_config"].get("bits") == 1.58
-        modes = [("int8", "int8", "u2"), ("float", "float", "u2")]
+        # (label, activations, ternary layout, engine)
+        modes = [("int8", "int8", "u2", "auto"), ("float", "float", "u2", "auto"),
+                 ("int8", "int8", "u2", "transformers")]
         if ternary:  # also the file's own 1.6-bit layout in memory
-            modes.append(("int8, t5 layout", "int8", "t5"))
-        for key, mode, tlayout in modes:
+            modes.append(("int8, t5 layout", "int8", "t5", "auto"))
+        for label, mode, tlayout, engine in modes:
+            key = label if engine == "auto" else f"{label}, {engine} loop"
             t0 = time.time()
             row["speed"][key] = bench(folder, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                                       repeats=args.repeats, threads=args.threads, activations=mode,
-                                      ternary_layout=tlayout)
+                                      ternary_layout=tlayout, engine=engine, memory=engine == "auto")
             print(f"{folder} {key}: {json.dumps(row['speed'][key])} ({time.time() - t0:.0f} s)", flush=True)
         row["quality"] = quality(folder, windows, ref_logp)
         print(f"{folder} quality: {json.dumps(row['quality'])}", flush=True)
@@ -147,22 +151,25 @@ def markdown(r: dict) -> str:
         f"Prompt {r['prompt_tokens']} random tokens, then {r['new_tokens']} greedy tokens with KV cache, batch 1; "
         f"best of {r['repeats']}. Each row's fp32 reference (`transformers` model, same loop) ran in the same process "
         "right after the packed model. Resident: growth of a fresh process's RSS while it loads the model and "
-        "decodes 24 tokens, over a baseline that already holds torch, transformers, the kernels, an empty model "
+        "decodes 24 tokens (after load: before decoding), over a baseline that already holds torch, transformers, the kernels, an empty model "
         "of the architecture and the tokenizer (`lowbit.runtime.measure_resident`); size account: the bytes the "
         "folder stores (fp32: parameter bytes).",
         "",
-        "| folder | activations | decode tok/s | fp32 decode tok/s | decode speedup | prefill tok/s | "
-        "fp32 prefill tok/s | resident MB | size account MB | resident / account | fp32 resident MB | "
-        "fp32 account MB | fp32 resident / account |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| folder | activations | engine | decode tok/s | fp32 transformers decode tok/s | decode speedup | "
+        "fp32 on lowbit loop tok/s | prefill tok/s | fp32 prefill tok/s | resident MB | size account MB | "
+        "resident / account | after load / account | fp32 resident MB | fp32 account MB | fp32 resident / account |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in r["rows"]:
         for mode, s in row["speed"].items():
             lines.append(
-                f"| {row['folder']} | {mode} | {s['decode_tokens_per_s']:.1f} | "
+                f"| {row['folder']} | {mode} | {s.get('engine', 'transformers')} | {s['decode_tokens_per_s']:.1f} | "
                 f"{s.get('reference_decode_tokens_per_s', float('nan')):.1f} | {s.get('decode_speedup', float('nan')):.2f}x | "
+                f"{s.get('reference_lowbit_engine_decode_tokens_per_s', float('nan')):.1f} | "
                 f"{s['prefill_tokens_per_s']:.0f} | {s.get('reference_prefill_tokens_per_s', float('nan')):.0f} | "
-                f"{s['resident_bytes'] / mb:.1f} | {s['size_account_bytes'] / mb:.1f} | {s['resident_over_account']:.2f} | "
+                f"{s.get('resident_bytes', float('nan')) / mb:.1f} | {s['size_account_bytes'] / mb:.1f} | "
+                f"{s.get('resident_over_account', float('nan')):.2f} | "
+                f"{s.get('resident_bytes_after_load', float('nan')) / s['size_account_bytes']:.2f} | "
                 f"{s.get('reference_resident_bytes', float('nan')) / mb:.1f} | "
                 f"{s.get('reference_size_account_bytes', float('nan')) / mb:.1f} | "
                 f"{s.get('reference_resident_over_account', float('nan')):.2f} |"

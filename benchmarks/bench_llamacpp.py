@@ -12,8 +12,9 @@ For each quantized folder (default: ``runs/q4g32`` and ``runs/ternary-ch`` of th
    closely but not bit for bit.
 3. Decode speed: batch-1 forward of one token at a time after a 16-token prompt, with KV cache
    (teacher-forced, so no sampling cost): llama.cpp on the GGUF, the same weights dequantized into
-   a plain fp32 PyTorch model, and lowbit's packed runtime (``lowbit.runtime.load_packed``) when
-   this checkout has it; all with the same thread count. Median of ``--reps`` runs.
+   a plain fp32 PyTorch model, and lowbit's packed runtime (``lowbit.runtime.load_packed`` on
+   lowbit's decode loop ``lowbit.decoder.Decoder``, int8 and float activations); all with the same
+   thread count. Median of ``--reps`` runs.
 
 Usage (2 cores shared; keep it short)::
 
@@ -139,13 +140,28 @@ def packed_decode_speed(folder: Path, prompt: list[int], steps: list[int], reps:
     """lowbit's own packed runtime (C kernels), when this checkout has it: int8 activations (the
     default, as llama.cpp) as ``tok_s``, exact float activations as ``float_tok_s``."""
     try:
+        from lowbit.decoder import Decoder, unsupported_reason
         from lowbit.runtime import load_packed
 
         out = {}
         for mode, key in (("int8", "tok_s"), ("float", "float_tok_s")):
             model, _, _ = load_packed(folder, verify=False, activations=mode)
             model.eval()
-            runs = torch_decode_speed(model, prompt, steps, reps)
+            if unsupported_reason(model) is None:  # lowbit's decode loop, as `lowbit generate` runs it
+                decoder = Decoder(model, max_len=len(prompt) + len(steps) + 1)
+                out["engine"] = "lowbit"
+                runs = []
+                for _ in range(reps + 1):
+                    decoder.reset()
+                    decoder.forward(torch.tensor(prompt))
+                    t0 = time.perf_counter()
+                    for tok in steps:
+                        decoder.forward(torch.tensor([tok]))
+                    runs.append(len(steps) / (time.perf_counter() - t0))
+                runs = runs[1:]
+            else:
+                out["engine"] = "transformers"
+                runs = torch_decode_speed(model, prompt, steps, reps)
             out[key] = round(statistics.median(runs), 1)
             out[f"{key}_runs"] = [round(x, 1) for x in runs]
             del model
