@@ -143,3 +143,19 @@ def test_ternary_layout_t5_keeps_the_file_bytes(tmp_path):
         assert torch.allclose(t5(ids).logits, u2(ids).logits, atol=1e-4, rtol=1e-4)
     with pytest.raises(LowbitError, match="ternary_layout"):
         load_packed(path, ternary_layout="u3")
+
+
+def test_unquantized_linears_stay_fp16(tmp_path):
+    """A partly quantized model: the linears left out keep the file's fp16 (HalfLinear), not fp32."""
+    from lowbit.runtime import HalfLinear
+
+    path, tok = _saved_quantized(tmp_path, QuantConfig(bits=2, include=["*.mlp.down_proj"]))
+    fake, _, _ = load_quantized(path)
+    packed, _, _ = load_packed(path, activations="float")
+    attn = packed.model.layers[0].self_attn
+    assert isinstance(attn.q_proj, HalfLinear) and attn.q_proj.weight.dtype == torch.float16
+    assert isinstance(packed.model.layers[0].mlp.down_proj, PackedLinear)
+    assert module_bytes(packed) <= 1.1 * (path / "model.safetensors").stat().st_size
+    ids = torch.randint(0, len(tok), (1, 10))
+    with torch.inference_mode():
+        assert torch.allclose(packed(ids).logits, fake(ids).logits, atol=2e-2, rtol=1e-2)

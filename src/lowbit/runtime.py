@@ -123,6 +123,13 @@ def load_packed(path: str | os.PathLike, verify: bool = True, activations: str =
             head_key = f"{names[out_emb]}.weight"
             head_w = tensors.pop(head_key).clone() if head_key in tensors else emb_w  # tied head: share the table
             set_module(model, names[out_emb], HalfLinear(head_w, tensors.pop(f"{names[out_emb]}.bias", None)))
+    # linears left unquantized (include/exclude patterns) stay in the file's fp16, as the head does
+    for name, module in list(model.named_modules()):
+        key = f"{name}.weight"
+        if type(module) is nn.Linear and name not in meta["layers"] and tensors.get(key) is not None \
+                and tensors[key].dtype == torch.float16:
+            bias = tensors.pop(f"{name}.bias", None)
+            set_module(model, name, HalfLinear(tensors.pop(key).clone(), None if bias is None else bias.float()))
     rest = {k: v.float() if v.is_floating_point() and v.dtype != torch.float32 else v.clone() for k, v in tensors.items()}
     tensors.clear()
     missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
