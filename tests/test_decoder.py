@@ -51,20 +51,25 @@ def test_decoder_matches_transformers_fp32(make, split):
     assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4), (got - ref).abs().max()
 
 
-def _packed(tmp_path, cfg, activations="float"):
+def _packed(tmp_path, cfg, activations="float", make=tiny_llama):
     tok = tiny_tokenizer()
-    model = tiny_llama(vocab_size=len(tok))
+    model = make(vocab_size=len(tok))
     rtn(model, cfg)
     save_quantized(model, tok, tmp_path / "q")
     packed, tok, _ = load_packed(tmp_path / "q", activations=activations)
     return packed, tok
 
 
-@pytest.mark.parametrize("cfg", [QuantConfig(bits=4, group_size=32), QuantConfig(bits=1.58)], ids=["4bit", "ternary"])
-def test_decoder_on_packed_model_fuses_without_copies(tmp_path, cfg):
+@pytest.mark.parametrize(
+    "cfg,make",
+    [(QuantConfig(bits=4, group_size=32), tiny_llama), (QuantConfig(bits=1.58), tiny_llama),
+     (QuantConfig(bits=4, group_size=32), tiny_qwen2)],
+    ids=["4bit", "ternary", "qwen2-4bit-qkv-bias"],
+)
+def test_decoder_on_packed_model_fuses_without_copies(tmp_path, cfg, make):
     """q/k/v and gate/up run as one kernel call each, the layers become views of the fused buffers
     (no extra bytes), and the logits match the transformers forward of the same packed model."""
-    packed, tok = _packed(tmp_path, cfg)
+    packed, tok = _packed(tmp_path, cfg, make=make)
     ids = torch.randint(0, len(tok), (12,), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         ref = packed(input_ids=ids[None]).logits[0, 3:]
@@ -75,8 +80,13 @@ def test_decoder_on_packed_model_fuses_without_copies(tmp_path, cfg):
     attn = packed.model.layers[0].self_attn
     assert attn.k_proj.packed.data_ptr() == attn.q_proj.packed.data_ptr() + attn.q_proj.packed.numel()
     assert module_bytes(packed) == before
+    from lowbit import kernels
+
+    assert (decoder.c_layers is not None) == kernels.available()  # single steps: every block in one C call
     got = step_logits(decoder, ids, 4)
     assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4), (got - ref).abs().max()
+    decoder.c_layers = None  # the same steps through the PyTorch ops
+    assert torch.allclose(step_logits(decoder, ids, 4), got, atol=1e-5, rtol=1e-5)
     with torch.inference_mode():  # the original modules still compute the same thing
         assert torch.allclose(packed(input_ids=ids[None]).logits[0, 3:], ref, atol=1e-5)
 

@@ -81,7 +81,7 @@ def _fused(modules: list[nn.Module]):
         if fused.zero.shape[0] != 1:
             m._buffers["zero"] = fused._buffers["zero"][r0:r1]
         r0 = r1
-    return fused.decode_fn(), [m.out_features for m in modules]
+    return fused.decode_fn(), [m.out_features for m in modules], fused
 
 
 def _single(module: nn.Module):
@@ -124,22 +124,72 @@ class Decoder:
         # per layer: (q, k, v), (gate, up) as single calls where they are packed alike, for the
         # decode steps (up to KERNEL_MAX_BATCH tokens); longer prompts use the modules
         self.fast = []
+        self._fused_modules = []
         for layer in self.layers:
             attn, mlp = layer.self_attn, layer.mlp
             qkv = _fused([attn.q_proj, attn.k_proj, attn.v_proj])
             gate_up = _fused([mlp.gate_proj, mlp.up_proj])
             self.fast.append(
                 (
-                    qkv or ([_single(attn.q_proj), _single(attn.k_proj), _single(attn.v_proj)], None),
+                    qkv[:2] if qkv else ([_single(attn.q_proj), _single(attn.k_proj), _single(attn.v_proj)], None),
                     _single(attn.o_proj),
-                    gate_up or ([_single(mlp.gate_proj), _single(mlp.up_proj)], None),
+                    gate_up[:2] if gate_up else ([_single(mlp.gate_proj), _single(mlp.up_proj)], None),
                     _single(mlp.down_proj),
                 )
             )
+            self._fused_modules.append((qkv[2] if qkv else None, gate_up[2] if gate_up else None))
         shape = (len(self.layers), self.n_kv, self.max_len, self.head_dim)
         self.k = torch.zeros(shape)
         self.v = torch.zeros(shape)
         self.pos = 0
+        self.c_layers = self._build_c_layers(cfg)
+
+    def _build_c_layers(self, cfg):
+        """The C description of every block (``kernels.decode_layers``), when every projection is a
+        PackedLinear that the kernels run (q/k/v and gate/up fused; all int8-capable in int8 mode);
+        else None and single steps run the PyTorch ops."""
+        import ctypes
+
+        from lowbit import kernels
+        from lowbit.packed_linear import PackedLinear
+
+        if not kernels.available() or getattr(cfg, "attention_bias", False) is None:
+            return None
+        arr = (kernels._Layer * len(self.layers))()
+        keep = []
+        modes = set()
+        for i, (layer, (qkv, gate_up)) in enumerate(zip(self.layers, self._fused_modules, strict=True)):
+            mods = [qkv, layer.self_attn.o_proj, gate_up, layer.mlp.down_proj]
+            if not all(isinstance(m, PackedLinear) for m in mods):
+                return None
+            structs = []
+            for m in mods:
+                weight = m._kernel_weight(torch.empty(1, m.in_features))
+                if weight is None or (m.activations == "int8" and not m._weight_cache[6]):
+                    return None
+                modes.add(m.activations)
+                structs.append(weight)
+                keep.append(m._weight_cache)
+            ln1 = layer.input_layernorm.weight.detach().float().contiguous()
+            ln2 = layer.post_attention_layernorm.weight.detach().float().contiguous()
+            keep += [ln1, ln2]
+            c = arr[i]
+            c.qkv, c.o, c.gate_up, c.down = (ctypes.pointer(w) for w in structs)
+            c.ln1, c.ln2 = ln1.data_ptr(), ln2.data_ptr()
+            c.kcache, c.vcache = self.k[i].data_ptr(), self.v[i].data_ptr()
+            c.hidden, c.nh, c.nkv, c.hd = cfg.hidden_size, self.n_heads, self.n_kv, self.head_dim
+            c.inter, c.max_len = layer.mlp.down_proj.in_features, self.max_len
+            c.eps1 = layer.input_layernorm.variance_epsilon
+            c.eps2 = layer.post_attention_layernorm.variance_epsilon
+            c.scale = self.scale
+            c.q8 = 1 if layer.mlp.down_proj.activations == "int8" else 0
+        if len(modes) != 1:
+            return None
+        inter = max(c.inter for c in arr)
+        hidden, qkv_width = cfg.hidden_size, (self.n_heads + 2 * self.n_kv) * self.head_dim
+        self._scratch = torch.empty(2 * hidden + qkv_width + self.n_heads * self.head_dim + 3 * inter + self.max_len)
+        self._keep = keep
+        return arr
 
     def reset(self) -> None:
         self.pos = 0
@@ -159,6 +209,13 @@ class Decoder:
         if p1 > self.max_len:
             raise LowbitError(f"sequence of {p1} tokens exceeds the decoder's max_len={self.max_len}: raise max_len")
         x = self.embed(ids[None]).float()  # (1, t, hidden)
+        if t == 1 and self.c_layers is not None:  # every block in one C call
+            from lowbit import kernels
+
+            x = x.reshape(-1).contiguous().clone()
+            kernels.decode_layers(self.c_layers, x, p0, self.cos[p0], self.sin[p0], self._scratch)
+            self.pos = p1
+            return self.head(_rms(x.view(1, 1, -1), self.norm))[0, -1].float()
         cos, sin = self.cos[p0:p1], self.sin[p0:p1]
         mask = None
         if t > 1:  # new tokens see the cache and causally each other

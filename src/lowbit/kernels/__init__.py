@@ -41,6 +41,7 @@ from lowbit.packing import row_bytes
 SOURCE = Path(__file__).with_name("matvec.c")
 HEADERS = (Path(__file__).with_name("q8_tile.h"),)  # included by matvec.c
 BASE_FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-fvisibility=hidden"]
+LIBS = ["-lm"]  # after the source: expf / sqrtf of the decode-layer kernel
 FORMAT_IDS = {"u1": 1, "u2": 2, "u3": 3, "u4": 4, "t5": 5, "u8": 8}
 SCALE_TYPES = {torch.float32: 0, torch.float16: 1, torch.uint8: 2}
 ISA_NAMES = {0: "portable", 1: "avx2"}
@@ -80,6 +81,32 @@ class _Weight(ctypes.Structure):
     ]
 
 
+class _Layer(ctypes.Structure):
+    """Mirror of ``lb_layer`` in matvec.c (one decoder block for :func:`decode_layers`)."""
+
+    _fields_ = [
+        ("qkv", ctypes.POINTER(_Weight)),
+        ("o", ctypes.POINTER(_Weight)),
+        ("gate_up", ctypes.POINTER(_Weight)),
+        ("down", ctypes.POINTER(_Weight)),
+        ("ln1", ctypes.c_void_p),
+        ("ln2", ctypes.c_void_p),
+        ("kcache", ctypes.c_void_p),
+        ("vcache", ctypes.c_void_p),
+        ("hidden", ctypes.c_int64),
+        ("nh", ctypes.c_int64),
+        ("nkv", ctypes.c_int64),
+        ("hd", ctypes.c_int64),
+        ("inter", ctypes.c_int64),
+        ("max_len", ctypes.c_int64),
+        ("eps1", ctypes.c_float),
+        ("eps2", ctypes.c_float),
+        ("scale", ctypes.c_float),
+        ("q8", ctypes.c_int32),
+        ("reserved", ctypes.c_int32),
+    ]
+
+
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -102,7 +129,7 @@ def _compiler() -> str | None:
 
 def _library_path(cc: str, flags: list[str]) -> Path:
     sources = SOURCE.read_bytes() + b"".join(h.read_bytes() for h in HEADERS)
-    key = hashlib.sha256(sources + "\0".join([cc, *flags]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(sources + "\0".join([cc, *flags, *LIBS]).encode()).hexdigest()[:16]
     return cache_dir() / key / "liblowbit.so"
 
 
@@ -116,7 +143,7 @@ def _compile(cc: str, flags: list[str]) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=".liblowbit-", suffix=".so", dir=path.parent)
     os.close(fd)
     try:
-        subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True)
+        subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, *LIBS], check=True, capture_output=True, text=True)
         os.rename(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -141,6 +168,9 @@ def _setup(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.lb_linear_f16.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                                   ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     lib.lb_linear_f16.restype = ctypes.c_int
+    lib.lb_decode_layers.argtypes = [ctypes.POINTER(_Layer), ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                                     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    lib.lb_decode_layers.restype = ctypes.c_int
     lib.lb_q8_isa_ok.argtypes = [ctypes.c_int]
     lib.lb_q8_isa_ok.restype = ctypes.c_int
     lib.lb_openmp.restype = ctypes.c_int
@@ -400,6 +430,17 @@ def bound_linear(weight: _Weight, int8: bool, keep=None):
 
     run.keep = (weight, keep)
     return run
+
+
+def decode_layers(layers, x: torch.Tensor, pos: int, cos: torch.Tensor, sin_signed: torch.Tensor,
+                  scratch: torch.Tensor) -> None:
+    """Run every decoder block of ``layers`` (a ctypes array of :class:`_Layer`) on one token's
+    hidden state ``x`` (float32, contiguous, updated in place) at position ``pos``; ``cos`` /
+    ``sin_signed`` are that position's RoPE rows. Used by :class:`lowbit.decoder.Decoder`."""
+    code = _lib.lb_decode_layers(layers, len(layers), x.data_ptr(), pos, cos.data_ptr(), sin_signed.data_ptr(),
+                                 scratch.data_ptr(), _num_threads or torch.get_num_threads())
+    if code:
+        _check(code)
 
 
 def dequantize(weight: _Weight, rows: tuple[int, int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -31,6 +31,7 @@
  */
 #include <stdint.h>
 #include <stdlib.h>
+#include <math.h>
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -1096,6 +1097,110 @@ LB_EXPORT int lb_linear_f16(const uint16_t *w, int64_t rows, int64_t cols, const
             lb_f16_rows_portable(w, cols, x, batch, rows, bias, y, r0, r1);
     }
     (void)nthreads;
+    return LB_OK;
+}
+
+/* ---------------------------------------------------------------- one decode step of a Llama block */
+
+/* A Llama/Qwen2 decoder block for single-token decoding, entirely in C: RMSNorm, the fused q/k/v
+ * projection, RoPE, the KV-cache write, attention over the cache, o projection, residual, RMSNorm,
+ * the fused gate/up projection, SiLU * up, down projection, residual. Mirrored by
+ * lowbit.kernels._Layer; used by lowbit.decoder.Decoder when every projection is packed. */
+typedef struct {
+    const lb_weight *qkv, *o, *gate_up, *down;
+    const float *ln1, *ln2;  /* RMSNorm weights (hidden) */
+    float *kcache, *vcache;  /* (nkv, max_len, hd) */
+    int64_t hidden, nh, nkv, hd, inter, max_len;
+    float eps1, eps2, scale;
+    int32_t q8;              /* 1: int8 activations (lb_linear_q8), 0: float (lb_linear) */
+    int32_t reserved;
+} lb_layer;
+
+static void lb_rmsnorm(const float *x, const float *w, int64_t n, float eps, float *out)
+{
+    float ss = 0.0f;
+    for (int64_t i = 0; i < n; i++)
+        ss += x[i] * x[i];
+    const float r = 1.0f / sqrtf(ss / (float)n + eps);
+    for (int64_t i = 0; i < n; i++)
+        out[i] = w[i] * (x[i] * r);
+}
+
+/* x (heads, hd) in place: x[i] * cos[i] + x[(i + hd/2) % hd] * ss[i] (ss: sin with the sign of
+ * rotate_half folded in). */
+static void lb_rope(float *x, int64_t heads, int64_t hd, const float *cos, const float *ss)
+{
+    const int64_t half = hd / 2;
+    for (int64_t h = 0; h < heads; h++) {
+        float *v = x + h * hd;
+        for (int64_t i = 0; i < half; i++) {
+            const float a = v[i], b = v[i + half];
+            v[i] = a * cos[i] + b * ss[i];
+            v[i + half] = b * cos[i + half] + a * ss[i + half];
+        }
+    }
+}
+
+LB_EXPORT int lb_decode_layers(const lb_layer *layers, int64_t n_layers, float *x, int64_t pos, const float *cos,
+                               const float *ss, float *scratch, int nthreads)
+{
+    for (int64_t l = 0; l < n_layers; l++) {
+        const lb_layer *L = layers + l;
+        const int64_t H = L->hidden, nh = L->nh, nkv = L->nkv, hd = L->hd, I = L->inter;
+        if (pos < 0 || pos >= L->max_len) return LB_EARG;
+        float *h = scratch, *qkv = h + H, *att = qkv + (nh + 2 * nkv) * hd, *o = att + nh * hd;
+        float *gu = o + H, *act = gu + 2 * I, *scores = act + I;
+        int err;
+#define LB_LIN(W, IN, OUT) (L->q8 ? lb_linear_q8((W), (IN), 1, (OUT), nthreads, -1) : lb_linear((W), (IN), 1, (OUT), nthreads, -1))
+        lb_rmsnorm(x, L->ln1, H, L->eps1, h);
+        if ((err = LB_LIN(L->qkv, h, qkv))) return err;
+        float *q = qkv, *k = qkv + nh * hd, *v = k + nkv * hd;
+        lb_rope(q, nh, hd, cos, ss);
+        lb_rope(k, nkv, hd, cos, ss);
+        for (int64_t j = 0; j < nkv; j++) {
+            memcpy(L->kcache + (j * L->max_len + pos) * hd, k + j * hd, sizeof(float) * (size_t)hd);
+            memcpy(L->vcache + (j * L->max_len + pos) * hd, v + j * hd, sizeof(float) * (size_t)hd);
+        }
+        const int64_t len = pos + 1, group = nh / nkv;
+        for (int64_t hh = 0; hh < nh; hh++) {
+            const float *qh = q + hh * hd;
+            const float *kc = L->kcache + (hh / group) * L->max_len * hd, *vc = L->vcache + (hh / group) * L->max_len * hd;
+            float mx = -INFINITY;
+            for (int64_t t = 0; t < len; t++) {
+                float d = 0.0f;
+                for (int64_t i = 0; i < hd; i++)
+                    d += qh[i] * kc[t * hd + i];
+                scores[t] = d * L->scale;
+                mx = scores[t] > mx ? scores[t] : mx;
+            }
+            float sum = 0.0f;
+            for (int64_t t = 0; t < len; t++) {
+                scores[t] = expf(scores[t] - mx);
+                sum += scores[t];
+            }
+            float *out = att + hh * hd;
+            for (int64_t i = 0; i < hd; i++)
+                out[i] = 0.0f;
+            for (int64_t t = 0; t < len; t++) {
+                const float p = scores[t] / sum;
+                for (int64_t i = 0; i < hd; i++)
+                    out[i] += p * vc[t * hd + i];
+            }
+        }
+        if ((err = LB_LIN(L->o, att, o))) return err;
+        for (int64_t i = 0; i < H; i++)
+            x[i] += o[i];
+        lb_rmsnorm(x, L->ln2, H, L->eps2, h);
+        if ((err = LB_LIN(L->gate_up, h, gu))) return err;
+        for (int64_t i = 0; i < I; i++) {
+            const float g = gu[i];
+            act[i] = g / (1.0f + expf(-g)) * gu[I + i];
+        }
+        if ((err = LB_LIN(L->down, act, o))) return err;
+        for (int64_t i = 0; i < H; i++)
+            x[i] += o[i];
+#undef LB_LIN
+    }
     return LB_OK;
 }
 
