@@ -4,7 +4,10 @@
 model (cache objects, masks, hooks, ~1,000 small ops), which is more than the packed matmuls
 themselves. :class:`Decoder` runs the same modules (the model's own linears, PackedLinear or
 nn.Linear, its embedding, norms weights and rotary tables) with a preallocated KV cache and only
-the ops the architecture needs. Its logits match the model's own forward up to float rounding
+the ops the architecture needs; when every projection is packed, a single-token step runs all
+blocks in one C call (``kernels.decode_layers``: RMSNorm, fused q/k/v, RoPE, cache write,
+attention, o, fused gate/up, SiLU, down, residuals), leaving only the embedding, final norm and
+head to PyTorch. Its logits match the model's own forward up to float rounding
 (tested); anything it does not support (other architectures, dynamic RoPE, sliding windows, q/k
 norms) is refused with a clear error, and the transformers path stays available
 (``engine="transformers"``).

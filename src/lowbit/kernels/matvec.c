@@ -1141,9 +1141,70 @@ static void lb_rope(float *x, int64_t heads, int64_t hd, const float *cos, const
     }
 }
 
+/* sum_i a[i] * b[i] and y += p * x (n floats): AVX2 with 4 / 1 independent vectors where the CPU
+ * has it (the attention loops over the cache are the only O(context) work of a decode step). */
+#ifdef LB_X86
+static LB_AVX2 float lb_dot_avx2(const float *a, const float *b, int64_t n)
+{
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    }
+    for (; i + 8 <= n; i += 8)
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    float s = lb_hsum(_mm256_add_ps(s0, s1));
+    for (; i < n; i++)
+        s += a[i] * b[i];
+    return s;
+}
+
+static LB_AVX2 void lb_axpy_avx2(float *y, float p, const float *x, int64_t n)
+{
+    const __m256 pv = _mm256_set1_ps(p);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; i++)
+        y[i] += p * x[i];
+}
+#endif
+
+static float lb_dot(const float *a, const float *b, int64_t n, int avx2)
+{
+#ifdef LB_X86
+    if (avx2) return lb_dot_avx2(a, b, n);
+#endif
+    (void)avx2;
+    float s[4] = {0};
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4)
+        for (int k = 0; k < 4; k++)
+            s[k] += a[i + k] * b[i + k];
+    float t = (s[0] + s[2]) + (s[1] + s[3]);
+    for (; i < n; i++)
+        t += a[i] * b[i];
+    return t;
+}
+
+static void lb_axpy(float *y, float p, const float *x, int64_t n, int avx2)
+{
+#ifdef LB_X86
+    if (avx2) {
+        lb_axpy_avx2(y, p, x, n);
+        return;
+    }
+#endif
+    (void)avx2;
+    for (int64_t i = 0; i < n; i++)
+        y[i] += p * x[i];
+}
+
 LB_EXPORT int lb_decode_layers(const lb_layer *layers, int64_t n_layers, float *x, int64_t pos, const float *cos,
                                const float *ss, float *scratch, int nthreads)
 {
+    const int avx2 = lb_cpu_has_avx2();
     for (int64_t l = 0; l < n_layers; l++) {
         const lb_layer *L = layers + l;
         const int64_t H = L->hidden, nh = L->nh, nkv = L->nkv, hd = L->hd, I = L->inter;
@@ -1167,10 +1228,7 @@ LB_EXPORT int lb_decode_layers(const lb_layer *layers, int64_t n_layers, float *
             const float *kc = L->kcache + (hh / group) * L->max_len * hd, *vc = L->vcache + (hh / group) * L->max_len * hd;
             float mx = -INFINITY;
             for (int64_t t = 0; t < len; t++) {
-                float d = 0.0f;
-                for (int64_t i = 0; i < hd; i++)
-                    d += qh[i] * kc[t * hd + i];
-                scores[t] = d * L->scale;
+                scores[t] = lb_dot(qh, kc + t * hd, hd, avx2) * L->scale;
                 mx = scores[t] > mx ? scores[t] : mx;
             }
             float sum = 0.0f;
@@ -1181,11 +1239,8 @@ LB_EXPORT int lb_decode_layers(const lb_layer *layers, int64_t n_layers, float *
             float *out = att + hh * hd;
             for (int64_t i = 0; i < hd; i++)
                 out[i] = 0.0f;
-            for (int64_t t = 0; t < len; t++) {
-                const float p = scores[t] / sum;
-                for (int64_t i = 0; i < hd; i++)
-                    out[i] += p * vc[t * hd + i];
-            }
+            for (int64_t t = 0; t < len; t++)
+                lb_axpy(out, scores[t] / sum, vc + t * hd, hd, avx2);
         }
         if ((err = LB_LIN(L->o, att, o))) return err;
         for (int64_t i = 0; i < H; i++)
