@@ -15,11 +15,15 @@ norms) is refused with a clear error, and the transformers path stays available
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit import kernels
 from lowbit.errors import LowbitError
+from lowbit.packed_linear import KERNEL_MAX_BATCH, PackedLinear
 
 SUPPORTED_TYPES = ("llama", "qwen2")
 ENGINES = ("auto", "lowbit", "transformers")
@@ -67,9 +71,7 @@ def _rms(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
 def _fused(modules: list[nn.Module]):
     """One call for several projections of the same input: a (rows-concatenated) PackedLinear whose
     buffers the original layers then view, so no byte is duplicated. Returns (callable for 2-d
-    inputs, output sizes), or None when the layers are not packed alike."""
-    from lowbit.packed_linear import PackedLinear
-
+    inputs, output sizes, the fused layer), or None when the layers are not packed alike."""
     if not all(isinstance(m, PackedLinear) for m in modules):
         return None
     fused = PackedLinear.concat(modules)
@@ -88,8 +90,6 @@ def _fused(modules: list[nn.Module]):
 
 
 def _single(module: nn.Module):
-    from lowbit.packed_linear import PackedLinear
-
     return module.decode_fn() if isinstance(module, PackedLinear) else module
 
 
@@ -151,12 +151,7 @@ class Decoder:
         """The C description of every block (``kernels.decode_layers``), when every projection is a
         PackedLinear that the kernels run (q/k/v and gate/up fused; all int8-capable in int8 mode);
         else None and single steps run the PyTorch ops."""
-        import ctypes
-
-        from lowbit import kernels
-        from lowbit.packed_linear import PackedLinear
-
-        if not kernels.available() or getattr(cfg, "attention_bias", False) is None:
+        if not kernels.available():
             return None
         arr = (kernels._Layer * len(self.layers))()
         keep = []
@@ -213,8 +208,6 @@ class Decoder:
             raise LowbitError(f"sequence of {p1} tokens exceeds the decoder's max_len={self.max_len}: raise max_len")
         x = self.embed(ids[None]).float()  # (1, t, hidden)
         if t == 1 and self.c_layers is not None:  # every block in one C call
-            from lowbit import kernels
-
             x = x.reshape(-1).contiguous().clone()
             kernels.decode_layers(self.c_layers, x, p0, self.cos[p0], self.sin[p0], self._scratch)
             self.pos = p1
@@ -224,8 +217,6 @@ class Decoder:
         if t > 1:  # new tokens see the cache and causally each other
             mask = torch.ones(t, p1, dtype=torch.bool).tril(diagonal=p0)
         nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
-        from lowbit.packed_linear import KERNEL_MAX_BATCH
-
         fast = t <= KERNEL_MAX_BATCH
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp

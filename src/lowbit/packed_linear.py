@@ -116,17 +116,10 @@ class PackedLinear(nn.Module):
         """Pack a :class:`QuantizedWeight` (layout: default :func:`kernel_layout`)."""
         layout = layout or kernel_layout(qw.n_levels)
         codes = qw.codes.detach().cpu()
-        step = compact_scale(qw.step.cpu())
-        zero = qw.zero.detach().float().cpu()
-        if zero.numel() and bool((zero == zero.reshape(-1)[0]).all()):
-            zero = zero.reshape(-1)[:1].reshape(1, 1)
-        zero = compact_scale(zero, allow_uint8=True)
-        if bias is not None:
-            bias = bias.detach().float().cpu()
-        return cls(
+        return cls.from_packed(
             pack_codes(codes, layout),
-            step,
-            zero,
+            qw.step.cpu(),
+            qw.zero.cpu(),
             codes.shape[1],
             qw.group_size,
             layout,
@@ -203,17 +196,17 @@ class PackedLinear(nn.Module):
         bias: torch.Tensor | None = None,
     ) -> PackedLinear:
         """Build from codes already packed in ``layout`` (as a lowbit folder stores them), without
-        unpacking: the scales are stored as :meth:`from_quantized` would store them (so both give
-        the same buffers), ``zero`` may be one number."""
+        unpacking (:meth:`from_quantized` packs, then comes here). The scales are stored in their
+        smallest exact dtype (:func:`compact_scale`), a zero point shared by all groups as one
+        value; ``zero`` may be one number. The buffers may share memory with the arguments."""
         step = compact_scale(step.float())
         zero = torch.full((1, 1), float(zero)) if not isinstance(zero, torch.Tensor) else zero.detach().float()
         if zero.numel() and bool((zero == zero.reshape(-1)[0]).all()):
             zero = zero.reshape(-1)[:1].reshape(1, 1)
         zero = compact_scale(zero, allow_uint8=True)
         if bias is not None:
-            bias = bias.detach().float().clone()
-        return cls(packed.contiguous().clone(), step, zero, in_features, group_size, layout, n_levels, bits,
-                   quantizer, bias)
+            bias = bias.detach().float().cpu()
+        return cls(packed.contiguous(), step, zero, in_features, group_size, layout, n_levels, bits, quantizer, bias)
 
     # --------------------------------------------------------------------- views
     def extra_repr(self) -> str:

@@ -44,7 +44,7 @@ class HalfLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
         self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
-        self.bias = bias
+        self.bias = None if bias is None else bias.detach().to(torch.float32, copy=True)  # own memory
         self.out_features, self.in_features = weight.shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -58,8 +58,7 @@ class HalfLinear(nn.Module):
             and w.is_contiguous()
             and kernels.available()
         ):  # decode: read the halves in the C kernel (F.linear in fp16 is ~2x slower at batch 1)
-            bias = None if self.bias is None else self.bias.float().contiguous()
-            y = kernels.linear_f16(x.reshape(-1, self.in_features).contiguous(), w, bias)
+            y = kernels.linear_f16(x.reshape(-1, self.in_features).contiguous(), w, self.bias)
             return y.reshape(*x.shape[:-1], self.out_features)
         y = F.linear(x.to(w.dtype), w).float()
         return y if self.bias is None else y + self.bias
@@ -98,10 +97,12 @@ def load_packed(path: str | os.PathLike, verify: bool = True, activations: str =
         bias = tensors.pop(f"{name}.bias", None)
         layout = ternary_layout if info["n_levels"] == 3 else kernel_layout(info["n_levels"])
         if info["layout"] == layout:  # stored as the kernels read it: no repacking
-            step = tensors.pop(f"{name}.step")
+            # own copies, not views of the file, which is unmapped once its tensors are gone
+            bias = None if bias is None else bias.clone()
+            step = tensors.pop(f"{name}.step").clone()
             zero = tensors.pop(f"{name}.zero", None)
             packed[name] = PackedLinear.from_packed(
-                tensors.pop(f"{name}.qweight"), step, info["grid_zero"] if zero is None else zero,
+                tensors.pop(f"{name}.qweight").clone(), step, info["grid_zero"] if zero is None else zero.clone(),
                 info["shape"][1], info["group_size"], info["layout"], info["n_levels"], info["bits"],
                 info["quantizer"], bias,
             )
@@ -129,7 +130,7 @@ def load_packed(path: str | os.PathLike, verify: bool = True, activations: str =
         if type(module) is nn.Linear and name not in meta["layers"] and tensors.get(key) is not None \
                 and tensors[key].dtype == torch.float16:
             bias = tensors.pop(f"{name}.bias", None)
-            set_module(model, name, HalfLinear(tensors.pop(key).clone(), None if bias is None else bias.float()))
+            set_module(model, name, HalfLinear(tensors.pop(key).clone(), bias))
     rest = {k: v.float() if v.is_floating_point() and v.dtype != torch.float32 else v.clone() for k, v in tensors.items()}
     tensors.clear()
     missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)

@@ -305,8 +305,8 @@ def _check(code: int) -> None:
         raise LowbitError(f"lowbit kernel failed: {_ERRORS.get(code, code)}")
 
 
-def linear(x: torch.Tensor, weight: _Weight, out: torch.Tensor | None = None, isa: str | None = None) -> torch.Tensor:
-    """``x @ W^T + bias`` for contiguous float32 ``x`` (batch, cols); ``isa`` forces "avx2"/"portable"."""
+def _checked(x: torch.Tensor, weight: _Weight, out: torch.Tensor | None) -> tuple[ctypes.CDLL, torch.Tensor]:
+    """The library and the output tensor for a checked kernel call on input ``x``."""
     lib = load()
     if lib is None:
         raise LowbitError("lowbit kernels are not available (see the warning above)")
@@ -316,6 +316,12 @@ def linear(x: torch.Tensor, weight: _Weight, out: torch.Tensor | None = None, is
         )
     if out is None:
         out = torch.empty(x.shape[0], weight.rows, dtype=torch.float32)
+    return lib, out
+
+
+def linear(x: torch.Tensor, weight: _Weight, out: torch.Tensor | None = None, isa: str | None = None) -> torch.Tensor:
+    """``x @ W^T + bias`` for contiguous float32 ``x`` (batch, cols); ``isa`` forces "avx2"/"portable"."""
+    lib, out = _checked(x, weight, out)
     isa_id = _isa_id() if isa is None else _ISA_IDS[isa]
     threads = _num_threads or torch.get_num_threads()
     code = lib.lb_linear(ctypes.byref(weight), x.data_ptr(), x.shape[0], out.data_ptr(), threads, isa_id)
@@ -354,15 +360,7 @@ def linear_q8(
     llama.cpp does for its CPU matvec. Exact integer sums, float32 scaling: the result equals
     ``F.linear(d * q, W) + bias`` up to float32 summation order. ``isa`` forces one of
     :data:`Q8_ISA_NAMES`; raises LowbitError for weights :func:`q8_supported` rejects."""
-    lib = load()
-    if lib is None:
-        raise LowbitError("lowbit kernels are not available (see the warning above)")
-    if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != weight.cols or not x.is_contiguous():
-        raise LowbitError(
-            f"kernel input must be contiguous float32 (batch, {weight.cols}), got {x.dtype} {tuple(x.shape)}"
-        )
-    if out is None:
-        out = torch.empty(x.shape[0], weight.rows, dtype=torch.float32)
+    lib, out = _checked(x, weight, out)
     isa_id = (0 if _isa_id() == 0 else -1) if isa is None else _Q8_ISA_IDS[isa]
     threads = _num_threads or torch.get_num_threads()
     code = lib.lb_linear_q8(ctypes.byref(weight), x.data_ptr(), x.shape[0], out.data_ptr(), threads, isa_id)

@@ -54,6 +54,22 @@ LB_INLINE LB_Q8_TARGET __m256i LB_Q8_NAME(lb_q8_unit)(__m256i acc, const __m256i
 #endif
 }
 
+/* Unit u (32 packed bytes) of a row, prefetching the same bytes `pf` ahead; units at or past
+ * `nfast` (the tensor's last row only) are read through a zero-padded copy so that no byte past
+ * the row is touched. */
+LB_INLINE LB_Q8_TARGET __m256i LB_Q8_NAME(lb_q8_load)(const uint8_t *row, int64_t u, int64_t nfast, int64_t row_bytes,
+                                                     int64_t pf)
+{
+    const uint8_t *p = row + 32 * u;
+    if (u < nfast) {
+        _mm_prefetch((const char *)p + pf, _MM_HINT_T0);
+        return _mm256_loadu_si256((const __m256i *)p);
+    }
+    uint8_t tmp[32] = {0};
+    memcpy(tmp, p, (size_t)(row_bytes - 32 * u));
+    return _mm256_loadu_si256((const __m256i *)tmp);
+}
+
 /* Rows rid[0..R) (first nr real) times input b. MODE 0: groups of several whole units (or one
  * group per row): float lane sums per group, scaled by the group's step at its end. MODE 1: one
  * unit per group, or groups inside a unit (L = 8 * G / UC lanes each): a per-lane step vector
@@ -94,16 +110,7 @@ LB_INLINE LB_Q8_TARGET void LB_Q8_NAME(lb_q8_tile)(const lb_q8call *Q, const int
                 const int8_t *xu = xq + u * UC;
 #pragma GCC unroll 4
                 for (int r = 0; r < R; r++) {
-                    const uint8_t *p = rowp[r] + 32 * u;
-                    __m256i v;
-                    if (u < nfast[r]) {
-                        _mm_prefetch((const char *)p + pf, _MM_HINT_T0);
-                        v = _mm256_loadu_si256((const __m256i *)p);
-                    } else {
-                        uint8_t tmp[32] = {0};
-                        memcpy(tmp, p, (size_t)(w->row_bytes - 32 * u));
-                        v = _mm256_loadu_si256((const __m256i *)tmp);
-                    }
+                    const __m256i v = LB_Q8_NAME(lb_q8_load)(rowp[r], u, nfast[r], w->row_bytes, pf);
                     const __m256i acc = LB_Q8_NAME(lb_q8_unit)(_mm256_setzero_si256(), v, xu, CPB);
                     facc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), dx, facc[r]);
                 }
@@ -123,16 +130,7 @@ LB_INLINE LB_Q8_TARGET void LB_Q8_NAME(lb_q8_tile)(const lb_q8call *Q, const int
             const int8_t *xu = xq + u * UC;
 #pragma GCC unroll 4
             for (int r = 0; r < R; r++) {
-                const uint8_t *p = rowp[r] + 32 * u;
-                __m256i v;
-                if (u < nfast[r]) {
-                    _mm_prefetch((const char *)p + pf, _MM_HINT_T0);
-                    v = _mm256_loadu_si256((const __m256i *)p);
-                } else {
-                    uint8_t tmp[32] = {0};
-                    memcpy(tmp, p, (size_t)(w->row_bytes - 32 * u));
-                    v = _mm256_loadu_si256((const __m256i *)tmp);
-                }
+                const __m256i v = LB_Q8_NAME(lb_q8_load)(rowp[r], u, nfast[r], w->row_bytes, pf);
                 const __m256i acc = LB_Q8_NAME(lb_q8_unit)(_mm256_setzero_si256(), v, xu, CPB);
                 const __m256 sv = _mm256_permutevar8x32_ps(_mm256_loadu_ps(sbuf + r * ngp + u * UC / G), idx);
                 total[r] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc), dx), sv, total[r]);
