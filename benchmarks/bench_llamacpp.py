@@ -49,7 +49,8 @@ import torch
 
 from lowbit import __version__
 from lowbit.data import get_text
-from lowbit.export_gguf import compare_logits, export_gguf, open_llamacpp
+from lowbit.evaluation import compare_logits
+from lowbit.export_gguf import export_gguf, open_llamacpp
 from lowbit.io import load_quantized
 
 DEFAULT_DIRS = ["runs/q4g16:f32", "runs/q4g32", "runs/qat/qat-ternary", "runs/ternary-down", "runs/ternary-ch"]
@@ -73,13 +74,6 @@ NOTES = [
     "Every exported tensor was verified after writing: dequantized with gguf.quants it equals lowbit's weight "
     "exactly (max abs error 0) except fallbacks, whose error is listed per file.",
 ]
-
-
-def nll(logits: np.ndarray, ids: list[int]) -> tuple[float, int]:
-    """Summed next-token NLL and the number of predicted tokens of one window."""
-    lp = torch.from_numpy(logits[:-1].astype(np.float64)).log_softmax(-1)
-    target = torch.tensor(ids[1:])
-    return float(-lp.gather(1, target[:, None]).sum()), len(ids) - 1
 
 
 def llamacpp_window_logits(llm, ids: list[int]) -> np.ndarray:
@@ -209,10 +203,9 @@ def bench_folder(folder: Path, fallback: str, gguf_dir: Path, args, text_ids: li
     stats, nll_lb, nll_lc, count = [], 0.0, 0.0, 0
     for ids in windows:
         a, b = lowbit_logits(model, ids), llamacpp_window_logits(llm, ids)
-        stats.append(compare_logits(a, b))
-        s_a, n = nll(a, ids)
-        s_b, _ = nll(b, ids)
-        nll_lb, nll_lc, count = nll_lb + s_a, nll_lc + s_b, count + n
+        s = compare_logits(a, b, ids=ids)
+        stats.append(s)
+        nll_lb, nll_lc, count = nll_lb + s["nll_ref"], nll_lc + s["nll_other"], count + s["predicted"]
     llm.close()
     positions = sum(s["positions"] for s in stats)
     cmp = {

@@ -12,11 +12,9 @@ from lowbit.data import get_text, tokenize_windows, tokenizer_adds_bos
 from lowbit.errors import LowbitError
 from lowbit.evaluation import evaluate, size_account
 from lowbit.io import is_quantized_dir, load_quantized, save_quantized
+from lowbit.methods import GPTQ, RTN, Method, make_method, method_settings  # noqa: F401
 from lowbit.models import DEFAULT_MODEL, load_model, model_id
-from lowbit.ptq import gptq, rtn
 from lowbit.surgery import QuantConfig
-
-METHODS = ("rtn", "gptq")
 
 
 def load(spec: str = DEFAULT_MODEL):
@@ -33,49 +31,40 @@ def load(spec: str = DEFAULT_MODEL):
 def quantize(
     model: nn.Module,
     config: QuantConfig,
-    method: str = "rtn",
+    method: str | Method = "rtn",
     tokenizer=None,
-    calib: str = "wiki-calib",
-    calib_tokens: int = 16384,
-    seq_len: int = 512,
-    act_order: bool = False,
-    damp: float = 0.01,
     progress: bool = True,
+    **settings,
 ) -> nn.Module:
-    """Quantize ``model`` in place with RTN or GPTQ (calibrated on ``calib`` text)."""
-    if method == "rtn":
-        return rtn(model, config)
-    if method == "gptq":
-        if tokenizer is None:
-            raise LowbitError("GPTQ needs a tokenizer to read its calibration text")
-        ids = tokenize_windows(
-            tokenizer, get_text(calib), seq_len, max_tokens=calib_tokens, bos=tokenizer_adds_bos(tokenizer)
-        )
-        return gptq(model, config, ids, act_order=act_order, damp=damp, progress=progress)
-    raise LowbitError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+    """Quantize ``model`` in place as ``config`` says, with ``method``: a method object
+    (``RTN()``, ``GPTQ(calib_tokens=65536)``) or a registered name whose fields ``settings`` fill
+    (``quantize(model, cfg, "gptq", tokenizer=tok, damp=0.02)``)."""
+    make_method(method, **settings).apply(model, config, tokenizer=tokenizer, progress=progress)
+    return model
 
 
 def quantize_to_dir(
     model_spec: str,
     out: str,
     config: QuantConfig,
-    method: str = "rtn",
+    method: str | Method = "rtn",
     progress: bool = True,
-    **kwargs,
+    **settings,
 ) -> dict:
     """Load, quantize and save; returns the run record (settings, time, size account)."""
+    method = make_method(method, **settings)
     model, tokenizer, meta = load(model_spec)
     if meta is not None:
         raise LowbitError(f"{model_spec} is already quantized: quantize the full-precision model instead")
     t0 = time.time()
-    quantize(model, config, method, tokenizer=tokenizer, progress=progress, **kwargs)
+    method.apply(model, config, tokenizer=tokenizer, progress=progress)
     seconds = time.time() - t0
     info = {
         "base_model": model_spec,
         "base_model_id": model_id(model_spec),
-        "method": method,
+        "method": method.name,
         "quantize_seconds": round(seconds, 2),
-        "settings": {k: v for k, v in kwargs.items()},
+        "settings": method_settings(method),
     }
     save_quantized(model, tokenizer, out, info=info)
     return {**info, "out": str(out), **size_account(model)}

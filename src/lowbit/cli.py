@@ -1,4 +1,4 @@
-"""``lowbit`` command line: quantize, eval, info (and the commands later issues add).
+"""``lowbit`` command line: quantize, eval, info here; train, pareto, export, generate and bench in commands/.
 
 Every error a user can cause is a :class:`LowbitError`, printed as one line with exit code 2.
 """
@@ -10,36 +10,12 @@ import importlib
 import json
 import os
 import sys
-from pathlib import Path
 
 from lowbit.errors import LowbitError
+from lowbit.options import add_options, known_fields, options_from_args, read_json_config
 
 # Each module defines register(subparsers) adding one command whose func returns a dict (or None).
 COMMAND_MODULES: list[str] = ["lowbit.commands.pareto", "lowbit.commands.train", "lowbit.commands.export", "lowbit.commands.runtime"]
-
-
-def _group_size(text: str) -> int | None:
-    if text in ("none", "channel", "per-channel", "0"):
-        return None
-    try:
-        value = int(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"group size must be a positive integer or 'channel', got {text!r}") from exc
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"group size must be a positive integer, got {value}")
-    return value
-
-
-def _override(text: str) -> tuple[str, dict]:
-    """PATTERN=BITS[:GROUP] -> (pattern, spec)."""
-    pattern, sep, value = text.partition("=")
-    if not sep or not pattern:
-        raise argparse.ArgumentTypeError(f"override must look like 'model.layers.0.*=8' or 'PATTERN=4:64', got {text!r}")
-    bits, _, group = value.partition(":")
-    spec: dict = {"bits": bits}
-    if group:
-        spec["group_size"] = _group_size(group)
-    return pattern, spec
 
 
 def _print(result: dict, as_json: bool) -> None:
@@ -55,49 +31,24 @@ def _print(result: dict, as_json: bool) -> None:
         print(f"{key:<{width}}  {value}")
 
 
-def _quant_config(args) -> QuantConfig:  # noqa: F821
+def quant_config_from_args(args) -> QuantConfig:  # noqa: F821
+    """The QuantConfig of ``--config FILE`` (if any) overlaid with the quantization flags given."""
     from lowbit.surgery import QuantConfig
 
-    base = {}
-    if args.config:
-        try:
-            base = json.loads(Path(args.config).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise LowbitError(f"cannot read config {args.config}: {exc}") from exc
-    fields = {
-        "bits": args.bits if args.bits is not None else base.get("bits"),
-        "quantizer": args.quantizer or base.get("quantizer", "auto"),
-        "group_size": args.group_size if args.group_size is not None else base.get("group_size"),
-        "quantize_embeddings": args.quantize_embeddings or base.get("quantize_embeddings", False),
-        "overrides": {**base.get("overrides", {}), **dict(args.override or [])},
-        "scale_search": args.scale_search or base.get("scale_search", "mse"),
-        "hp_dtype": base.get("hp_dtype", "float16"),
-    }
-    if args.include:
-        fields["include"] = args.include
-    elif "include" in base:
-        fields["include"] = base["include"]
-    if args.exclude or "exclude" in base:
-        fields["exclude"] = args.exclude or base["exclude"]
-    if fields["bits"] is None:
+    base = known_fields(QuantConfig, read_json_config(args.config, "config"), "quantization")
+    fields = options_from_args(QuantConfig, args, base)
+    if fields.get("bits") is None:
         raise LowbitError("--bits is required (1, 1.58/ternary, 2, 3, 4 or 8)")
     return QuantConfig(**fields)
 
 
 def cmd_quantize(args) -> dict:
     from lowbit.api import quantize_to_dir
+    from lowbit.methods import make_method, method_class
 
-    config = _quant_config(args)
-    kwargs = {}
-    if args.method == "gptq":
-        kwargs = {
-            "calib": args.calib,
-            "calib_tokens": args.calib_tokens,
-            "seq_len": args.seq_len,
-            "act_order": args.act_order,
-            "damp": args.damp,
-        }
-    return quantize_to_dir(args.model, args.out, config, method=args.method, progress=not args.json, **kwargs)
+    method = make_method(args.method, **options_from_args(method_class(args.method), args))
+    config = quant_config_from_args(args)
+    return quantize_to_dir(args.model, args.out, config, method=method, progress=not args.json)
 
 
 def cmd_eval(args) -> dict:
@@ -144,7 +95,9 @@ def cmd_info(args) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     from lowbit import __version__
+    from lowbit.methods import method_class, method_names
     from lowbit.models import DEFAULT_MODEL
+    from lowbit.surgery import QuantConfig
 
     parser = argparse.ArgumentParser(prog="lowbit", description="Extremely low-bit quantization of causal LMs.")
     parser.add_argument("--version", action="version", version=f"lowbit {__version__}")
@@ -153,21 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="post-training quantization (RTN or GPTQ) to a model folder")
     q.add_argument("--model", default=DEFAULT_MODEL, help=f"default name ({DEFAULT_MODEL}), HF folder or .gguf")
-    q.add_argument("--bits", help="1, 1.58 (or ternary), 2, 3, 4 or 8")
-    q.add_argument("--method", choices=("rtn", "gptq"), default="rtn")
-    q.add_argument("--group-size", type=_group_size, default=None, help="inputs per scale (default: per channel)")
-    q.add_argument("--quantizer", default=None, help="auto (ParetoQ family), binary, seq, lsq, absmean, minmax, absmax")
-    q.add_argument("--scale-search", choices=("mse", "none"), default=None, help="MSE clip search for scales (default mse)")
-    q.add_argument("--calib", default="wiki-calib", help="calibration text: wiki-calib, news or a text file")
-    q.add_argument("--calib-tokens", type=int, default=16384)
-    q.add_argument("--seq-len", type=int, default=512)
-    q.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
-    q.add_argument("--damp", type=float, default=0.01, help="GPTQ: diagonal damping, fraction of mean diag(H)")
-    q.add_argument("--quantize-embeddings", action="store_true", help="also quantize embedding and output head")
-    q.add_argument("--include", nargs="+", help="module name patterns to quantize (default all linears)")
-    q.add_argument("--exclude", nargs="+", help="module name patterns to keep in high precision")
-    q.add_argument("--override", type=_override, action="append", help="PATTERN=BITS[:GROUP], repeatable")
+    q.add_argument("--method", choices=method_names("post-training"), default="rtn")
+    add_options(q, QuantConfig)
     q.add_argument("--config", help="JSON file with QuantConfig fields (flags win)")
+    for name in method_names("post-training"):
+        add_options(q.add_argument_group(f"--method {name}"), method_class(name))
     q.add_argument("--out", required=True, help="output folder")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_quantize)

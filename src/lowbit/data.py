@@ -14,7 +14,6 @@ import io
 import json
 import os
 import re
-import tempfile
 import xml.etree.ElementTree as ET
 import zipfile
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.fsio import atomic_write
 from lowbit.models import cache_root, package_dir
 
 GENSIM_PIP = "pip install --no-deps gensim==4.4.0"
@@ -159,15 +159,7 @@ def _parse_dump(raw: bytes) -> list[tuple[str, str]]:
 
 def _write_json_atomic(path: Path, payload: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(payload, handle, ensure_ascii=False)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, json.dumps(payload, ensure_ascii=False))
 
 
 def wikipedia_articles() -> list[tuple[str, str]]:

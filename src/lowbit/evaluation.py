@@ -1,14 +1,21 @@
-"""Quality and size: perplexity, KL / top-1 agreement to a reference model, and a byte account.
+"""Quality and size: perplexity, KL / top-1 agreement to a reference, and a byte account.
 
-Perplexity follows METHODS.md section 4: the eval text is tokenized once, cut into
+Perplexity (docs/methods.md, "Measuring"): the eval text is tokenized once, cut into
 non-overlapping windows of ``seq_len`` tokens, and the mean NLL is taken over every predicted
 token (``seq_len - 1`` per window). KL is ``KL(P_ref || P_model)`` per predicted token, averaged.
+
+One evaluator serves every caller. The reference's log-probs come from a pluggable
+:class:`ReferenceSource`: a model run alongside (:class:`ModelReference`), log-probs cached once for
+a sweep (:class:`CachedReference`), or logits another engine produced (:func:`compare_logits`).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,29 +25,99 @@ from lowbit.io import build_state
 from lowbit.surgery import is_linear, output_head_names, quantized_modules
 
 
+def log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probs of every position but the last, in float32: (batch, seq - 1, vocab)."""
+    return F.log_softmax(logits[:, :-1].float(), dim=-1)
+
+
+def kl_terms(ref_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """Elementwise terms of KL(P_ref || P); summed over the vocabulary they give the KL per token."""
+    return ref_logp.exp() * (ref_logp - logp)
+
+
+class ReferenceSource(Protocol):
+    """Where the reference log-probs of batch ``index`` (token ids ``ids``) come from."""
+
+    def log_probs(self, index: int, ids: torch.Tensor) -> torch.Tensor: ...
+
+
+class ModelReference:
+    """The reference model, run on each batch alongside the evaluated model."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model.eval()
+
+    def log_probs(self, index: int, ids: torch.Tensor) -> torch.Tensor:
+        return log_probs(self.model(input_ids=ids, use_cache=False).logits)
+
+
+@dataclass
+class CachedReference:
+    """The reference's log-probs on fixed windows, computed once and kept in memory.
+
+    ``log_probs_[i]`` is batch ``i``'s log-probs in float32 (windows x (seq_len - 1) x vocab x 4 bytes
+    in all: ~3.2 GB for 16k tokens and a 49k vocab). ``result`` is the reference's own evaluation
+    (KL 0, top-1 agreement 1).
+    """
+
+    windows: torch.Tensor
+    batch_size: int
+    log_probs_: list[torch.Tensor]
+    result: dict
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.log_probs_)
+
+    def log_probs(self, index: int, ids: torch.Tensor) -> torch.Tensor:
+        return self.log_probs_[index]
+
+
+@torch.no_grad()
+def cache_reference(
+    reference: nn.Module, windows: torch.Tensor, batch_size: int = 4, progress: bool = True
+) -> CachedReference:
+    """Run ``reference`` once over ``windows`` and keep its log-probs (see :class:`CachedReference`)."""
+    kept: list[torch.Tensor] = []
+    result = _run(reference.eval(), windows, batch_size, None, progress, "reference", keep=kept)
+    result.update(kl_to_reference=0.0, top1_agreement=1.0)
+    return CachedReference(windows, batch_size, kept, result)
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
     windows: torch.Tensor,
-    reference: nn.Module | None = None,
+    reference: nn.Module | ReferenceSource | None = None,
     batch_size: int = 4,
     progress: bool = True,
 ) -> dict:
-    """Perplexity of ``model`` on token ``windows`` (n, seq_len), plus KL/top-1 vs ``reference``."""
+    """Perplexity of ``model`` on token ``windows`` (n, seq_len), plus KL/top-1 against ``reference``
+    (a model, or any :class:`ReferenceSource`; a :class:`CachedReference` fixes windows and batches)."""
+    if isinstance(reference, nn.Module):
+        reference = ModelReference(reference)
+    if isinstance(reference, CachedReference):
+        if reference.windows.shape != windows.shape or not torch.equal(reference.windows, windows):
+            raise ValueError("the cached reference was computed on other windows")
+        batch_size = reference.batch_size
     model.eval()
+    return _run(model, windows, batch_size, reference, progress, "eval")
+
+
+def _run(model, windows, batch_size, reference, progress, desc, keep=None) -> dict:
     nll_sum, kl_sum, agree, count = 0.0, 0.0, 0, 0
-    batches = torch.split(windows, batch_size)
-    for ids in tqdm(batches, desc="eval", unit="batch", disable=not progress):
-        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+    for i, ids in enumerate(tqdm(torch.split(windows, batch_size), desc=desc, unit="batch", disable=not progress)):
+        logp = log_probs(model(input_ids=ids, use_cache=False).logits)
         targets = ids[:, 1:]
-        logp = F.log_softmax(logits, dim=-1)
         nll_sum += -logp.gather(-1, targets.unsqueeze(-1)).sum().item()
         count += targets.numel()
+        if keep is not None:
+            keep.append(logp)
         if reference is not None:
-            ref_logp = F.log_softmax(reference(input_ids=ids, use_cache=False).logits[:, :-1].float(), dim=-1)
-            kl_sum += (ref_logp.exp() * (ref_logp - logp)).sum().item()
+            ref_logp = reference.log_probs(i, ids)
+            kl_sum += kl_terms(ref_logp, logp).sum().item()
             agree += (ref_logp.argmax(-1) == logp.argmax(-1)).sum().item()
-    out = {
+    return {
         "perplexity": math.exp(nll_sum / count),
         "nll": nll_sum / count,
         "tokens": count,
@@ -49,6 +126,29 @@ def evaluate(
         "kl_to_reference": kl_sum / count if reference is not None else None,
         "top1_agreement": agree / count if reference is not None else None,
     }
+
+
+def compare_logits(ref: np.ndarray, other: np.ndarray, ids: list[int] | None = None) -> dict:
+    """Two engines' logits for the same positions (positions x vocab), compared in float64:
+    logit differences, mean/max KL(ref || other), top-1 agreement, and with the window's token
+    ``ids`` each side's summed next-token NLL (``nll_ref``/``nll_other`` over ``len(ids) - 1`` tokens)."""
+    ref_t = torch.from_numpy(np.asarray(ref, dtype=np.float64))
+    oth_t = torch.from_numpy(np.asarray(other, dtype=np.float64))
+    lp, lq = ref_t.log_softmax(-1), oth_t.log_softmax(-1)
+    kl = kl_terms(lp, lq).sum(-1)
+    out = {
+        "max_abs_logit_diff": float((ref_t - oth_t).abs().max()),
+        "mean_abs_logit_diff": float((ref_t - oth_t).abs().mean()),
+        "mean_kl": float(kl.mean()),
+        "max_kl": float(kl.max()),
+        "top1_agreement": float((ref_t.argmax(-1) == oth_t.argmax(-1)).double().mean()),
+        "positions": int(ref_t.shape[0]),
+    }
+    if ids is not None:
+        target = torch.tensor(list(ids[1:]))[:, None]
+        out["nll_ref"] = float(-lp[:-1].gather(1, target).sum())
+        out["nll_other"] = float(-lq[:-1].gather(1, target).sum())
+        out["predicted"] = len(ids) - 1
     return out
 
 

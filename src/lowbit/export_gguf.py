@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -40,6 +39,8 @@ import torch
 
 from lowbit import __version__
 from lowbit.errors import LowbitError
+from lowbit.evaluation import compare_logits  # noqa: F401  (re-exported for the llama.cpp checks)
+from lowbit.fsio import atomic_path
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 FALLBACK_TYPES = ("f16", "f32", "q8_0")
@@ -540,8 +541,7 @@ def export_gguf(
     )
     file_type = _file_type(linear_types.most_common(1)[0][0] if linear_types else "f32")
 
-    writer_path = Path(tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)[1])
-    try:
+    with atomic_path(out) as writer_path:
         writer = gguf.GGUFWriter(writer_path, "llama")
         writer.add_name(str(meta.get("info", {}).get("base_model_id") or path.resolve().name))
         writer.add_context_length(int(cfg.max_position_embeddings))
@@ -591,10 +591,6 @@ def export_gguf(
         writer.write_tensors_to_file()
         writer.close()
         reports = verify_gguf(writer_path, collected)
-        os.replace(writer_path, out)
-    except BaseException:
-        writer_path.unlink(missing_ok=True)
-        raise
     return _summary(out, reports, tok, warnings, fallback, ternary)
 
 
@@ -774,19 +770,3 @@ def llamacpp_logits(
         return np.array(llm.scores[: len(ids)], dtype=np.float32)
     finally:
         llm.close()
-
-
-def compare_logits(ref: np.ndarray, other: np.ndarray) -> dict:
-    """max |diff|, mean KL(ref || other) over positions, top-1 agreement."""
-    ref_t = torch.from_numpy(np.asarray(ref, dtype=np.float64))
-    oth_t = torch.from_numpy(np.asarray(other, dtype=np.float64))
-    lp, lq = ref_t.log_softmax(-1), oth_t.log_softmax(-1)
-    kl = (lp.exp() * (lp - lq)).sum(-1)
-    return {
-        "max_abs_logit_diff": float((ref_t - oth_t).abs().max()),
-        "mean_abs_logit_diff": float((ref_t - oth_t).abs().mean()),
-        "mean_kl": float(kl.mean()),
-        "max_kl": float(kl.max()),
-        "top1_agreement": float((ref_t.argmax(-1) == oth_t.argmax(-1)).double().mean()),
-        "positions": int(ref_t.shape[0]),
-    }

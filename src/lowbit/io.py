@@ -10,11 +10,8 @@ leaves a half-written model behind.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -24,6 +21,7 @@ from torch import nn
 
 from lowbit import __version__
 from lowbit.errors import LowbitError
+from lowbit.fsio import atomic_dir, sha256_file
 from lowbit.packing import default_layout, pack_codes, unpack_codes
 from lowbit.quantizers import QuantizedWeight, alpha_for_step
 from lowbit.surgery import HP_DTYPES, QuantConfig, quantize_model, quantized_modules
@@ -87,42 +85,6 @@ def _persistent_buffers(model: nn.Module):
                 yield (f"{mname}.{bname}" if mname else bname), buf
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def atomic_dir(out_dir: str | os.PathLike):
-    """Context manager yielding a temp dir that replaces ``out_dir`` only on success."""
-    return _AtomicDir(Path(out_dir))
-
-
-class _AtomicDir:
-    def __init__(self, target: Path):
-        self.target = target
-
-    def __enter__(self) -> Path:
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        old = None
-        if self.target.exists():
-            old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
-            os.rename(self.target, old)
-        os.rename(self.tmp, self.target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return False
-
-
 def save_quantized(model: nn.Module, tokenizer, out_dir: str | os.PathLike, info: dict | None = None) -> Path:
     """Write the quantized model folder atomically; returns its path."""
     config: QuantConfig | None = getattr(model, "lowbit_config", None)
@@ -144,7 +106,7 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | os.PathLike, info
             "layers": layers,
             "weights_file": WEIGHTS,
             "weights_bytes": (tmp / WEIGHTS).stat().st_size,
-            "weights_sha256": _sha256(tmp / WEIGHTS),
+            "weights_sha256": sha256_file(tmp / WEIGHTS),
             "info": info or {},
         }
         (tmp / META).write_text(json.dumps(meta, indent=2))
@@ -176,7 +138,7 @@ def open_weights(path: Path, verify: bool = True) -> tuple[dict, dict[str, torch
     size = weights.stat().st_size
     if size != meta["weights_bytes"]:
         raise LowbitError(f"{weights} is {size} bytes, expected {meta['weights_bytes']}: the file is truncated or corrupted")
-    if verify and _sha256(weights) != meta["weights_sha256"]:
+    if verify and sha256_file(weights) != meta["weights_sha256"]:
         raise LowbitError(f"{weights} fails its SHA-256 check: the file is corrupted, re-run lowbit quantize")
     try:
         return meta, load_file(weights)

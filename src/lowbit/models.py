@@ -11,8 +11,6 @@ import importlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from typing import Any
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.fsio import atomic_dir
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -202,25 +201,6 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove_stale_tmp_dirs(parent: Path, key: str) -> None:
-    """Remove leftovers of conversions of ``key`` whose process died (e.g. was killed)."""
-    prefix = f".{key}{_TMP_MARK}"
-    for entry in parent.glob(f"{prefix}*"):
-        pid_text = entry.name[len(prefix) :].split("-", 1)[0]
-        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
-            shutil.rmtree(entry, ignore_errors=True)
-
-
 def _build_cached(key: str, source: dict[str, str], build: Callable[[Path], None]) -> Path:
     """Return ``models_cache_dir()/key``, building it atomically with ``build(tmp_dir)`` if missing.
 
@@ -231,21 +211,9 @@ def _build_cached(key: str, source: dict[str, str], build: Callable[[Path], None
     target = parent / key
     if (target / "config.json").is_file():
         return target
-    parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp_dirs(parent, key)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}{_TMP_MARK}{os.getpid()}-", dir=parent))
-    try:
+    with atomic_dir(target, replace=False) as tmp:  # kept if another process built it meanwhile
         build(tmp)
         (tmp / _SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
-        tmp.chmod(0o755)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -3,7 +3,7 @@
 A sweep is bit-widths x methods x granularities (x models), plus one full-precision reference
 point per model. Quality follows METHODS.md section 4: every point of a model is measured on the
 same eval windows against the same full-precision log-probs, which are computed once per model
-and kept in memory (:class:`ReferenceCache`), so the reference model runs once per sweep, not
+and kept in memory (:class:`lowbit.evaluation.CachedReference`), so the reference model runs once per sweep, not
 once per point. Points are ranked by KL to the reference; perplexity is shown beside it.
 
 Every finished point is appended to ``DIR/results.jsonl`` as one JSON line, written with a single
@@ -38,12 +38,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from lowbit import __version__
 from lowbit.errors import LowbitError
+from lowbit.evaluation import CachedReference, cache_reference, evaluate
+from lowbit.fsio import atomic_write, fsync_dir
 from lowbit.quantizers import QUANTIZERS, paretoq_quantizer_name, parse_bits
 
 RESULTS_FILE = "results.jsonl"
@@ -304,94 +304,7 @@ class ResultStore:
         finally:
             os.close(fd)
         if new:
-            _fsync_dir(self.folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-# ---------------------------------------------------------------- cached evaluation
-
-
-@dataclass
-class ReferenceCache:
-    """The full-precision model's log-probs on the eval windows, per batch, kept in memory.
-
-    ``log_probs[i]`` is ``log_softmax(reference(windows[batch i]).logits[:, :-1])`` in float32
-    (windows x (seq_len - 1) x vocab x 4 bytes in all: ~3.2 GB for 16k tokens and a 49k vocab).
-    ``result`` holds the reference's own perplexity (KL 0, top-1 agreement 1).
-    """
-
-    windows: torch.Tensor
-    batch_size: int
-    log_probs: list[torch.Tensor]
-    result: dict
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.log_probs)
-
-
-@torch.no_grad()
-def cache_reference(
-    reference: nn.Module, windows: torch.Tensor, batch_size: int = 4, progress: bool = True
-) -> ReferenceCache:
-    """Run ``reference`` once over ``windows`` and keep its log-probs (see :class:`ReferenceCache`)."""
-    reference.eval()
-    nll_sum, count, log_probs = 0.0, 0, []
-    for ids in tqdm(torch.split(windows, batch_size), desc="reference", unit="batch", disable=not progress):
-        logp = F.log_softmax(reference(input_ids=ids, use_cache=False).logits[:, :-1].float(), dim=-1)
-        targets = ids[:, 1:]
-        nll_sum += -logp.gather(-1, targets.unsqueeze(-1)).sum().item()
-        count += targets.numel()
-        log_probs.append(logp)
-    result = _result(nll_sum, count, windows, kl_sum=0.0, agree=count)
-    return ReferenceCache(windows, batch_size, log_probs, result)
-
-
-@torch.no_grad()
-def evaluate_cached(model: nn.Module, cache: ReferenceCache, progress: bool = True) -> dict:
-    """:func:`lowbit.evaluation.evaluate` with the reference's log-probs read from ``cache``.
-
-    Same windows, batches and arithmetic, so the numbers equal ``evaluate(model, windows,
-    reference=...)`` exactly; only the reference's forward passes are saved.
-    """
-    model.eval()
-    nll_sum, kl_sum, agree, count = 0.0, 0.0, 0, 0
-    batches = torch.split(cache.windows, cache.batch_size)
-    for ids, ref_logp in tqdm(
-        zip(batches, cache.log_probs, strict=True), total=len(batches), desc="eval", unit="batch", disable=not progress
-    ):
-        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-        targets = ids[:, 1:]
-        logp = F.log_softmax(logits, dim=-1)
-        nll_sum += -logp.gather(-1, targets.unsqueeze(-1)).sum().item()
-        count += targets.numel()
-        kl_sum += (ref_logp.exp() * (ref_logp - logp)).sum().item()
-        agree += (ref_logp.argmax(-1) == logp.argmax(-1)).sum().item()
-    return _result(nll_sum, count, cache.windows, kl_sum, agree)
-
-
-def _result(nll_sum: float, count: int, windows: torch.Tensor, kl_sum: float, agree: int) -> dict:
-    return {
-        "perplexity": math.exp(nll_sum / count),
-        "nll": nll_sum / count,
-        "tokens": count,
-        "windows": int(windows.shape[0]),
-        "seq_len": int(windows.shape[1]),
-        "kl_to_reference": kl_sum / count,
-        "top1_agreement": agree / count,
-    }
+            fsync_dir(self.folder)
 
 
 # ---------------------------------------------------------------- QAT hook
@@ -429,7 +342,7 @@ class _ModelContext:
     spec: str
     reference: nn.Module
     tokenizer: object
-    cache: ReferenceCache
+    cache: CachedReference
     eval_sha256: str
     bos: bool
     reference_seconds: float
@@ -552,7 +465,7 @@ def measure_point(settings: dict, spec: SweepSpec, ctx: _ModelContext, progress:
         quantize_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
         with torch.inference_mode():
-            quality = evaluate_cached(model, ctx.cache, progress=progress)
+            quality = evaluate(model, ctx.cache.windows, reference=ctx.cache, progress=progress)
         eval_seconds = time.perf_counter() - t0
         extra = {k: settings[k] for k in ("bits", "quantizer", "group_size")}
     size = size_account(model)
@@ -1061,18 +974,12 @@ def write_report(records: list[dict], spec: SweepSpec, out: str | os.PathLike[st
     buffer = io.BytesIO()
     plot_pareto(records, buffer)
     png = buffer.getvalue()
-    _write_atomic(png_path, png)
-    _write_atomic(html_path, html_report(records, spec, png).encode("utf-8"))
-    _write_atomic(md_path, markdown_report(records, spec).encode("utf-8"))
+    atomic_write(png_path, png)
+    atomic_write(html_path, html_report(records, spec, png).encode("utf-8"))
+    atomic_write(md_path, markdown_report(records, spec).encode("utf-8"))
     return {
         "results": str(out / RESULTS_FILE),
         "report": str(html_path),
         "plot": str(png_path),
         "markdown": str(md_path),
     }
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

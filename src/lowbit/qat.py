@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from lowbit import __version__
 from lowbit.data import describe_text, get_text, tokenize_windows
 from lowbit.errors import LowbitError
+from lowbit.fsio import atomic_write
 from lowbit.io import is_quantized_dir, load_quantized, save_quantized
 from lowbit.models import DEFAULT_MODEL, cache_root, load_model, model_id
 from lowbit.ptq import gptq
@@ -386,8 +387,8 @@ def data_free_windows(
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     check_disk_space(folder, needed, f"the data-free token cache ({n_sequences} x {cfg.seq_len} tokens)")
-    _atomic_write(tensor_path, lambda f: torch.save(windows.to(torch.int32), f))
-    _atomic_write(record_path, lambda f: f.write(json.dumps(record, indent=2).encode()))
+    atomic_write(tensor_path, lambda f: torch.save(windows.to(torch.int32), f))
+    atomic_write(record_path, lambda f: f.write(json.dumps(record, indent=2).encode()))
     return windows, {**record, "cache": str(tensor_path), "cache_hit": False}
 
 
@@ -549,26 +550,6 @@ def _shard(student: nn.Module, teacher: nn.Module) -> None:
 # checkpoints and run folder
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write ``path`` through a temporary sibling, fsync, then rename: never a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    with contextlib.suppress(OSError):
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
     if torch.cuda.is_available():
@@ -644,7 +625,7 @@ def plot_loss(metrics: list[dict], path: Path, title: str = "") -> None:
     lr_lines = lr_ax.get_legend_handles_labels()
     ax.legend(lines[0] + lr_lines[0], lines[1] + lr_lines[1], loc="upper right", fontsize=8)
     fig.tight_layout()
-    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
 
 
@@ -990,10 +971,10 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> TrainR
                 "world_size": ctx.world,
                 "finished": False,
             }
-            _atomic_write(out / RUN_CONFIG, lambda f: f.write(json.dumps(record, indent=2).encode()))
+            atomic_write(out / RUN_CONFIG, lambda f: f.write(json.dumps(record, indent=2).encode()))
         # lines logged after the checkpoint we resume from are about to be replayed: drop them
         kept = read_metrics(metrics_path, up_to_step=start_step)
-        _atomic_write(metrics_path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
+        atomic_write(metrics_path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
     ctx.barrier()
 
     metrics_file = open(metrics_path, "a") if ctx.is_main else None
@@ -1047,7 +1028,7 @@ def save_checkpoint(
             "data_sha1": data_record["tokens_sha1"],
             "lowbit_version": __version__,
         }
-        _atomic_write(path, lambda f: torch.save(state, f))
+        atomic_write(path, lambda f: torch.save(state, f))
     ctx.barrier()
 
 
@@ -1112,10 +1093,10 @@ def _finish(cfg, out, ctx, student, teacher, tokenizer, data_record, elapsed, st
 
 def write_result(out: Path, result: dict) -> None:
     """Write ``train_result.json`` and mark the run finished in ``train_config.json``."""
-    _atomic_write(out / RESULT, lambda f: f.write(json.dumps(result, indent=2, default=str).encode()))
+    atomic_write(out / RESULT, lambda f: f.write(json.dumps(result, indent=2, default=str).encode()))
     record = json.loads((out / RUN_CONFIG).read_text())
     record["finished"] = True
-    _atomic_write(out / RUN_CONFIG, lambda f: f.write(json.dumps(record, indent=2).encode()))
+    atomic_write(out / RUN_CONFIG, lambda f: f.write(json.dumps(record, indent=2).encode()))
 
 
 def _teardown(ctx: DistContext) -> None:

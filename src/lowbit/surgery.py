@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.options import parse_group_size, parse_override
 from lowbit.quantizers import Quantizer, check_group_size, make_quantizer, parse_bits
 
 HP_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -37,15 +38,32 @@ class QuantConfig:
     High-precision tensors are stored (and evaluated) in ``hp_dtype``.
     """
 
-    bits: float
-    quantizer: str = "auto"
-    group_size: int | None = None
-    include: list[str] = field(default_factory=lambda: ["*"])
-    exclude: list[str] = field(default_factory=list)
-    quantize_embeddings: bool = False
-    overrides: dict[str, dict] = field(default_factory=dict)
-    scale_search: str = "mse"
-    hp_dtype: str = "float16"
+    bits: float = field(metadata={"help": "1, 1.58 (or ternary), 2, 3, 4 or 8", "parse": str})
+    quantizer: str = field(
+        default="auto", metadata={"help": "auto (ParetoQ family), binary, seq, lsq, absmean, minmax, absmax"}
+    )
+    group_size: int | None = field(
+        default=None, metadata={"help": "inputs per scale (default: per channel)", "parse": parse_group_size}
+    )
+    include: list[str] = field(
+        default_factory=lambda: ["*"], metadata={"help": "module name patterns to quantize (default all linears)"}
+    )
+    exclude: list[str] = field(default_factory=list, metadata={"help": "module name patterns to keep in high precision"})
+    quantize_embeddings: bool = field(default=False, metadata={"help": "also quantize embedding and output head"})
+    overrides: dict[str, dict] = field(
+        default_factory=dict,
+        metadata={
+            "help": "PATTERN=BITS[:GROUP], repeatable",
+            "flag": "--override",
+            "parse": parse_override,
+            "append": True,
+            "collect": dict,
+        },
+    )
+    scale_search: str = field(
+        default="mse", metadata={"help": "MSE clip search for scales (default mse)", "choices": ("mse", "none")}
+    )
+    hp_dtype: str = field(default="float16", metadata={"cli": False})
 
     def __post_init__(self):
         self.bits = parse_bits(self.bits)

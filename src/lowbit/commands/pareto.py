@@ -25,7 +25,7 @@ _FLAG_FIELDS = {
 
 
 def register(subparsers) -> None:
-    from lowbit.cli import _group_size
+    from lowbit.options import parse_group_size as _group_size
     from lowbit.models import DEFAULT_MODEL
     from lowbit.pareto import DEFAULT_CALIB_TOKENS, DEFAULT_EVAL_TOKENS
 

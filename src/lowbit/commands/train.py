@@ -36,7 +36,7 @@ def _positive_int(text: str) -> int:
 
 
 def register(subparsers) -> None:
-    from lowbit.cli import _group_size
+    from lowbit.options import parse_group_size as _group_size
     from lowbit.models import DEFAULT_MODEL
 
     t = subparsers.add_parser(

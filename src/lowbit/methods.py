@@ -1,0 +1,130 @@
+"""Quantization methods as typed settings behind one verb.
+
+``lowbit.quantize(model, config, method=RTN() | GPTQ(calib_tokens=65536) | "gptq")``: the
+:class:`~lowbit.surgery.QuantConfig` says *what* to quantize (bits, grid, groups, layers), the
+method object says *how* (and with which data). Every method is a dataclass registered under a
+name; the CLI, the Pareto sweep and QAT's ``--init`` build methods through :func:`make_method`,
+so a new method (rotations, block-wise distillation, a budget planner) is one class plus
+``@register_method``, with its command-line options generated from its fields
+(:mod:`lowbit.options`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from dataclasses import dataclass, field
+from typing import ClassVar, Protocol
+
+from torch import nn
+
+from lowbit.errors import LowbitError
+from lowbit.options import parse_positive_int
+from lowbit.surgery import QuantConfig
+
+
+class Method(Protocol):
+    """A way to quantize a model in place: ``apply`` returns what the method reports (may be {})."""
+
+    name: ClassVar[str]
+    kind: ClassVar[str]  # "post-training" (minutes, calibration data at most) or "training"
+
+    def apply(self, model: nn.Module, config: QuantConfig, tokenizer=None, progress: bool = True) -> dict: ...
+
+
+_REGISTRY: dict[str, type | str] = {}
+_KINDS: dict[str, str] = {}
+
+
+def register_method(cls: type) -> type:
+    """Class decorator: make ``cls`` (a dataclass with a ``name``, a ``kind`` and ``apply``) available by name."""
+    _REGISTRY[cls.name] = cls
+    _KINDS[cls.name] = getattr(cls, "kind", "post-training")
+    return cls
+
+
+def register_lazy(name: str, target: str, kind: str) -> None:
+    """Register a method whose class lives in a module imported on first use (``"module:Class"``)."""
+    _REGISTRY.setdefault(name, target)
+    _KINDS.setdefault(name, kind)
+
+
+def method_names(kind: str | None = None) -> list[str]:
+    """Registered method names, optionally only those of one ``kind`` ("post-training", "training")."""
+    return [n for n in _REGISTRY if kind is None or _KINDS[n] == kind]
+
+
+def method_class(name: str) -> type:
+    target = _REGISTRY.get(name)
+    if target is None:
+        raise LowbitError(f"unknown method {name!r}: use one of {', '.join(_REGISTRY)}")
+    if isinstance(target, str):
+        module, _, cls_name = target.partition(":")
+        target = getattr(importlib.import_module(module), cls_name)
+        _REGISTRY[name] = target
+    return target
+
+
+def make_method(name: str | Method, **settings) -> Method:
+    """The method ``name`` with those of ``settings`` that are its fields (others are ignored, so one
+    settings dict can configure any method); a method object passes through unchanged."""
+    if not isinstance(name, str):
+        return name
+    cls = method_class(name)
+    known = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in settings.items() if k in known})
+
+
+def method_settings(method: Method) -> dict:
+    """A method's fields as a plain dict (recorded in a folder's ``lowbit.json``)."""
+    return dataclasses.asdict(method)
+
+
+def calibration_windows(tokenizer, text: str, tokens: int, seq_len: int):
+    """Calibration windows as every calibrated method reads them: ``tokens`` tokens of ``text`` in
+    windows of ``seq_len``, each starting with BOS where the tokenizer adds one (as evaluation does)."""
+    from lowbit.data import get_text, tokenize_windows, tokenizer_adds_bos
+
+    if tokenizer is None:
+        raise LowbitError("a calibrated method needs the model's tokenizer to read its calibration text")
+    return tokenize_windows(tokenizer, get_text(text), seq_len, max_tokens=tokens, bos=tokenizer_adds_bos(tokenizer))
+
+
+@register_method
+@dataclass(frozen=True)
+class RTN:
+    """Round-to-nearest: scales from the weights alone (``QuantConfig.scale_search``), no data."""
+
+    name: ClassVar[str] = "rtn"
+    kind: ClassVar[str] = "post-training"
+
+    def apply(self, model: nn.Module, config: QuantConfig, tokenizer=None, progress: bool = True) -> dict:
+        from lowbit.ptq import rtn
+
+        rtn(model, config)
+        return {}
+
+
+@register_method
+@dataclass(frozen=True)
+class GPTQ:
+    """GPTQ (Frantar et al. 2022) one decoder block at a time on calibration windows of ``calib``."""
+
+    name: ClassVar[str] = "gptq"
+    kind: ClassVar[str] = "post-training"
+
+    calib: str = field(default="wiki-calib", metadata={"help": "calibration text: wiki-calib, news or a text file"})
+    calib_tokens: int = field(default=16384, metadata={"help": "calibration tokens", "parse": parse_positive_int})
+    seq_len: int = field(default=512, metadata={"help": "calibration window length", "parse": parse_positive_int})
+    act_order: bool = field(default=False, metadata={"help": "quantize columns by decreasing Hessian diagonal"})
+    damp: float = field(default=0.01, metadata={"help": "diagonal damping, fraction of mean diag(H)"})
+
+    def apply(self, model: nn.Module, config: QuantConfig, tokenizer=None, progress: bool = True) -> dict:
+        from lowbit.ptq import gptq
+
+        ids = calibration_windows(tokenizer, self.calib, self.calib_tokens, self.seq_len)
+        gptq(model, config, ids, act_order=self.act_order, damp=self.damp, progress=progress)
+        return {}
+
+
+register_lazy("qat", "lowbit.qat:QAT", kind="training")
