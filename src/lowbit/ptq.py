@@ -1,8 +1,8 @@
-"""Post-training quantization: round-to-nearest and GPTQ (Frantar et al. 2022).
+"""Post-training quantization: round-to-nearest and GPTQ (Frantar et al. 2023, arXiv:2210.17323).
 
 GPTQ quantizes one column at a time and spreads each column's rounding error over the columns
 not yet quantized, using the inverse Hessian ``H = 2 X X^T`` of the layer inputs gathered on
-calibration tokens (METHODS.md section 2). The model is processed one decoder block at a time:
+calibration tokens (docs/methods.md, "GPTQ", which lists the steps as implemented here). The model is processed one decoder block at a time:
 the block's inputs are kept, its linears are quantized, and the quantized block's outputs feed
 the next block, so memory stays near one block's activations beyond the model itself.
 """
@@ -89,7 +89,8 @@ def gptq_quantize_weight(
     """GPTQ for one matrix. Returns (dequantized weight, alpha (rows, G), zero (rows, G)).
 
     Groups stay contiguous in the original column order; with act-order and groups, the group
-    scales are fixed from the original weights before any update ("static groups").
+    scales are fixed from the original weights before any update ("static groups"; docs/methods.md,
+    "GPTQ", steps 1-8).
     """
     W = weight.detach().float().clone()
     rows, cols = W.shape

@@ -10,9 +10,10 @@ inputs of a row; ``zero`` is a constant of the grid (SEQ, LSQ, binary) or a per-
 integer (asymmetric min-max). The fake-quant forward is computed with the very same
 expression as :meth:`QuantizedWeight.dequantize`, so codes x scales reproduce it exactly.
 
-Gradients (METHODS.md section 1, ParetoQ / LSQ): straight-through for ``W`` inside the
-clip range and zero outside; for ``alpha`` the LSQ form, ``q - W/alpha`` inside the
-range and the clip bound outside, obtained by autograd through an STE round.
+Gradients (docs/methods.md, "Gradients (STE and LSQ)"; ParetoQ, Liu et al. 2025, arXiv:2502.02631;
+LSQ, Esser et al. 2020, arXiv:1902.08153): straight-through for ``W`` inside the clip range and
+zero outside; for ``alpha`` the LSQ form, ``q - W/alpha`` inside the range and the clip bound
+outside, obtained by autograd through an STE round.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from torch import nn
 from lowbit.errors import LowbitError
 
 SUPPORTED_BITS = (1.0, 1.58, 2.0, 3.0, 4.0, 8.0)
-# seq clips just inside +-1 so that the edge level is never rounded past (ParetoQ reference code).
+# seq clips just inside +-1 so that the edge level is never rounded past (ParetoQ reference code;
+# docs/methods.md, "SEQ: ternary and 2-bit").
 SEQ_CLIP = 0.99
 
 
@@ -199,7 +201,8 @@ class Quantizer(nn.Module):
         self.initialized = True
 
     def _mse_search(self, wg, mask, alpha, zero, grid, chunk: int = 64):
-        """Per-group grid search of alpha * ratio, ratio in [1, 0.2], minimising squared error.
+        """Per-group grid search of alpha * ratio, ratio in [1, 0.2], minimising squared error
+        (docs/methods.md, "Scale search (MSE clip)").
 
         Rows are processed in small chunks so that the temporaries stay in cache.
         """
@@ -296,7 +299,7 @@ class Quantizer(nn.Module):
 
 
 class BinaryQuantizer(Quantizer):
-    """1-bit: ``W_q = alpha * sign(W)``, alpha initialised to mean|W| (ParetoQ)."""
+    """1-bit: ``W_q = alpha * sign(W)``, alpha initialised to mean|W| (ParetoQ; docs/methods.md, "Binary (1-bit)")."""
 
     name = "binary"
     n_levels = 2
@@ -318,7 +321,8 @@ class StretchedElasticQuantizer(Quantizer):
     """Stretched elastic quantization (SEQ, ParetoQ) for ternary (1.58-bit) and 2-bit.
 
     Ternary: ``W_q/alpha in {-2/3, 0, 2/3}``; 2-bit: ``{-3/4, -1/4, 1/4, 3/4}``.
-    alpha is initialised to max|W| of the group and the input clipped at +-0.99.
+    alpha is initialised to max|W| of the group and the input clipped at +-0.99
+    (docs/methods.md, "SEQ: ternary and 2-bit").
     """
 
     name = "seq"
@@ -346,7 +350,7 @@ class StretchedElasticQuantizer(Quantizer):
 class LSQQuantizer(Quantizer):
     """Learned step size (LSQ) for 3/4/8 bits: ``W_q = alpha * clip(round(W/alpha), -2^(b-1), 2^(b-1)-1)``.
 
-    alpha initialised to max|W| / (2^(b-1) - 1) (ParetoQ reference code).
+    alpha initialised to max|W| / (2^(b-1) - 1) (ParetoQ reference code; docs/methods.md, "LSQ: 3, 4 and 8-bit").
     """
 
     name = "lsq"
@@ -369,7 +373,8 @@ class LSQQuantizer(Quantizer):
 
 
 class AbsMeanTernaryQuantizer(Quantizer):
-    """BitNet b1.58 absmean: ``round(clip(W / mean|W|, -1, 1))`` with one scale per tensor by default."""
+    """BitNet b1.58 absmean (Ma et al. 2024, arXiv:2402.17764): ``round(clip(W / mean|W|, -1, 1))``
+    with one scale per tensor by default (docs/methods.md, "BitNet b1.58 absmean")."""
 
     name = "absmean"
     n_levels = 3
@@ -390,7 +395,8 @@ class AbsMeanTernaryQuantizer(Quantizer):
 
 
 class MinMaxQuantizer(Quantizer):
-    """Asymmetric round-to-nearest: step = (max - min) / (2^b - 1), integer zero point per group."""
+    """Asymmetric round-to-nearest: step = (max - min) / (2^b - 1), integer zero point per group
+    (docs/methods.md, "Round-to-nearest: min-max and abs-max")."""
 
     name = "minmax"
     symmetric_zero = False
@@ -415,7 +421,8 @@ class MinMaxQuantizer(Quantizer):
 
 
 class AbsMaxQuantizer(Quantizer):
-    """Symmetric round-to-nearest: step = max|W| / (2^(b-1) - 1), codes in [-(2^(b-1)-1), 2^(b-1)-1]."""
+    """Symmetric round-to-nearest: step = max|W| / (2^(b-1) - 1), codes in [-(2^(b-1)-1), 2^(b-1)-1]
+    (docs/methods.md, "Round-to-nearest: min-max and abs-max")."""
 
     name = "absmax"
 
