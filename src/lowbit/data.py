@@ -317,7 +317,8 @@ def tokenizer_adds_bos(tokenizer: Any) -> bool:
 def tokenize_windows(
     tokenizer: Any, text: str, seq_len: int, max_tokens: int | None = None, *, bos: bool = False
 ) -> torch.Tensor:
-    """Cut ``text`` into non-overlapping windows of ``seq_len`` tokens: a LongTensor (n_windows, seq_len).
+    """Cut ``text`` into non-overlapping windows of ``seq_len`` tokens: a LongTensor (n_windows, seq_len)
+    (docs/methods.md, "Perplexity windows").
 
     The whole text is tokenized once as a single stream without special tokens, truncated to
     ``max_tokens`` text tokens, and cut into consecutive windows; the last partial window is

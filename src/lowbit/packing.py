@@ -1,4 +1,5 @@
-"""Pack integer codes at their true bit-width (row-major, little-endian within each byte).
+"""Pack integer codes at their true bit-width (row-major, little-endian within each byte;
+docs/methods.md, "lowbit packing").
 
 Layouts (name -> codes per byte):
 - ``u1``: 1-bit, 8 codes per byte;      ``u2``: 2-bit, 4 per byte (also ternary for speed);
