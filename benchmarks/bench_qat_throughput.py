@@ -8,7 +8,7 @@ repeats so that a busy machine hurts all of them alike:
 - ``qat-kl``: QAT as ``lowbit train`` runs it by default: plus the frozen teacher's forward and the KL.
 - ``qat-ce-compiled`` / ``qat-kl-compiled``: the same with ``lowbit train --compile`` (fused fake-quant).
 
-All use :func:`lowbit.qat._optimize`, the loop ``lowbit train`` runs, on the same wiki-train windows.
+All use :func:`lowbit.qat.optimize`, the loop ``lowbit train`` runs, on the same wiki-train windows.
 Throughput is tokens / second over the timed steps (the first ``--warm`` steps are not timed);
 peak memory is the process's ``ru_maxrss``. Target: qat-ce >= 0.7x fp-ft.
 
@@ -25,6 +25,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from lowbit.fsio import atomic_write
 
 RESULTS = Path(__file__).parent / "results"
 MODES = ("fp-ft", "qat-ce", "qat-kl", "qat-ce-compiled", "qat-kl-compiled")
@@ -60,7 +62,7 @@ def child(args) -> dict:
     model.requires_grad_(True)
     cfg = qat.TrainConfig(
         out="",
-        bits=args.bits,
+        quant=QuantConfig(bits=args.bits),
         steps=n_steps,
         data="wiki-train",
         batch_size=args.batch_size,
@@ -73,7 +75,7 @@ def child(args) -> dict:
     rows: list[dict] = []
     ctx = qat.DistContext()
     t0 = time.time()
-    qat._optimize(cfg, ctx, model, model, teacher, windows, optimizer, scheduler, progress=False, on_log=rows.append)
+    qat.optimize(cfg, ctx, model, model, teacher, windows, optimizer, scheduler, progress=False, on_log=rows.append)
     wall = time.time() - t0
     timed = rows[args.warm :]
     seconds = timed[-1]["elapsed"] - rows[args.warm - 1]["elapsed"] if args.warm else timed[-1]["elapsed"]
@@ -158,7 +160,7 @@ def main() -> None:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
+    atomic_write(out.with_suffix(".json"), json.dumps(summary, indent=2))
     lines = [
         "# QAT throughput vs full-precision fine-tuning",
         "",
@@ -182,7 +184,7 @@ def main() -> None:
         ratio = best[m] / best["fp-ft"] if "fp-ft" in best else float("nan")
         lines.append(f"| {m} | {what[m]} | {best[m]:.1f} | {ratio:.2f}x | {peak[m]:.0f} |")
     lines += ["", "Command: `python benchmarks/bench_qat_throughput.py " + " ".join(sys.argv[1:]) + "`", ""]
-    out.with_suffix(".md").write_text("\n".join(lines))
+    atomic_write(out.with_suffix(".md"), "\n".join(lines))
     print("\n".join(lines))
 
 

@@ -34,9 +34,8 @@ def _private_cache_one_thread(tmp_path, monkeypatch):
     torch.set_num_threads(threads)
 
 
-def _cfg(model_dir, text_file, out, **kw) -> TrainConfig:
+def _cfg(model_dir, text_file, out, bits=2, **kw) -> TrainConfig:
     settings = dict(
-        bits=2,
         steps=8,
         model=str(model_dir),
         data=str(text_file),
@@ -47,7 +46,7 @@ def _cfg(model_dir, text_file, out, **kw) -> TrainConfig:
         keep_checkpoint=True,
     )
     settings.update(kw)
-    return TrainConfig(out=str(out), **settings)
+    return TrainConfig(out=str(out), quant=QuantConfig(bits=bits), **settings)
 
 
 def _checkpoint_model(out: Path) -> dict[str, torch.Tensor]:
@@ -128,9 +127,9 @@ def test_scales_have_their_own_group_without_weight_decay(tiny_model):
 
 
 def test_default_learning_rates_follow_paretoq():
-    assert TrainConfig(out="x", bits="ternary", steps=1, data="t").lr == 2e-5
-    assert TrainConfig(out="x", bits=4, steps=1, data="t").lr == 1e-5
-    cfg = TrainConfig(out="x", bits=2, steps=1, data="t", lr=1e-3)
+    assert TrainConfig(out="x", quant=QuantConfig(bits="ternary"), steps=1, data="t").lr == 2e-5
+    assert TrainConfig(out="x", quant=QuantConfig(bits=4), steps=1, data="t").lr == 1e-5
+    cfg = TrainConfig(out="x", quant={"bits": 2}, steps=1, data="t", lr=1e-3)
     assert cfg.scale_lr == 1e-3
 
 
@@ -186,6 +185,48 @@ def test_in_memory_train_signature_used_by_the_sweep(sample_text_file):
         )
 
 
+def test_qat_method_gives_the_same_losses_as_train(sample_text_file):
+    from lowbit.methods import make_method, method_class, method_names
+
+    assert method_class("qat") is qat.QAT and "qat" in method_names("training")
+    tokenizer = tiny_tokenizer()
+    settings = {"batch_size": 2, "lr": 1e-3, "loss": "mix"}
+    direct = tiny_llama(vocab_size=len(tokenizer))
+    expected = qat.train(
+        direct, QuantConfig(bits=2), tokenizer, str(sample_text_file), 3, 32, 1, progress=False, **settings
+    )
+    via = tiny_llama(vocab_size=len(tokenizer))
+    method = make_method("qat", steps=3, data=str(sample_text_file), seq_len=32, seed=1, settings=settings, calib="x")
+    record = method.apply(via, QuantConfig(bits=2), tokenizer=tokenizer, progress=False)
+    assert (method.name, method.kind) == ("qat", "training")
+    assert [r["loss"] for r in record["metrics"]] == [r["loss"] for r in expected["metrics"]]
+    assert record["first_loss"] == expected["first_loss"] and record["final_loss"] == expected["final_loss"]
+    assert record["steps"] == 3 and record["train_tokens"] == 3 * 2 * 32
+    assert record["data"]["source"] == str(sample_text_file)
+    a, b = direct.state_dict(), via.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_init_gptq_calibrates_like_lowbit_quantize(tiny_model_dir, sample_text_file):
+    from lowbit.api import quantize
+    from lowbit.methods import GPTQ
+
+    teacher, tokenizer = qat.load_teacher(str(tiny_model_dir))
+    cfg = _cfg(tiny_model_dir, sample_text_file, "unused", init="gptq", calib=str(sample_text_file), calib_seq_len=32)
+    student = qat.build_student(teacher, tokenizer, cfg, progress=False)
+    reference = qat.load_teacher(str(tiny_model_dir))[0]
+    quantize(reference, QuantConfig(bits=2), method=GPTQ(calib=str(sample_text_file), seq_len=32), tokenizer=tokenizer)
+    a, b = student.state_dict(), reference.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    longer = qat.build_student(
+        teacher,
+        tokenizer,
+        _cfg(tiny_model_dir, sample_text_file, "unused", init="gptq", calib=str(sample_text_file), calib_seq_len=64),
+        progress=False,
+    )
+    assert not all(torch.equal(a[k], v) for k, v in longer.state_dict().items())  # the window length is used
+
+
 def test_run_writes_a_folder_that_evaluates_like_the_trained_model(tiny_model_dir, sample_text_file, tmp_path):
     out = tmp_path / "run"
     result = qat.run(_cfg(tiny_model_dir, sample_text_file, out, loss="mix"), progress=False)
@@ -219,17 +260,17 @@ def test_resume_after_an_interruption_is_bit_exact(tiny_model_dir, sample_text_f
     qat.run(_cfg(tiny_model_dir, sample_text_file, unbroken, grad_accum=2, warmup=2), progress=False)
 
     broken = tmp_path / "broken"
-    save = qat.save_checkpoint
+    save = qat.loop.save_checkpoint
 
     def save_then_die(path, *args, **kwargs):
         save(path, *args, **kwargs)
         if args[3] == 6:  # step
             raise _Killed
 
-    monkeypatch.setattr(qat, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(qat.loop, "save_checkpoint", save_then_die)
     with pytest.raises(_Killed):
         qat.run(_cfg(tiny_model_dir, sample_text_file, broken, grad_accum=2, warmup=2), progress=False)
-    monkeypatch.setattr(qat, "save_checkpoint", save)
+    monkeypatch.setattr(qat.loop, "save_checkpoint", save)
     with pytest.raises(LowbitError, match="--resume"):
         qat.run(_cfg(tiny_model_dir, sample_text_file, broken, grad_accum=2, warmup=2), progress=False)
     result = qat.run(
@@ -321,8 +362,8 @@ def test_ddp_and_fsdp_two_processes_match_one(tiny_model_dir, sample_text_file, 
         for key in a:
             torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
         assert _losses(tmp_path / name) == pytest.approx(_losses(single), rel=1e-4)
-        loaded, _, _ = load_quantized(tmp_path / name)
-        assert loaded is not None
+        _, _, meta = load_quantized(tmp_path / name)  # the gathered (unsharded) model loads as one
+        assert meta["info"]["method"] == "qat" and meta["quant_config"]["bits"] == 2
 
 
 def test_data_free_tokens_are_cached_and_reused(tiny_model_dir, tmp_path, monkeypatch):
@@ -344,7 +385,7 @@ def test_data_free_tokens_are_cached_and_reused(tiny_model_dir, tmp_path, monkey
     assert second.result["data_cache_hit"] is True
     assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
 
-    monkeypatch.setattr(qat.shutil, "disk_usage", lambda _: type("U", (), {"free": 1024})())
+    monkeypatch.setattr(qat.data.shutil, "disk_usage", lambda _: type("U", (), {"free": 1024})())
     with pytest.raises(LowbitError, match="disk space"):
         qat.run(_cfg(tiny_model_dir, None, tmp_path / "c", data=None, data_free=512, steps=2), progress=False)
 
@@ -402,6 +443,69 @@ def test_bad_runs_are_lowbit_errors(tiny_model_dir, sample_text_file, tmp_path):
         qat.run(
             _cfg(tiny_model_dir, sample_text_file, tmp_path / "done", steps=2, lr=1e-2), resume=True, progress=False
         )
+
+
+def test_resume_with_another_quant_setting_is_refused(tiny_model_dir, sample_text_file, tmp_path):
+    out = tmp_path / "run"
+    qat.run(_cfg(tiny_model_dir, sample_text_file, out, steps=2), progress=False)
+    changed = _cfg(tiny_model_dir, sample_text_file, out, steps=2)
+    changed.quant = QuantConfig(bits=2, group_size=16)
+    with pytest.raises(LowbitError, match=r"quant\.group_size: run has None, asked 16") as info:
+        qat.run(changed, resume=True, progress=False)
+    assert "\n" not in str(info.value)
+    assert (
+        qat.run(_cfg(tiny_model_dir, sample_text_file, out, steps=2, save_every=1), resume=True, progress=False).result[
+            "steps"
+        ]
+        == 2
+    )
+
+
+def test_cli_flags_come_from_the_config_fields(tiny_model_dir, sample_text_file, tmp_path):
+    from lowbit.cli import build_parser
+    from lowbit.commands.train import config_from_args
+
+    parser = build_parser()
+    base = ["train", "--bits", "2", "--data", "wiki-train", "--steps", "5", "--out", str(tmp_path / "o")]
+    cfg = config_from_args(parser.parse_args(base))
+    defaults = TrainConfig(out=str(tmp_path / "o"), quant=QuantConfig(bits=2), steps=5, data="wiki-train")
+    assert cfg == defaults
+    flags = ["--lr", "1e-3", "--scale-lr", "0", "--batch-size", "1e1", "--seq-len", "64", "--data-tokens", "4096"]
+    flags += ["--init", "gptq", "--calib", "news", "--calib-tokens", "2048", "--calib-seq-len", "128"]
+    flags += ["--group-size", "32", "--exclude", "*.mlp.*", "--override", "*.q_proj=4:16", "--scale-search", "none"]
+    flags += ["--fsdp", "--keep-checkpoint", "--loss", "mix", "--first-token", "bos", "--warmup", "2"]
+    cfg = config_from_args(parser.parse_args(base + flags))
+    assert (cfg.lr, cfg.scale_lr, cfg.batch_size, cfg.seq_len, cfg.data_tokens) == (1e-3, 0.0, 10, 64, 4096)
+    assert (cfg.init, cfg.calib, cfg.calib_tokens, cfg.calib_seq_len) == ("gptq", "news", 2048, 128)
+    assert cfg.fsdp and cfg.keep_checkpoint and (cfg.loss, cfg.first_token, cfg.warmup) == ("mix", "bos", 2)
+    assert cfg.quant == QuantConfig(
+        bits=2,
+        group_size=32,
+        exclude=["*.mlp.*"],
+        overrides={"*.q_proj": {"bits": 4, "group_size": 16}},
+        scale_search="none",
+    )
+    free = config_from_args(parser.parse_args([*base[:3], "--data-free", "1e4", *base[5:]]))
+    assert free.data_free == 10000 and free.data is None
+    for missing in ("--bits", "--steps", "--out"):
+        i = base.index(missing)
+        with pytest.raises(SystemExit):
+            parser.parse_args(base[:i] + base[i + 2 :])
+
+
+def test_cli_train_mixed_precision_like_quantize(tiny_model_dir, sample_text_file, tmp_path):
+    out = tmp_path / "mixed"
+    args = ["train", "--model", str(tiny_model_dir), "--bits", "2", "--data", str(sample_text_file)]
+    args += ["--steps", "2", "--batch-size", "2", "--seq-len", "32", "--out", str(out), "--json"]
+    args += ["--exclude", "*.mlp.down_proj", "--override", "*.self_attn.*=4"]
+    assert main(args) == 0
+    model, _, meta = load_quantized(out)
+    assert meta["quant_config"]["exclude"] == ["*.mlp.down_proj"]
+    bits = {name: m.quantizer.bits for name, m in quantized_modules(model)}
+    assert bits and not any(name.endswith("down_proj") for name in bits)
+    assert {b for n, b in bits.items() if ".self_attn." in n} == {4} and {
+        b for n, b in bits.items() if ".mlp." in n
+    } == {2}
 
 
 def test_cli_train_then_eval(tiny_model_dir, sample_text_file, tmp_path, capsys):

@@ -2,12 +2,14 @@
 
 Runs alone or under ``torchrun --nproc-per-node N -m lowbit.cli train ...`` (DDP, or FSDP with
 ``--fsdp``). ``--resume`` continues a killed run exactly; the finished folder is loadable by
-``lowbit eval --model DIR``.
+``lowbit eval --model DIR``. The options come from the fields of :class:`~lowbit.qat.TrainConfig`
+(its own, grouped by their metadata) and of :class:`~lowbit.surgery.QuantConfig` (the same
+quantization options as ``lowbit quantize``, mixed precision included).
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -22,149 +24,49 @@ SIZE_KEYS = (
     "params",
     "linear_params",
 )
-
-
-def _positive_int(text: str) -> int:
-    """A positive integer, also written as 1e5."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value.is_integer() or value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(value)
+REQUIRED = ("bits", "steps", "out")
 
 
 def register(subparsers) -> None:
-    from lowbit.options import parse_group_size as _group_size
-    from lowbit.models import DEFAULT_MODEL
+    from lowbit.options import add_options, parse_positive_int
+    from lowbit.qat.config import DATA, GENERATION, OPTIM, QUANT, RUN, TrainConfig
+    from lowbit.surgery import QuantConfig
 
     t = subparsers.add_parser(
         "train",
         help="quantization-aware training (ParetoQ quantizers, distillation from the full-precision model)",
         description="Quantization-aware training: the full-precision --model is the teacher and the starting point.",
     )
-    t.add_argument("--model", default=DEFAULT_MODEL, help=f"full-precision model: {DEFAULT_MODEL}, HF folder or .gguf")
-    t.add_argument("--bits", required=True, help="1, 1.58 (or ternary), 2, 3, 4 or 8")
-    src = t.add_argument_group("training data (one of)")
-    src.add_argument("--data", help="text to train on: wiki-train, news, a UTF-8 text file or a .pt token tensor")
-    src.add_argument(
-        "--data-free",
-        type=_positive_int,
-        metavar="N_TOKENS",
-        help="the teacher writes N_TOKENS of training text (LLM-QAT), cached and reused",
-    )
-    t.add_argument("--data-tokens", type=_positive_int, default=None, help="read at most this many tokens of --data")
-    t.add_argument("--steps", type=_positive_int, required=True, help="optimizer steps")
-    t.add_argument("--out", required=True, help="run folder: checkpoints, metrics, then the quantized model")
+    by_group: dict[str | None, list[str]] = {}
+    for f in dataclasses.fields(TrainConfig):
+        by_group.setdefault(f.metadata.get("group"), []).append(f.name)
+    add_options(t, TrainConfig, only=by_group[None])
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-
-    q = t.add_argument_group("quantization")
-    q.add_argument("--group-size", type=_group_size, default=None, help="inputs per scale (default: per channel)")
-    q.add_argument("--quantizer", default="auto", help="auto (ParetoQ: binary / SEQ / LSQ) or a quantizer name")
-    q.add_argument(
-        "--scale-search",
-        choices=("mse", "none"),
-        default="mse",
-        help="initial scales: MSE clip search, or none (the ParetoQ paper's init)",
-    )
-    q.add_argument(
-        "--init",
-        default="rtn",
-        help="rtn (scales from the weights), gptq (GPTQ on --calib first) or a lowbit quantized folder",
-    )
-    q.add_argument("--calib", default="wiki-calib", help="--init gptq: calibration text")
-    q.add_argument("--calib-tokens", type=_positive_int, default=16384)
-
-    o = t.add_argument_group("optimization")
-    o.add_argument("--lr", type=float, default=None, help="weight lr (default 2e-5 at <=2 bits, 1e-5 at 3-4 bits)")
-    o.add_argument("--scale-lr", type=float, default=None, help="lr of the quantizer scales (default: --lr)")
-    o.add_argument("--weight-decay", type=float, default=0.0)
-    o.add_argument("--batch-size", type=_positive_int, default=8, help="sequences per micro-step, over all processes")
-    o.add_argument("--seq-len", type=_positive_int, default=256)
-    o.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-steps per optimizer step")
-    o.add_argument("--warmup", type=int, default=0, help="linear warm-up steps before the cosine decay")
-    o.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
-    o.add_argument(
-        "--loss",
-        choices=("kl", "ce", "mix"),
-        default="kl",
-        help="kl: KL(teacher||student) on logits; ce: next-token cross-entropy; mix: both",
-    )
-    o.add_argument("--kl-weight", type=float, default=0.5, help="--loss mix: weight of the KL term")
-    o.add_argument("--seed", type=int, default=0)
-    o.add_argument(
-        "--dtype",
-        choices=("auto", "fp32", "bf16"),
-        default="auto",
-        help="autocast: auto = bf16 on GPUs that support it, fp32 on CPU",
-    )
-    o.add_argument("--fsdp", action="store_true", help="shard the model over processes (torchrun) with FSDP")
-    o.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile the fake-quant of each layer (~3x faster quantizers, less memory)",
-    )
-
-    g = t.add_argument_group("data-free generation")
-    g.add_argument(
-        "--first-token",
-        choices=("random", "bos"),
-        default="random",
-        help="first token of each sequence: uniform over the vocabulary, or the BOS token",
-    )
-    g.add_argument("--greedy-tokens", type=int, default=3, help="tokens after the first chosen greedily (LLM-QAT)")
-    g.add_argument("--gen-batch", type=_positive_int, default=16, help="sequences generated at once")
-
-    r = t.add_argument_group("run")
-    r.add_argument("--save-every", type=_positive_int, default=50, help="checkpoint every N steps (and at the end)")
-    r.add_argument("--log-every", type=_positive_int, default=1, help="metrics.jsonl line every N steps")
-    r.add_argument("--keep-checkpoint", action="store_true", help="keep checkpoint.pt after the run finishes")
+    groups = {name: t.add_argument_group(name) for name in (DATA, QUANT, OPTIM, GENERATION, RUN)}
+    add_options(groups[DATA], TrainConfig, only=by_group[DATA])
+    add_options(groups[QUANT], QuantConfig)
+    for name in (QUANT, OPTIM, GENERATION, RUN):
+        add_options(groups[name], TrainConfig, only=by_group[name])
+    r = groups[RUN]
     r.add_argument("--eval-data", default=None, help="evaluate the result on this held-out text (e.g. wiki-eval)")
-    r.add_argument("--eval-tokens", type=_positive_int, default=16384)
-    r.add_argument("--eval-seq-len", type=_positive_int, default=512)
+    r.add_argument("--eval-tokens", type=parse_positive_int, default=16384)
+    r.add_argument("--eval-seq-len", type=parse_positive_int, default=512)
     r.add_argument("--json", action="store_true")
+    for action in t._actions:  # argparse's own "required" check and usage line for these
+        if action.dest in REQUIRED:
+            action.required = True
     t.set_defaults(func=cmd_train)
 
 
 def config_from_args(args) -> TrainConfig:
+    """The TrainConfig of the parsed flags: QuantConfig's options become its ``quant``; flags not
+    given take the dataclass defaults."""
+    from lowbit.options import options_from_args
     from lowbit.qat import TrainConfig
+    from lowbit.surgery import QuantConfig
 
-    return TrainConfig(
-        out=args.out,
-        bits=args.bits,
-        steps=args.steps,
-        model=args.model,
-        data=args.data,
-        data_free=args.data_free,
-        data_tokens=args.data_tokens,
-        quantizer=args.quantizer,
-        group_size=args.group_size,
-        scale_search=args.scale_search,
-        init=args.init,
-        calib=args.calib,
-        calib_tokens=args.calib_tokens,
-        lr=args.lr,
-        scale_lr=args.scale_lr,
-        weight_decay=args.weight_decay,
-        batch_size=args.batch_size,
-        seq_len=args.seq_len,
-        grad_accum=args.grad_accum,
-        warmup=args.warmup,
-        grad_clip=args.grad_clip,
-        loss=args.loss,
-        kl_weight=args.kl_weight,
-        seed=args.seed,
-        dtype=args.dtype,
-        fsdp=args.fsdp,
-        compile=args.compile,
-        first_token=args.first_token,
-        greedy_tokens=args.greedy_tokens,
-        gen_batch=args.gen_batch,
-        save_every=args.save_every,
-        log_every=args.log_every,
-        keep_checkpoint=args.keep_checkpoint,
-    )
+    quant = QuantConfig(**options_from_args(QuantConfig, args))
+    return TrainConfig(quant=quant, **options_from_args(TrainConfig, args))
 
 
 def cmd_train(args) -> dict | None:
