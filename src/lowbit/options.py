@@ -74,12 +74,15 @@ def _cli_fields(cls, only=None, skip=()):
         yield f
 
 
-def add_options(parser, cls, only=None, skip=(), help_overrides: dict | None = None) -> None:
-    """Add one option per field of dataclass ``cls`` (``only``/``skip`` select fields) to ``parser``."""
+def add_options(parser, cls, only=None, skip=(), help_overrides: dict | None = None, required=()) -> None:
+    """Add one option per field of dataclass ``cls`` (``only``/``skip`` select fields) to ``parser``;
+    the fields named in ``required`` must be given on the command line."""
     for f in _cli_fields(cls, only, skip):
         meta = f.metadata
         flag = meta.get("flag", "--" + f.name.replace("_", "-"))
         kwargs: dict[str, Any] = {"dest": f.name, "default": None}
+        if f.name in required:
+            kwargs["required"] = True
         help_text = (help_overrides or {}).get(f.name, meta.get("help"))
         annotation = str(f.type)
         if annotation == "bool" and "parse" not in meta:

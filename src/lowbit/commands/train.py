@@ -40,21 +40,18 @@ def register(subparsers) -> None:
     by_group: dict[str | None, list[str]] = {}
     for f in dataclasses.fields(TrainConfig):
         by_group.setdefault(f.metadata.get("group"), []).append(f.name)
-    add_options(t, TrainConfig, only=by_group[None])
+    add_options(t, TrainConfig, only=by_group[None], required=REQUIRED)
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     groups = {name: t.add_argument_group(name) for name in (DATA, QUANT, OPTIM, GENERATION, RUN)}
-    add_options(groups[DATA], TrainConfig, only=by_group[DATA])
-    add_options(groups[QUANT], QuantConfig)
+    add_options(groups[DATA], TrainConfig, only=by_group[DATA], required=REQUIRED)
+    add_options(groups[QUANT], QuantConfig, required=REQUIRED)
     for name in (QUANT, OPTIM, GENERATION, RUN):
-        add_options(groups[name], TrainConfig, only=by_group[name])
+        add_options(groups[name], TrainConfig, only=by_group[name], required=REQUIRED)
     r = groups[RUN]
     r.add_argument("--eval-data", default=None, help="evaluate the result on this held-out text (e.g. wiki-eval)")
     r.add_argument("--eval-tokens", type=parse_positive_int, default=16384)
     r.add_argument("--eval-seq-len", type=parse_positive_int, default=512)
     r.add_argument("--json", action="store_true")
-    for action in t._actions:  # argparse's own "required" check and usage line for these
-        if action.dest in REQUIRED:
-            action.required = True
     t.set_defaults(func=cmd_train)
 
 
