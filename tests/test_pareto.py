@@ -9,7 +9,9 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -117,22 +119,28 @@ def test_qat_points_need_a_step_budget():
     assert sum(p["method"] == "qat" for p in with_budget) == 6
 
 
+@dataclass
 class FakeQAT:
     """Stands in for ``lowbit.qat.QAT`` behind ``make_method("qat", ...)``: quantizes with RTN and
     reports a training record, so the sweep's handling of a training method is tested without training."""
 
-    name = "qat"
-    kind = "training"
-    built: list[dict] = []
+    name: ClassVar[str] = "qat"
+    kind: ClassVar[str] = "training"
+    built: ClassVar[list[dict]] = []
 
-    def __init__(self, steps=0, data="", seq_len=0, seed=0, settings=None):
-        self.settings = {"steps": steps, "data": data, "seq_len": seq_len, "seed": seed, "settings": settings}
-        FakeQAT.built.append(self.settings)
+    steps: int = 0
+    data: str = ""
+    seq_len: int = 0
+    seed: int = 0
+    settings: dict | None = None
+
+    def __post_init__(self):
+        FakeQAT.built.append(asdict(self))
 
     def apply(self, model, config, tokenizer=None, progress=True) -> dict:
         rtn(model, config)
-        record = {"steps": self.settings["steps"], "train_tokens": 123, "first_loss": 2.5, "final_loss": 1.5}
-        return {**record, "data": {"name": self.settings["data"]}, "metrics": [{"loss": 2.5}, {"loss": 1.5}]}
+        record = {"steps": self.steps, "train_tokens": 123, "first_loss": 2.5, "final_loss": 1.5}
+        return {**record, "data": {"name": self.data}, "metrics": [{"loss": 2.5}, {"loss": 1.5}]}
 
 
 @pytest.fixture
@@ -173,8 +181,9 @@ def test_qat_points_are_built_with_make_method_and_keep_the_training_record(tiny
 def test_a_method_that_cannot_be_built_fails_before_any_compute(tiny_assets, tmp_path, monkeypatch):
     model_dir, text = tiny_assets
 
+    @dataclass
     class Broken(FakeQAT):
-        def __init__(self, **settings):
+        def __post_init__(self):
             raise LowbitError("QAT cannot run here")
 
     monkeypatch.setitem(methods._REGISTRY, "qat", Broken)
