@@ -3,34 +3,34 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
 
 from conftest import SAMPLE_TEXT, tiny_llama, tiny_tokenizer
-from lowbit import pareto
+from lowbit import methods
 from lowbit.cli import main
 from lowbit.errors import LowbitError
-from lowbit.evaluation import evaluate
+from lowbit.evaluation import cache_reference, evaluate
 from lowbit.pareto import (
     ResultStore,
     SweepSpec,
-    cache_reference,
-    evaluate_cached,
     mark_frontier,
     plan_points,
     point_key,
     run_sweep,
     summary_lines,
 )
+from lowbit.pareto import sweep as pareto_sweep
 from lowbit.ptq import rtn
 from lowbit.surgery import QuantConfig
 
@@ -119,15 +119,88 @@ def test_qat_points_need_a_step_budget():
     assert sum(p["method"] == "qat" for p in with_budget) == 6
 
 
-def test_qat_without_lowbit_qat_fails_before_any_compute(tiny_assets, tmp_path, monkeypatch):
+@dataclass
+class FakeQAT:
+    """Stands in for ``lowbit.qat.QAT`` behind ``make_method("qat", ...)``: quantizes with RTN and
+    reports a training record, so the sweep's handling of a training method is tested without training."""
+
+    name: ClassVar[str] = "qat"
+    kind: ClassVar[str] = "training"
+    built: ClassVar[list[dict]] = []
+
+    steps: int = 0
+    data: str = ""
+    seq_len: int = 0
+    seed: int = 0
+    settings: dict | None = None
+
+    def __post_init__(self):
+        FakeQAT.built.append(asdict(self))
+
+    def apply(self, model, config, tokenizer=None, progress=True) -> dict:
+        rtn(model, config)
+        record = {"steps": self.steps, "train_tokens": 123, "first_loss": 2.5, "final_loss": 1.5}
+        return {**record, "data": {"name": self.data}, "metrics": [{"loss": 2.5}, {"loss": 1.5}]}
+
+
+@pytest.fixture
+def fake_qat(monkeypatch):
+    FakeQAT.built = []
+    monkeypatch.setitem(methods._REGISTRY, "qat", FakeQAT)
+    return FakeQAT
+
+
+def test_qat_points_are_built_with_make_method_and_keep_the_training_record(tiny_assets, tmp_path, fake_qat):
     model_dir, text = tiny_assets
-    monkeypatch.setitem(sys.modules, "lowbit.qat", None)  # as if lowbit.qat were not installed
-    with pytest.raises(LowbitError, match="QAT not available"):
-        run_sweep(tiny_spec(model_dir, text, methods=["qat"], qat_steps=5), tmp_path, progress=False)
+    spec = tiny_spec(
+        model_dir,
+        text,
+        methods=["qat"],
+        bits=[2],
+        group_sizes=[None],
+        qat_steps=3,
+        qat_data=str(text),
+        qat_settings={"batch_size": 2},
+    )
+    result = run_sweep(spec, tmp_path, progress=False, log=lambda _msg: None)
+    assert result["computed"] == 2
+    assert fake_qat.built == [
+        {"steps": 3, "data": str(text), "seq_len": 64, "seed": 0, "settings": {"warmup": 2, "batch_size": 2}}
+    ]
+    qat = next(r for r in read_lines(tmp_path) if r["method"] == "qat")
+    assert qat["qat"] == {
+        "steps": 3,
+        "train_tokens": 123,
+        "first_loss": 2.5,
+        "final_loss": 1.5,
+        "data": {"name": str(text)},
+    }  # the per-step metrics stay out of the record
+    assert qat["settings"]["qat_steps"] == 3 and qat["settings"]["qat_data_sha256"]
+
+
+def test_a_method_that_cannot_be_built_fails_before_any_compute(tiny_assets, tmp_path, monkeypatch):
+    model_dir, text = tiny_assets
+
+    @dataclass
+    class Broken(FakeQAT):
+        def __post_init__(self):
+            raise LowbitError("QAT cannot run here")
+
+    monkeypatch.setitem(methods._REGISTRY, "qat", Broken)
+    with pytest.raises(LowbitError, match="QAT cannot run here"):
+        run_sweep(tiny_spec(model_dir, text, methods=["rtn", "qat"], qat_steps=5), tmp_path, progress=False)
     assert not (tmp_path / "results.jsonl").exists()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("lowbit.qat") is None, reason="lowbit.qat is not installed")
+def _real_qat() -> bool:
+    try:
+        methods.method_class("qat")
+    except (ImportError, AttributeError):
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _real_qat(), reason="lowbit.qat has no QAT method class")
 def test_qat_points_train_with_lowbit_qat(tiny_assets, tmp_path):
     model_dir, text = tiny_assets
     spec = tiny_spec(
@@ -195,7 +268,7 @@ def test_cached_evaluation_equals_evaluate_with_a_reference_module():
     with torch.inference_mode():
         cache = cache_reference(reference, ids, batch_size=4, progress=False)
         direct = evaluate(model, ids, reference=reference, batch_size=4, progress=False)
-        cached = evaluate_cached(model, cache, progress=False)
+        cached = evaluate(model, cache.windows, reference=cache, progress=False)
         fp = evaluate(reference, ids, reference=reference, batch_size=4, progress=False)
     assert cached == direct
     assert direct["kl_to_reference"] > 0
@@ -205,7 +278,7 @@ def test_cached_evaluation_equals_evaluate_with_a_reference_module():
 
 def test_sweep_refuses_a_reference_cache_larger_than_free_memory(tiny_assets, tmp_path, monkeypatch):
     model_dir, text = tiny_assets
-    monkeypatch.setattr(pareto, "free_memory", lambda: 100_000)  # the cache needs 8 * 63 * 128 * 4 bytes
+    monkeypatch.setattr(pareto_sweep, "free_memory", lambda: 100_000)  # the cache needs 8 * 63 * 128 * 4 bytes
     with pytest.raises(LowbitError, match="lower --max-tokens"):
         run_sweep(tiny_spec(model_dir, text), tmp_path, progress=False, log=lambda _msg: None)
 
@@ -296,13 +369,13 @@ def test_rerun_skips_stored_points_and_repeats_the_numbers(tiny_sweep, tiny_asse
 
 _SLOW_SWEEP = """
 import os, sys, time
-import lowbit.pareto as pareto
-measure = pareto.measure_point
+import lowbit.pareto.sweep as sweep
+measure = sweep.measure_point
 def slow_measure(settings, *args, **kwargs):
     if settings["method"] != "fp":
         time.sleep(float(os.environ["PARETO_TEST_DELAY"]))
     return measure(settings, *args, **kwargs)
-pareto.measure_point = slow_measure
+sweep.measure_point = slow_measure
 from lowbit.cli import main
 sys.exit(main(sys.argv[1:]))
 """

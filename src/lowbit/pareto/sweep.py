@@ -1,0 +1,270 @@
+"""Running a sweep: load each model once, cache its reference log-probs, measure every point.
+
+Quality follows docs/methods.md ("Measuring"): every point of a model is measured on the same
+eval windows against the same full-precision log-probs, computed once per model and kept in
+memory (:func:`lowbit.evaluation.cache_reference`), so the reference model runs once per sweep,
+not once per point. Each finished point goes to the :class:`~lowbit.pareto.store.ResultStore`
+before the next one starts, so a killed sweep loses at most the point in progress.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import hashlib
+import os
+import platform
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lowbit import __version__
+from lowbit.errors import LowbitError
+from lowbit.evaluation import CachedReference, cache_reference, evaluate, size_account
+from lowbit.methods import Method, make_method
+from lowbit.pareto.html import write_report
+from lowbit.pareto.report import fmt_mb, summary_lines
+from lowbit.pareto.spec import SweepSpec, plan_points, point_key, point_label, text_fingerprints
+from lowbit.pareto.store import ResultStore
+
+# What a point's record keeps of a training method's report (the per-step metrics stay out).
+_REPORT_KEYS = ("steps", "train_tokens", "train_seconds", "first_loss", "final_loss", "data")
+
+
+def _method_settings(spec: SweepSpec, name: str) -> dict:
+    """The spec's settings for method ``name`` (:func:`lowbit.methods.make_method` keeps its fields)."""
+    if name == "qat":
+        return {
+            "steps": spec.qat_steps,
+            "data": spec.qat_data,
+            "seq_len": spec.seq_len,
+            "seed": spec.seed,
+            "settings": {"warmup": min(4, spec.qat_steps - 1), **spec.qat_settings},
+        }
+    return {
+        "calib": spec.calib,
+        "calib_tokens": spec.calib_tokens,
+        "seq_len": spec.seq_len,
+        "act_order": spec.act_order,
+        "damp": spec.damp,
+    }
+
+
+def sweep_methods(spec: SweepSpec) -> dict[str, Method]:
+    """The method of each quantized point, by name; built before any compute, so that a method
+    that cannot run fails first."""
+    return {name: make_method(name, **_method_settings(spec, name)) for name in spec.quantized_methods()}
+
+
+@dataclass
+class _ModelContext:
+    """Everything a model's points share: the reference model, tokenizer, reference cache and methods."""
+
+    spec: str
+    reference: nn.Module
+    tokenizer: object
+    cache: CachedReference
+    eval_sha256: str
+    bos: bool
+    reference_seconds: float
+    methods: dict[str, Method]
+
+
+def _load_context(model_spec: str, spec: SweepSpec, methods: dict[str, Method], progress: bool) -> _ModelContext:
+    from lowbit.api import load
+    from lowbit.data import get_text, tokenize_windows, tokenizer_adds_bos
+
+    reference, tokenizer, meta = load(model_spec)
+    if meta is not None:
+        raise LowbitError(f"{model_spec} is already quantized: a sweep starts from the full-precision model")
+    bos = tokenizer_adds_bos(tokenizer)  # as `lowbit eval` and GPTQ calibration do
+    windows = tokenize_windows(tokenizer, get_text(spec.data), spec.seq_len, max_tokens=spec.max_tokens, bos=bos)
+    _check_cache_memory(windows, reference)
+    eval_sha = hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:16]
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        cache = cache_reference(reference, windows, spec.batch_size, progress=progress)
+    seconds = time.perf_counter() - t0
+    return _ModelContext(model_spec, reference, tokenizer, cache, eval_sha, bos, seconds, methods)
+
+
+def free_memory() -> int | None:
+    """Free physical memory in bytes, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        return None
+
+
+def _check_cache_memory(windows: torch.Tensor, reference: nn.Module) -> None:
+    """Refuse a reference cache larger than half the free memory (e.g. ``--max-tokens 0``)."""
+    vocab = getattr(reference.config, "vocab_size", None) or reference.get_output_embeddings().weight.shape[0]
+    need = windows.shape[0] * (windows.shape[1] - 1) * vocab * 4
+    free = free_memory()
+    if free is not None and need > free / 2:
+        raise LowbitError(
+            f"the reference log-probs of {windows.numel():,} eval tokens need {need / 2**30:.2f} GiB "
+            f"(vocab {vocab:,}) and only {free / 2**30:.2f} GiB is free: lower --max-tokens"
+        )
+
+
+def _quantize(model: nn.Module, settings: dict, spec: SweepSpec, ctx: _ModelContext, progress: bool) -> dict:
+    """Quantize ``model`` in place as ``settings`` say; returns what the method reports (QAT: losses)."""
+    from lowbit.surgery import QuantConfig
+
+    config = QuantConfig(
+        bits=settings["bits"],
+        quantizer=spec.quantizer,
+        group_size=settings["group_size"],
+        scale_search=spec.scale_search,
+        hp_dtype=spec.hp_dtype,
+    )
+    method = ctx.methods[settings["method"]]
+    report = method.apply(model, config, tokenizer=ctx.tokenizer, progress=progress)
+    return {method.name: {k: report[k] for k in _REPORT_KEYS if k in report}} if report else {}
+
+
+def _versions() -> dict:
+    import transformers
+
+    return {
+        "lowbit": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def measure_point(settings: dict, spec: SweepSpec, ctx: _ModelContext, progress: bool = True) -> dict:
+    """Quantize a copy of the reference model as ``settings`` say and measure it: one result record."""
+    from lowbit.models import model_id
+
+    t_start = time.perf_counter()
+    torch.manual_seed(settings["seed"])
+    quantize_seconds, reported = 0.0, {}
+    if settings["method"] == "fp":
+        model = ctx.reference
+        quality = dict(ctx.cache.result)
+        eval_seconds = ctx.reference_seconds
+        bits = float(8 * next(model.parameters()).element_size())
+        extra = {"bits": bits, "quantizer": None, "group_size": None}
+    else:
+        model = copy.deepcopy(ctx.reference)
+        t0 = time.perf_counter()
+        reported = _quantize(model, settings, spec, ctx, progress)
+        quantize_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            quality = evaluate(model, ctx.cache.windows, reference=ctx.cache, progress=progress)
+        eval_seconds = time.perf_counter() - t0
+        extra = {k: settings[k] for k in ("bits", "quantizer", "group_size")}
+    size = size_account(model)
+    return {
+        "key": point_key(settings),
+        "model": model_id(ctx.spec),
+        "method": settings["method"],
+        **extra,
+        **size,
+        **quality,
+        "eval_tokens_sha256": ctx.eval_sha256,
+        "eval_bos": ctx.bos,
+        "seed": settings["seed"],
+        "quantize_seconds": round(quantize_seconds, 3),
+        "eval_seconds": round(eval_seconds, 3),
+        "seconds": round(time.perf_counter() - t_start + (eval_seconds if settings["method"] == "fp" else 0.0), 3),
+        **reported,
+        "settings": settings,
+        "versions": _versions(),
+    }
+
+
+@dataclass
+class _Run:
+    """One invocation of :func:`run_sweep`: what it shares across models and what it has counted."""
+
+    spec: SweepSpec
+    store: ResultStore
+    done: dict[str, dict]
+    methods: dict[str, Method]
+    run_id: str
+    progress: bool
+    log: Callable[[str], None]
+    computed: int = 0
+    skipped: int = 0
+
+
+def _sweep_model(run: _Run, model_spec: str, plan: list[dict]) -> None:
+    """Measure and store the points of ``plan`` (one model's) that the store does not hold yet."""
+    todo = [p for p in plan if point_key(p) not in run.done]
+    run.skipped += len(plan) - len(todo)
+    if not todo:
+        run.log(f"pareto: {model_spec}: all {len(plan)} points already in {run.store.path}")
+        return
+    run.log(f"pareto: {model_spec}: {len(todo)} of {len(plan)} points to compute (run {run.run_id})")
+    ctx = _load_context(model_spec, run.spec, run.methods, run.progress)
+    run.log(
+        f"pareto: {model_spec}: reference log-probs cached ({ctx.cache.result['tokens']} tokens, "
+        f"{ctx.cache.nbytes / 2**30:.2f} GiB, {ctx.reference_seconds:.0f} s)"
+    )
+    for index, settings in enumerate(todo, 1):
+        record = measure_point(settings, run.spec, ctx, progress=run.progress)
+        record["run_id"] = run.run_id
+        record["computed_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        run.store.append(record)
+        run.done[record["key"]] = record
+        run.computed += 1
+        run.log(
+            f"pareto: [{index}/{len(todo)}] {record['model']} {point_label(record)}: "
+            f"{fmt_mb(record['total_bytes'])} MB, KL {record['kl_to_reference']:.4g}, "
+            f"ppl {record['perplexity']:.4g} ({record['seconds']:.0f} s)"
+        )
+    del ctx
+    gc.collect()
+
+
+def run_sweep(
+    spec: SweepSpec,
+    out: str | os.PathLike[str],
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Run (or resume) a sweep into folder ``out`` and write its report. Returns a summary dict.
+
+    Points already in ``out/results.jsonl`` are skipped; a model whose points are all stored is
+    not even loaded.
+    """
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    out = Path(out)
+    if "qat" in spec.methods and spec.qat_steps == 0:
+        log("pareto: 'qat' skipped: QAT points need a training budget (--qat-steps N > 0)")
+    methods = sweep_methods(spec)  # a method that cannot run fails before any compute
+    fingerprints = text_fingerprints(spec)
+    t_sweep = time.perf_counter()
+    with ResultStore(out) as store:
+        run = _Run(spec, store, store.read(), methods, uuid.uuid4().hex[:12], progress, log)
+        planned: list[dict] = []
+        for model_spec in spec.models:
+            plan = plan_points(spec, model_spec, fingerprints)
+            planned.extend(plan)
+            _sweep_model(run, model_spec, plan)
+        records = [run.done[point_key(p)] for p in planned]
+    paths = write_report(records, spec, out)
+    return {
+        "out": str(out),
+        "points": len(records),
+        "computed": run.computed,
+        "skipped": run.skipped,
+        "run_id": run.run_id,
+        "seconds": round(time.perf_counter() - t_sweep, 1),
+        **paths,
+        "frontier": [f"{r['model']} {point_label(r)}" for r in records if r["frontier"]],
+        "summary": summary_lines(records),
+    }
