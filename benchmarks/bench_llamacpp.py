@@ -50,17 +50,19 @@ import torch
 from lowbit import __version__
 from lowbit.data import get_text
 from lowbit.evaluation import compare_logits
-from lowbit.export_gguf import export_gguf, open_llamacpp
+from lowbit.gguf import export_gguf
 from lowbit.io import load_quantized
+from lowbit.peers.llamacpp import llamacpp_logits, open_llamacpp
 
 DEFAULT_DIRS = ["runs/q4g16:f32", "runs/q4g32", "runs/qat/qat-ternary", "runs/ternary-down", "runs/ternary-ch"]
 NOTES = [
-    "llama.cpp ran with use_extra_bufts=False (no AMX / CPU_REPACK weight repacking): on this AMX CPU "
+    "llama.cpp ran with use_extra_bufts=False (open_llamacpp(extra_bufts=False): no AMX / CPU_REPACK weight "
+    "repacking, which llama.cpp uses by default): on this AMX CPU "
     "llama-cpp-python 0.3.36 segfaults in the AMX matmul at the first eval of any Q4_0 or Q8_0 file, "
     "llama.cpp's own llama_model_quantize output included (upstream llama.cpp issue #20824). Decode speeds "
     "are therefore for llama.cpp's plain CPU kernels and may be below what repacked Q4_0 reaches.",
-    "This CPU reports AVX-512 and AMX, unlike the AVX2-only machine of METHODS.md section 3: compare tok/s "
-    "only within this file.",
+    "This CPU reports AVX-512 and AMX, unlike an AVX2-only laptop-class CPU: compare tok/s only within this "
+    "file.",
     "The quantized folders' tokenizer was converted by transformers from the SmolLM2 GGUF and splits text with "
     "the plain GPT-2 regex (no per-digit split), so the export writes pre-tokenizer 'gpt-2', matching lowbit's "
     "tokenizer rather than the original 'smollm' one.",
@@ -88,7 +90,7 @@ def lowbit_logits(model, ids: list[int]) -> np.ndarray:
 
 
 def llamacpp_decode_speed(path: Path, prompt: list[int], steps: list[int], threads: int, reps: int) -> list[float]:
-    llm = open_llamacpp(path, n_ctx=512, n_threads=threads, logits_all=False)
+    llm = open_llamacpp(path, n_ctx=512, n_threads=threads, logits_all=False, extra_bufts=False)
     speeds = []
     for _ in range(reps + 1):  # first run warms up
         llm.reset()
@@ -198,7 +200,7 @@ def bench_folder(folder: Path, fallback: str, gguf_dir: Path, args, text_ids: li
     model, _, meta = load_quantized(folder)
     model.eval()
 
-    llm = open_llamacpp(out, n_ctx=args.window, n_threads=args.threads, logits_all=True)
+    llm = open_llamacpp(out, n_ctx=args.window, n_threads=args.threads, logits_all=True, extra_bufts=False)
     windows = [text_ids[i : i + args.window] for i in range(0, len(text_ids) - args.window + 1, args.window)]
     stats, nll_lb, nll_lc, count = [], 0.0, 0.0, 0
     for ids in windows:
@@ -262,7 +264,6 @@ def tiny_checks(work: Path, threads: int) -> list[dict]:
     """The unit-test models (random Llama, hidden 256, 2 layers, tiny BPE) through llama.cpp."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from conftest import SAMPLE_TEXT, tiny_tokenizer
-    from lowbit.export_gguf import llamacpp_logits
     from test_export_gguf import _shrink_steps, make_folder
 
     rows = []
@@ -272,7 +273,7 @@ def tiny_checks(work: Path, threads: int) -> list[dict]:
         out = work / f"tiny{i}.gguf"
         export = export_gguf(folder, out, fallback=fallback, ternary=ternary)
         model, _, _ = load_quantized(folder)
-        cmp = compare_logits(lowbit_logits(model, ids), llamacpp_logits(out, ids, n_threads=threads))
+        cmp = compare_logits(lowbit_logits(model, ids), llamacpp_logits(out, ids, n_threads=threads, extra_bufts=False))
         rows.append(
             {
                 "case": label,
