@@ -287,6 +287,12 @@ def tiny_checks(work: Path, threads: int) -> list[dict]:
 
 
 def write_md(results: dict, path: Path) -> None:
+    lines = _md_header(results) + _md_sizes(results) + _md_logits(results) + _md_decode(results) + _md_tiny(results)
+    lines += ["", "## Notes", ""] + [f"- {n}" for n in results["notes"]]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _md_header(results: dict) -> list[str]:
     lines = [
         "# lowbit -> GGUF -> llama.cpp",
         "",
@@ -300,8 +306,11 @@ def write_md(results: dict, path: Path) -> None:
         "Quantized folders were made with:",
         "",
     ]
-    lines += [f"    {c}" for c in results["quantize_commands"]]
-    lines += [
+    return lines + [f"    {c}" for c in results["quantize_commands"]]
+
+
+def _md_sizes(results: dict) -> list[str]:
+    lines = [
         "",
         "## Size (bytes actually written to the GGUF file)",
         "",
@@ -320,9 +329,11 @@ def write_md(results: dict, path: Path) -> None:
             f"{e['bits_per_weight_linear']:.3f} | {e['quantized_exact']}/{e['quantized_tensors']} quantized, "
             f"{e['inexact_tensors']} inexact, max err {e['max_abs_error']:g} |"
         )
-    lines += [
-        "",
-        "The embedding (tied with the output head, 28.3 M parameters) stays fp16 and is about half the file.",
+    return lines + ["", "The embedding (tied with the output head, 28.3 M parameters) stays fp16 and is about half the file."]
+
+
+def _md_logits(results: dict) -> list[str]:
+    lines = [
         "",
         "## llama.cpp vs lowbit on the same token ids",
         "",
@@ -336,9 +347,14 @@ def write_md(results: dict, path: Path) -> None:
             f"{c['mean_kl_lowbit_to_llamacpp']:.2e} | {c['max_kl']:.2e} | {c['top1_agreement']:.4f} | "
             f"{c['perplexity_lowbit']:.3f} | {c['perplexity_llamacpp']:.3f} |"
         )
-    lines += [
+    return lines + [
         "",
         "llama.cpp quantizes activations to 8 bits inside Q4_0 / Q8_0 / TQ matmuls, so agreement is close, not exact.",
+    ]
+
+
+def _md_decode(results: dict) -> list[str]:
+    lines = [
         "",
         f"## Decode speed (batch 1, one token per step after a 16-token prompt, {results['threads']} threads)",
         "",
@@ -356,22 +372,26 @@ def write_md(results: dict, path: Path) -> None:
             f"{p.get('tok_s', 'n/a')} | {p.get('float_tok_s', 'n/a')} | {ratio} | "
             f"{d['llamacpp_tok_s_runs']} | {d['lowbit_torch_fp32_tok_s_runs']} | {d['loadavg_1min_before_after']} |"
         )
-    if results.get("tiny"):
-        lines += [
-            "",
-            "## Tiny random Llama (hidden 256, 2 layers; the unit-test models), 64 tokens",
-            "",
-            "| case | linear types | max weight error in file | max abs logit diff | mean KL | top-1 |",
-            "|---|---|---:|---:|---:|---:|",
-        ]
-        for t in results["tiny"]:
-            types = ", ".join(f"{k} x{v}" for k, v in t["linear_types"].items())
-            lines.append(
-                f"| {t['case']} | {types} | {t['max_abs_weight_error']:.3g} | {t['max_abs_logit_diff']:.4g} | "
-                f"{t['mean_kl']:.2e} | {t['top1_agreement']:.3f} |"
-            )
-    lines += ["", "## Notes", ""] + [f"- {n}" for n in results["notes"]]
-    path.write_text("\n".join(lines) + "\n")
+    return lines
+
+
+def _md_tiny(results: dict) -> list[str]:
+    if not results.get("tiny"):
+        return []
+    lines = [
+        "",
+        "## Tiny random Llama (hidden 256, 2 layers; the unit-test models), 64 tokens",
+        "",
+        "| case | linear types | max weight error in file | max abs logit diff | mean KL | top-1 |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for t in results["tiny"]:
+        types = ", ".join(f"{k} x{v}" for k, v in t["linear_types"].items())
+        lines.append(
+            f"| {t['case']} | {types} | {t['max_abs_weight_error']:.3g} | {t['max_abs_logit_diff']:.4g} | "
+            f"{t['mean_kl']:.2e} | {t['top1_agreement']:.3f} |"
+        )
+    return lines
 
 
 def main() -> None:
