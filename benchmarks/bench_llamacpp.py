@@ -50,17 +50,19 @@ import torch
 from lowbit import __version__
 from lowbit.data import get_text
 from lowbit.evaluation import compare_logits
-from lowbit.export_gguf import export_gguf, open_llamacpp
+from lowbit.gguf import export_gguf
 from lowbit.io import load_quantized
+from lowbit.peers.llamacpp import llamacpp_logits, open_llamacpp
 
 DEFAULT_DIRS = ["runs/q4g16:f32", "runs/q4g32", "runs/qat/qat-ternary", "runs/ternary-down", "runs/ternary-ch"]
 NOTES = [
-    "llama.cpp ran with use_extra_bufts=False (no AMX / CPU_REPACK weight repacking): on this AMX CPU "
+    "llama.cpp ran with use_extra_bufts=False (open_llamacpp(extra_bufts=False): no AMX / CPU_REPACK weight "
+    "repacking, which llama.cpp uses by default): on this AMX CPU "
     "llama-cpp-python 0.3.36 segfaults in the AMX matmul at the first eval of any Q4_0 or Q8_0 file, "
     "llama.cpp's own llama_model_quantize output included (upstream llama.cpp issue #20824). Decode speeds "
     "are therefore for llama.cpp's plain CPU kernels and may be below what repacked Q4_0 reaches.",
-    "This CPU reports AVX-512 and AMX, unlike the AVX2-only machine of METHODS.md section 3: compare tok/s "
-    "only within this file.",
+    "This CPU reports AVX-512 and AMX, unlike an AVX2-only laptop-class CPU: compare tok/s only within this "
+    "file.",
     "The quantized folders' tokenizer was converted by transformers from the SmolLM2 GGUF and splits text with "
     "the plain GPT-2 regex (no per-digit split), so the export writes pre-tokenizer 'gpt-2', matching lowbit's "
     "tokenizer rather than the original 'smollm' one.",
@@ -88,7 +90,7 @@ def lowbit_logits(model, ids: list[int]) -> np.ndarray:
 
 
 def llamacpp_decode_speed(path: Path, prompt: list[int], steps: list[int], threads: int, reps: int) -> list[float]:
-    llm = open_llamacpp(path, n_ctx=512, n_threads=threads, logits_all=False)
+    llm = open_llamacpp(path, n_ctx=512, n_threads=threads, logits_all=False, extra_bufts=False)
     speeds = []
     for _ in range(reps + 1):  # first run warms up
         llm.reset()
@@ -198,7 +200,7 @@ def bench_folder(folder: Path, fallback: str, gguf_dir: Path, args, text_ids: li
     model, _, meta = load_quantized(folder)
     model.eval()
 
-    llm = open_llamacpp(out, n_ctx=args.window, n_threads=args.threads, logits_all=True)
+    llm = open_llamacpp(out, n_ctx=args.window, n_threads=args.threads, logits_all=True, extra_bufts=False)
     windows = [text_ids[i : i + args.window] for i in range(0, len(text_ids) - args.window + 1, args.window)]
     stats, nll_lb, nll_lc, count = [], 0.0, 0.0, 0
     for ids in windows:
@@ -262,7 +264,6 @@ def tiny_checks(work: Path, threads: int) -> list[dict]:
     """The unit-test models (random Llama, hidden 256, 2 layers, tiny BPE) through llama.cpp."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from conftest import SAMPLE_TEXT, tiny_tokenizer
-    from lowbit.export_gguf import llamacpp_logits
     from test_export_gguf import _shrink_steps, make_folder
 
     rows = []
@@ -272,7 +273,7 @@ def tiny_checks(work: Path, threads: int) -> list[dict]:
         out = work / f"tiny{i}.gguf"
         export = export_gguf(folder, out, fallback=fallback, ternary=ternary)
         model, _, _ = load_quantized(folder)
-        cmp = compare_logits(lowbit_logits(model, ids), llamacpp_logits(out, ids, n_threads=threads))
+        cmp = compare_logits(lowbit_logits(model, ids), llamacpp_logits(out, ids, n_threads=threads, extra_bufts=False))
         rows.append(
             {
                 "case": label,
@@ -286,6 +287,12 @@ def tiny_checks(work: Path, threads: int) -> list[dict]:
 
 
 def write_md(results: dict, path: Path) -> None:
+    lines = _md_header(results) + _md_sizes(results) + _md_logits(results) + _md_decode(results) + _md_tiny(results)
+    lines += ["", "## Notes", ""] + [f"- {n}" for n in results["notes"]]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _md_header(results: dict) -> list[str]:
     lines = [
         "# lowbit -> GGUF -> llama.cpp",
         "",
@@ -299,8 +306,11 @@ def write_md(results: dict, path: Path) -> None:
         "Quantized folders were made with:",
         "",
     ]
-    lines += [f"    {c}" for c in results["quantize_commands"]]
-    lines += [
+    return lines + [f"    {c}" for c in results["quantize_commands"]]
+
+
+def _md_sizes(results: dict) -> list[str]:
+    lines = [
         "",
         "## Size (bytes actually written to the GGUF file)",
         "",
@@ -319,9 +329,11 @@ def write_md(results: dict, path: Path) -> None:
             f"{e['bits_per_weight_linear']:.3f} | {e['quantized_exact']}/{e['quantized_tensors']} quantized, "
             f"{e['inexact_tensors']} inexact, max err {e['max_abs_error']:g} |"
         )
-    lines += [
-        "",
-        "The embedding (tied with the output head, 28.3 M parameters) stays fp16 and is about half the file.",
+    return lines + ["", "The embedding (tied with the output head, 28.3 M parameters) stays fp16 and is about half the file."]
+
+
+def _md_logits(results: dict) -> list[str]:
+    lines = [
         "",
         "## llama.cpp vs lowbit on the same token ids",
         "",
@@ -335,9 +347,14 @@ def write_md(results: dict, path: Path) -> None:
             f"{c['mean_kl_lowbit_to_llamacpp']:.2e} | {c['max_kl']:.2e} | {c['top1_agreement']:.4f} | "
             f"{c['perplexity_lowbit']:.3f} | {c['perplexity_llamacpp']:.3f} |"
         )
-    lines += [
+    return lines + [
         "",
         "llama.cpp quantizes activations to 8 bits inside Q4_0 / Q8_0 / TQ matmuls, so agreement is close, not exact.",
+    ]
+
+
+def _md_decode(results: dict) -> list[str]:
+    lines = [
         "",
         f"## Decode speed (batch 1, one token per step after a 16-token prompt, {results['threads']} threads)",
         "",
@@ -355,22 +372,26 @@ def write_md(results: dict, path: Path) -> None:
             f"{p.get('tok_s', 'n/a')} | {p.get('float_tok_s', 'n/a')} | {ratio} | "
             f"{d['llamacpp_tok_s_runs']} | {d['lowbit_torch_fp32_tok_s_runs']} | {d['loadavg_1min_before_after']} |"
         )
-    if results.get("tiny"):
-        lines += [
-            "",
-            "## Tiny random Llama (hidden 256, 2 layers; the unit-test models), 64 tokens",
-            "",
-            "| case | linear types | max weight error in file | max abs logit diff | mean KL | top-1 |",
-            "|---|---|---:|---:|---:|---:|",
-        ]
-        for t in results["tiny"]:
-            types = ", ".join(f"{k} x{v}" for k, v in t["linear_types"].items())
-            lines.append(
-                f"| {t['case']} | {types} | {t['max_abs_weight_error']:.3g} | {t['max_abs_logit_diff']:.4g} | "
-                f"{t['mean_kl']:.2e} | {t['top1_agreement']:.3f} |"
-            )
-    lines += ["", "## Notes", ""] + [f"- {n}" for n in results["notes"]]
-    path.write_text("\n".join(lines) + "\n")
+    return lines
+
+
+def _md_tiny(results: dict) -> list[str]:
+    if not results.get("tiny"):
+        return []
+    lines = [
+        "",
+        "## Tiny random Llama (hidden 256, 2 layers; the unit-test models), 64 tokens",
+        "",
+        "| case | linear types | max weight error in file | max abs logit diff | mean KL | top-1 |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for t in results["tiny"]:
+        types = ", ".join(f"{k} x{v}" for k, v in t["linear_types"].items())
+        lines.append(
+            f"| {t['case']} | {types} | {t['max_abs_weight_error']:.3g} | {t['max_abs_logit_diff']:.4g} | "
+            f"{t['mean_kl']:.2e} | {t['top1_agreement']:.3f} |"
+        )
+    return lines
 
 
 def main() -> None:

@@ -13,7 +13,8 @@ import torch
 from conftest import SAMPLE_TEXT, tiny_tokenizer
 from lowbit.cli import main
 from lowbit.errors import LowbitError
-from lowbit.export_gguf import dequantize_tensor, export_gguf
+from lowbit.evaluation import compare_logits
+from lowbit.gguf import dequantize_tensor, export_gguf
 from lowbit.io import load_quantized, save_quantized
 from lowbit.surgery import QuantConfig, quantize_model
 
@@ -299,14 +300,14 @@ def _lowbit_logits(folder: Path, ids: list[int]) -> np.ndarray:
     ],
 )
 def test_llamacpp_matches_lowbit(tmp_path, bits, group, fallback, ternary, kind, max_kl):
-    from lowbit.export_gguf import compare_logits, llamacpp_logits
+    from lowbit.peers.llamacpp import llamacpp_logits
 
     folder = make_folder(tmp_path, bits, group)
     out = tmp_path / "m.gguf"
     result = export_gguf(folder, out, fallback=fallback, ternary=ternary)
     assert result["linear_types"] == {kind: 14}
     ids = tiny_tokenizer()(SAMPLE_TEXT[:400])["input_ids"][:64]
-    cmp = compare_logits(_lowbit_logits(folder, ids), llamacpp_logits(out, ids, n_threads=1))
+    cmp = compare_logits(_lowbit_logits(folder, ids), llamacpp_logits(out, ids, n_threads=1, extra_bufts=False))
     assert cmp["mean_kl"] < max_kl, cmp
     assert cmp["top1_agreement"] >= 0.95, cmp
 
@@ -322,25 +323,25 @@ def _shrink_steps(model):
 
 @pytest.mark.skipif(not HAVE_LLAMA_CPP, reason=NO_LLAMA_CPP)
 def test_llamacpp_q8_0_with_code_minus_128(tmp_path):
-    from lowbit.export_gguf import compare_logits, llamacpp_logits
+    from lowbit.peers.llamacpp import llamacpp_logits
 
     folder = make_folder(tmp_path, 8, 32, tweak=_shrink_steps)
     out = tmp_path / "m.gguf"
     result = export_gguf(folder, out)
     assert result["q8_0_with_code_-128"] == 14
     ids = tiny_tokenizer()(SAMPLE_TEXT[:400])["input_ids"][:64]
-    cmp = compare_logits(_lowbit_logits(folder, ids), llamacpp_logits(out, ids, n_threads=1))
+    cmp = compare_logits(_lowbit_logits(folder, ids), llamacpp_logits(out, ids, n_threads=1, extra_bufts=False))
     assert cmp["mean_kl"] < 1e-3 and cmp["top1_agreement"] >= 0.95, cmp
 
 
 @pytest.mark.skipif(not HAVE_LLAMA_CPP, reason=NO_LLAMA_CPP)
 def test_llamacpp_tokenizes_like_lowbit(tmp_path):
-    from lowbit.export_gguf import open_llamacpp
+    from lowbit.peers.llamacpp import open_llamacpp
 
     folder = make_folder(tmp_path, 4, 32)
     out = tmp_path / "m.gguf"
     export_gguf(folder, out)
-    llm = open_llamacpp(out, n_ctx=64, n_threads=1, logits_all=False)
+    llm = open_llamacpp(out, n_ctx=64, n_threads=1, logits_all=False, extra_bufts=False)
     text = SAMPLE_TEXT[:300]
     assert llm.tokenize(text.encode(), add_bos=False) == tiny_tokenizer()(text)["input_ids"]
     llm.close()
@@ -365,7 +366,7 @@ def test_llamacpp_tokenizes_like_lowbit(tmp_path):
 def test_default_model_in_llamacpp(tmp_path, name, config, types):
     """The default model: exact GGUF types, and llama.cpp's logits agree with lowbit's."""
     from lowbit.api import quantize_to_dir
-    from lowbit.export_gguf import compare_logits, llamacpp_logits
+    from lowbit.peers.llamacpp import llamacpp_logits
 
     folder = tmp_path / name
     quantize_to_dir("smollm2-135m", folder, QuantConfig(**config), progress=False)
@@ -374,5 +375,5 @@ def test_default_model_in_llamacpp(tmp_path, name, config, types):
     assert result["linear_types"] == types and result["inexact_tensors"] == 0
     _, tok, _ = load_quantized(folder)
     ids = tok(SAMPLE_TEXT)["input_ids"][:256]
-    cmp = compare_logits(_lowbit_logits(folder, ids), llamacpp_logits(out, ids, n_threads=2))
+    cmp = compare_logits(_lowbit_logits(folder, ids), llamacpp_logits(out, ids, n_threads=2, extra_bufts=False))
     assert cmp["mean_kl"] < 0.01 and cmp["top1_agreement"] > 0.9, cmp

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -129,8 +130,70 @@ def read_meta(path: str | os.PathLike) -> dict:
     return meta
 
 
-def open_weights(path: Path, verify: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Read ``lowbit.json`` and the weights file, refusing a missing, truncated or corrupted file."""
+@dataclass
+class PackedLayer:
+    """One quantized layer's tensors exactly as the folder stores them (codes still packed)."""
+
+    name: str
+    info: dict
+    qweight: torch.Tensor
+    step: torch.Tensor
+    zero: torch.Tensor | None
+    bias: torch.Tensor | None
+
+    def unpack(self) -> QuantizedWeight:
+        """The layer as a :class:`QuantizedWeight`: codes unpacked, float32 steps and zero points."""
+        info = self.info
+        codes = unpack_codes(self.qweight, info["layout"], info["shape"][1])
+        step = self.step.float()
+        zero = self.zero.float() if self.zero is not None else torch.full_like(step, info["grid_zero"])
+        return QuantizedWeight(codes, step, zero, info["group_size"], info["n_levels"], info["bits"], info["quantizer"])
+
+
+@dataclass
+class QuantizedFolder:
+    """A quantized folder opened by :func:`open_folder`: ``meta`` (``lowbit.json``) and every tensor
+    of the weights file as stored. :meth:`layer` hands out one quantized layer's tensors; with
+    ``take=True`` they leave ``tensors``, so that what remains is the high-precision state."""
+
+    path: Path
+    meta: dict
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def layers(self) -> dict[str, dict]:
+        """Per-layer metadata; a tied layer's entry is ``{"tied_to": owner}``."""
+        return self.meta["layers"]
+
+    def stored_layers(self) -> list[str]:
+        """Names of the quantized layers that own their tensors (tied layers excluded)."""
+        return [name for name, info in self.layers.items() if "tied_to" not in info]
+
+    def layer(self, name: str, take: bool = False) -> PackedLayer:
+        """Layer ``name``'s packed codes, steps, zero points (None when symmetric) and bias (or None)."""
+        get = self.tensors.pop if take else self.tensors.__getitem__
+        find = self.tensors.pop if take else self.tensors.get
+        return PackedLayer(
+            name, self.layers[name], get(f"{name}.qweight"), get(f"{name}.step"),
+            find(f"{name}.zero", None), find(f"{name}.bias", None),
+        )  # fmt: skip
+
+    def hf_config(self):
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(self.path)
+
+    def tokenizer(self):
+        """The folder's tokenizer, or None when it has no tokenizer files."""
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.path) if (self.path / "tokenizer_config.json").exists() else None
+
+
+def open_folder(path: str | os.PathLike, verify: bool = True) -> QuantizedFolder:
+    """Read ``lowbit.json`` and the weights file, refusing a missing, truncated or (``verify``:
+    SHA-256) corrupted file. The one reader of quantized folders."""
+    path = Path(path)
     meta = read_meta(path)
     weights = path / meta["weights_file"]
     if not weights.is_file():
@@ -141,53 +204,46 @@ def open_weights(path: Path, verify: bool = True) -> tuple[dict, dict[str, torch
     if verify and sha256_file(weights) != meta["weights_sha256"]:
         raise LowbitError(f"{weights} fails its SHA-256 check: the file is corrupted, re-run lowbit quantize")
     try:
-        return meta, load_file(weights)
+        return QuantizedFolder(path, meta, load_file(weights))
     except SafetensorError as exc:
         raise LowbitError(f"{weights} cannot be read ({exc}): the file is corrupted") from exc
 
 
-def pop_quantized_weight(tensors: dict[str, torch.Tensor], name: str, info: dict) -> QuantizedWeight:
-    """Take layer ``name``'s packed codes, steps and zeros out of ``tensors`` as a QuantizedWeight."""
-    codes = unpack_codes(tensors.pop(f"{name}.qweight"), info["layout"], info["shape"][1])
-    step = tensors.pop(f"{name}.step").float()
-    zero_t = tensors.pop(f"{name}.zero", None)
-    zero = zero_t.float() if zero_t is not None else torch.full_like(step, info["grid_zero"])
-    return QuantizedWeight(codes, step, zero, info["group_size"], info["n_levels"], info["bits"], info["quantizer"])
-
-
 def load_quantized(path: str | os.PathLike, verify: bool = True):
     """Load a quantized model folder; returns (model, tokenizer, meta)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    folder = open_folder(path, verify)
+    model = quantized_model(folder)
+    return model, folder.tokenizer(), folder.meta
 
-    path = Path(path)
-    meta, tensors = open_weights(path, verify)
-    hf_config = AutoConfig.from_pretrained(path)
-    model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+
+def quantized_model(folder: QuantizedFolder) -> nn.Module:
+    """The fake-quant float32 model of an opened folder (consumes ``folder.tensors``)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(folder.hf_config(), dtype=torch.float32)
     model.eval()
-    qconfig = QuantConfig.from_dict(meta["quant_config"])
-    quantize_model(model, qconfig, initialize=False)
-    layer_meta = meta["layers"]
+    quantize_model(model, QuantConfig.from_dict(folder.meta["quant_config"]), initialize=False)
     modules = dict(quantized_modules(model))
-    if set(modules) != set(layer_meta):
-        raise LowbitError(f"{path}: quantized layers in the file do not match the model config (file damaged?)")
+    if set(modules) != set(folder.layers):
+        raise LowbitError(f"{folder.path}: quantized layers in the file do not match the model config (file damaged?)")
+    tensors = folder.tensors
     with torch.no_grad():
-        for name, module in modules.items():
-            info = layer_meta[name]
-            if "tied_to" in info:
-                continue
-            qw = pop_quantized_weight(tensors, name, info)
+        for name in folder.stored_layers():
+            module, layer = modules[name], folder.layer(name, take=True)
+            qw = layer.unpack()
             module.weight.copy_(qw.dequantize())
             module.quantizer.set_scales(alpha_for_step(qw.step, module.quantizer.step_per_alpha), qw.zero)
-            if f"{name}.bias" in tensors:
-                module.bias.copy_(tensors.pop(f"{name}.bias").float())
+            if layer.bias is not None:
+                module.bias.copy_(layer.bias.float())
         rest = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
         missing, unexpected = model.load_state_dict(rest, strict=False)
     missing = [k for k in missing if ".quantizer." not in k and not _is_covered(k, modules)]
     if unexpected or _really_missing(model, missing):
-        raise LowbitError(f"{path}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise LowbitError(
+            f"{folder.path}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     model.tie_weights()
-    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
-    return model, tokenizer, meta
+    return model
 
 
 def _is_covered(key: str, modules: dict) -> bool:

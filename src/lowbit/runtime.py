@@ -11,7 +11,6 @@ from __future__ import annotations
 import gc
 import os
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -19,10 +18,11 @@ from torch import nn
 
 from lowbit import kernels
 from lowbit.errors import LowbitError
-from lowbit.io import open_weights, pop_quantized_weight
+from lowbit.io import QuantizedFolder, open_folder
 from lowbit.packed_linear import ACTIVATIONS, KERNEL_MAX_BATCH, PackedLinear, kernel_layout
 from lowbit.packing import unpack_codes
 from lowbit.quantizers import QuantizedWeight
+from lowbit.resident import measure_resident, trim_heap
 from lowbit.surgery import set_module
 
 
@@ -80,67 +80,72 @@ def load_packed(path: str | os.PathLike, verify: bool = True, activations: str =
     if ternary_layout not in TERNARY_LAYOUTS:
         raise LowbitError(f"ternary_layout must be one of {', '.join(TERNARY_LAYOUTS)}, got {ternary_layout!r}")
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    path = Path(path)
-    meta, tensors = open_weights(path, verify)
-    hf_config = AutoConfig.from_pretrained(path)
+    folder = open_folder(path, verify)
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(folder.hf_config(), dtype=torch.float32)
     model.eval()
     in_emb, out_emb = model.get_input_embeddings(), model.get_output_embeddings()
     names = {m: n for n, m in model.named_modules()}
-    packed: dict[str, PackedLinear] = {}
-    for name, info in meta["layers"].items():
-        if "tied_to" in info:
-            continue
-        bias = tensors.pop(f"{name}.bias", None)
-        layout = ternary_layout if info["n_levels"] == 3 else kernel_layout(info["n_levels"])
-        if info["layout"] == layout:  # stored as the kernels read it: no repacking
-            # own copies, not views of the file, which is unmapped once its tensors are gone
-            bias = None if bias is None else bias.clone()
-            step = tensors.pop(f"{name}.step").clone()
-            zero = tensors.pop(f"{name}.zero", None)
-            packed[name] = PackedLinear.from_packed(
-                tensors.pop(f"{name}.qweight").clone(), step, info["grid_zero"] if zero is None else zero.clone(),
-                info["shape"][1], info["group_size"], info["layout"], info["n_levels"], info["bits"],
-                info["quantizer"], bias,
-            )
-        else:  # e.g. ternary stored in t5 (1.6 bits), run in u2
-            packed[name] = PackedLinear.from_quantized(pop_quantized_weight(tensors, name, info), bias, layout=layout)
-        packed[name].activations = activations
-    for name, info in meta["layers"].items():
+    packed = {name: _packed_linear(folder, name, activations, ternary_layout) for name in folder.stored_layers()}
+    for name, info in folder.layers.items():
         target = packed[info.get("tied_to", name)]
-        module = model.get_submodule(name)
-        if module is in_emb:
-            set_module(model, name, PackedEmbedding(target))
-        else:
-            set_module(model, name, target)
-    emb_name = names[in_emb]
-    if f"{emb_name}.weight" in tensors:
-        emb_w = tensors.pop(f"{emb_name}.weight").clone()  # own memory, not a view of the file
-        set_module(model, emb_name, HalfEmbedding(emb_w, in_emb.padding_idx))
-        if out_emb is not None and names[out_emb] not in meta["layers"]:
-            head_key = f"{names[out_emb]}.weight"
-            head_w = tensors.pop(head_key).clone() if head_key in tensors else emb_w  # tied head: share the table
-            set_module(model, names[out_emb], HalfLinear(head_w, tensors.pop(f"{names[out_emb]}.bias", None)))
-    # linears left unquantized (include/exclude patterns) stay in the file's fp16, as the head does
-    for name, module in list(model.named_modules()):
-        key = f"{name}.weight"
-        if type(module) is nn.Linear and name not in meta["layers"] and tensors.get(key) is not None \
-                and tensors[key].dtype == torch.float16:
-            bias = tensors.pop(f"{name}.bias", None)
-            set_module(model, name, HalfLinear(tensors.pop(key).clone(), bias))
+        set_module(model, name, PackedEmbedding(target) if model.get_submodule(name) is in_emb else target)
+    _half_precision_modules(model, folder, names[in_emb], None if out_emb is None else names[out_emb])
+    tensors = folder.tensors
     rest = {k: v.float() if v.is_floating_point() and v.dtype != torch.float32 else v.clone() for k, v in tensors.items()}
     tensors.clear()
     missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
     if unexpected or still_meta:
-        raise LowbitError(f"{path}: weights do not match the model (missing {still_meta[:3]}, unexpected {unexpected[:3]})")
-    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
+        raise LowbitError(
+            f"{folder.path}: weights do not match the model (missing {still_meta[:3]}, unexpected {unexpected[:3]})"
+        )
+    tokenizer = folder.tokenizer()
     del tensors, rest
-    _trim_heap()  # the file's buffers are gone: give their pages back
-    return model, tokenizer, meta
+    trim_heap()  # the file's buffers are gone: give their pages back
+    return model, tokenizer, folder.meta
+
+
+def _packed_linear(folder: QuantizedFolder, name: str, activations: str, ternary_layout: str) -> PackedLinear:
+    """Layer ``name`` as a PackedLinear, taking its tensors out of ``folder``: the file's packed
+    bytes as they are when stored in the layout the kernels read, else unpacked and repacked."""
+    layer = folder.layer(name, take=True)
+    info = layer.info
+    layout = ternary_layout if info["n_levels"] == 3 else kernel_layout(info["n_levels"])
+    if info["layout"] == layout:  # stored as the kernels read it: no repacking
+        # own copies, not views of the file, which is unmapped once its tensors are gone
+        bias = None if layer.bias is None else layer.bias.clone()
+        zero = info["grid_zero"] if layer.zero is None else layer.zero.clone()
+        module = PackedLinear.from_packed(
+            layer.qweight.clone(), layer.step.clone(), zero, info["shape"][1], info["group_size"], info["layout"],
+            info["n_levels"], info["bits"], info["quantizer"], bias,
+        )  # fmt: skip
+    else:  # e.g. ternary stored in t5 (1.6 bits), run in u2
+        module = PackedLinear.from_quantized(layer.unpack(), layer.bias, layout=layout)
+    module.activations = activations
+    return module
+
+
+def _half_precision_modules(model: nn.Module, folder: QuantizedFolder, emb_name: str, head_name: str | None) -> None:
+    """The embedding ``emb_name``, an unquantized output head ``head_name`` and linears left
+    unquantized (include/exclude patterns) keep the file's fp16 (:class:`HalfEmbedding` /
+    :class:`HalfLinear`); their tensors leave ``folder.tensors``."""
+    tensors, layers = folder.tensors, folder.layers
+    if f"{emb_name}.weight" in tensors:
+        emb_w = tensors.pop(f"{emb_name}.weight").clone()  # own memory, not a view of the file
+        set_module(model, emb_name, HalfEmbedding(emb_w, model.get_submodule(emb_name).padding_idx))
+        if head_name is not None and head_name not in layers:
+            head_key = f"{head_name}.weight"
+            head_w = tensors.pop(head_key).clone() if head_key in tensors else emb_w  # tied head: share the table
+            set_module(model, head_name, HalfLinear(head_w, tensors.pop(f"{head_name}.bias", None)))
+    for name, module in list(model.named_modules()):
+        key = f"{name}.weight"
+        if type(module) is nn.Linear and name not in layers and tensors.get(key) is not None \
+                and tensors[key].dtype == torch.float16:
+            bias = tensors.pop(f"{name}.bias", None)
+            set_module(model, name, HalfLinear(tensors.pop(key).clone(), bias))
 
 
 class PackedEmbedding(nn.Module):
@@ -165,17 +170,6 @@ class PackedEmbedding(nn.Module):
             qw = QuantizedWeight(codes, pick(t.step), pick(t.zero), t.group_size, t.n_levels, t.bits, t.quantizer)
             vectors = qw.dequantize()
         return vectors.reshape(*ids.shape, t.in_features)
-
-
-def resident_bytes() -> int:
-    """Resident set size of this process (Linux /proc; falls back to peak RSS)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:  # pragma: no cover - non-Linux
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def module_bytes(model: nn.Module) -> int:
@@ -264,96 +258,6 @@ def time_decode(model, prompt_ids: torch.Tensor, new_tokens: int, repeats: int =
         best_prefill = max(best_prefill, prompt_ids.shape[1] / (t1 - t0))
         best_decode = max(best_decode, new_tokens / (t3 - t2))
     return {"prefill_tokens_per_s": best_prefill, "decode_tokens_per_s": best_decode}
-
-
-def _trim_heap() -> None:
-    """Hand freed heap pages back to the OS (glibc ``malloc_trim``), so that RSS shows what is live."""
-    gc.collect()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # pragma: no cover - not glibc
-        pass
-
-
-def _peak_resident_bytes() -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:  # pragma: no cover - non-Linux
-        pass
-    return None
-
-
-def _memory_child(kind: str, spec: str, activations: str, threads: int, ternary_layout: str = "u2") -> dict:
-    """Runs in a fresh interpreter (see :func:`measure_resident`)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache
-
-    from lowbit.models import NAMED_MODELS, cached_model_dir, load_model
-
-    torch.set_num_threads(threads)
-    kernels.load()
-    # The baseline includes what any model of this architecture costs once per process (modules
-    # imported on first use, about 130 MB for Llama in transformers 5) and the tokenizer: an empty
-    # (meta) model is built and a tokenizer loaded before it is taken.
-    if kind == "packed":
-        folder = Path(spec)
-    elif spec in NAMED_MODELS or not Path(spec).is_dir():
-        folder = cached_model_dir(spec)
-    else:
-        folder = Path(spec)
-    with init_empty_weights(include_buffers=False):
-        AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
-    if (folder / "tokenizer_config.json").exists():
-        AutoTokenizer.from_pretrained(folder)
-    _trim_heap()
-    baseline = resident_bytes()
-    if kind == "packed":
-        model, _, _ = load_packed(spec, activations=activations, ternary_layout=ternary_layout)
-    else:
-        model, _ = load_model(spec)
-    _trim_heap()
-    loaded = resident_bytes()
-    with torch.inference_mode():
-        vocab = model.config.vocab_size
-        ids = torch.randint(min(100, vocab - 1), min(1000, vocab), (1, 16), generator=torch.Generator().manual_seed(0))
-        out = model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True)
-        for _ in range(8):
-            out = model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, use_cache=True)
-    _trim_heap()
-    return {
-        "baseline_rss": baseline,
-        "resident_bytes": loaded - baseline,
-        "resident_bytes_after_decode": resident_bytes() - baseline,
-        "peak_rss": _peak_resident_bytes(),
-        "model_bytes": module_bytes(model),
-    }
-
-
-def measure_resident(kind: str, spec: str, activations: str = "int8", threads: int = 1, ternary_layout: str = "u2") -> dict:
-    """Resident memory of a model in a fresh Python process: RSS after loading it (and after 16 + 8
-    decode steps) minus the RSS of the same process just before, with torch, transformers, the
-    kernels, an empty model of the same architecture and the tokenizer already loaded. A fresh process, because a process that already held a model reuses its
-    freed heap and would under-count. ``kind``: "packed" (a lowbit folder) or "reference"."""
-    import json
-    import subprocess
-    import sys
-
-    code = (
-        "import json, sys; from lowbit.runtime import _memory_child; "
-        "print(json.dumps(_memory_child(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])))"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code, kind, str(spec), activations, str(threads), ternary_layout],
-        capture_output=True, text=True,
-    )
-    if proc.returncode != 0:
-        raise LowbitError(f"measuring the resident memory of {spec} failed: {proc.stderr.strip()[-500:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def bench(packed_dir: str, reference: str | None = None, prompt_tokens: int = 128, new_tokens: int = 64,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def register(subparsers) -> None:
-    from lowbit.export_gguf import FALLBACK_TYPES, TERNARY_TYPES
+    from lowbit.gguf import FALLBACK_TYPES, TERNARY_TYPES
 
     p = subparsers.add_parser(
         "export",
@@ -41,7 +41,7 @@ def register(subparsers) -> None:
 
 
 def cmd_export(args) -> dict:
-    from lowbit.export_gguf import export_gguf
+    from lowbit.gguf import export_gguf
 
     result = export_gguf(args.model, args.out, args.fallback, args.ternary, args.tokenizer_pre)
     if args.json:

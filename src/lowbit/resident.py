@@ -1,0 +1,120 @@
+"""Resident memory of a model, measured in a fresh Python process (``lowbit bench``).
+
+A process that already held a model reuses its freed heap and would under-count, so
+:func:`measure_resident` starts a new interpreter, takes its resident set size with everything
+but the model loaded, loads the model, decodes a few tokens and reports the growth.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from pathlib import Path
+
+import torch
+
+from lowbit.errors import LowbitError
+
+
+def resident_bytes() -> int:
+    """Resident set size of this process (Linux /proc; falls back to peak RSS)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # pragma: no cover - non-Linux
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def trim_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc ``malloc_trim``), so that RSS shows what is live."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        pass
+
+
+def peak_resident_bytes() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # pragma: no cover - non-Linux
+        pass
+    return None
+
+
+def memory_child(kind: str, spec: str, activations: str, threads: int, ternary_layout: str = "u2") -> dict:
+    """Runs in a fresh interpreter (see :func:`measure_resident`)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+    from lowbit import kernels
+    from lowbit.models import NAMED_MODELS, cached_model_dir, load_model
+    from lowbit.runtime import load_packed, module_bytes
+
+    torch.set_num_threads(threads)
+    kernels.load()
+    # The baseline includes what any model of this architecture costs once per process (modules
+    # imported on first use, about 130 MB for Llama in transformers 5) and the tokenizer: an empty
+    # (meta) model is built and a tokenizer loaded before it is taken.
+    if kind == "packed":
+        folder = Path(spec)
+    elif spec in NAMED_MODELS or not Path(spec).is_dir():
+        folder = cached_model_dir(spec)
+    else:
+        folder = Path(spec)
+    with init_empty_weights(include_buffers=False):
+        AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    if (folder / "tokenizer_config.json").exists():
+        AutoTokenizer.from_pretrained(folder)
+    trim_heap()
+    baseline = resident_bytes()
+    if kind == "packed":
+        model, _, _ = load_packed(spec, activations=activations, ternary_layout=ternary_layout)
+    else:
+        model, _ = load_model(spec)
+    trim_heap()
+    loaded = resident_bytes()
+    with torch.inference_mode():
+        vocab = model.config.vocab_size
+        ids = torch.randint(min(100, vocab - 1), min(1000, vocab), (1, 16), generator=torch.Generator().manual_seed(0))
+        out = model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True)
+        for _ in range(8):
+            out = model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, use_cache=True)
+    trim_heap()
+    return {
+        "baseline_rss": baseline,
+        "resident_bytes": loaded - baseline,
+        "resident_bytes_after_decode": resident_bytes() - baseline,
+        "peak_rss": peak_resident_bytes(),
+        "model_bytes": module_bytes(model),
+    }
+
+
+def measure_resident(kind: str, spec: str, activations: str = "int8", threads: int = 1, ternary_layout: str = "u2") -> dict:
+    """Resident memory of a model in a fresh Python process: RSS after loading it (and after 16 + 8
+    decode steps) minus the RSS of the same process just before, with torch, transformers, the
+    kernels, an empty model of the same architecture and the tokenizer already loaded. A fresh
+    process, because a process that already held a model reuses its freed heap and would under-count. ``kind``: "packed" (a lowbit folder) or "reference"."""
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys; from lowbit.resident import memory_child; "
+        "print(json.dumps(memory_child(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, kind, str(spec), activations, str(threads), ternary_layout],
+        capture_output=True, text=True,
+    )
+    if proc.returncode != 0:
+        raise LowbitError(f"measuring the resident memory of {spec} failed: {proc.stderr.strip()[-500:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
