@@ -1,8 +1,10 @@
-"""CPU kernels for packed low-bit weights: ``matvec.c`` compiled with gcc at first use, called via ctypes.
+"""CPU kernels for packed low-bit weights: the C sources of this folder compiled with gcc at first use, called via ctypes.
 
-The shared library is built once per (source, flags, compiler) into
-``$LOWBIT_CACHE/<sha>/liblowbit.so`` (default cache ``~/.cache/lowbit/kernels``), compiled to a
-temporary name and renamed into place, so concurrent first uses never load a half-written file.
+The shared library is built once per (sources, flags, compiler) into
+``$LOWBIT_CACHE/<sha>/liblowbit.so`` (default cache ``~/.cache/lowbit/kernels``; the hash covers
+every ``*.c`` and ``*.h`` here), compiled to a temporary name and renamed into place, so concurrent
+first uses never load a half-written file. At load the sizes and field offsets of the C structs
+(``lb_struct_layout``) are checked against their ctypes mirrors :class:`_Weight` and :class:`_Layer`.
 It holds an AVX2+FMA path and a portable C path; the C code picks one at run time from the CPU
 flags. Without a compiler (or with ``LOWBIT_KERNELS=0``) :func:`available` is False and callers
 use the pure-PyTorch reference path; a missing compiler is reported by one warning.
@@ -13,11 +15,13 @@ Two matvec families: :func:`linear` keeps the activations in float32 (exact up t
 order); :func:`linear_q8` rounds them to int8 per block of 32 (as llama.cpp does) and runs integer
 dot products (AVX-VNNI / AVX512-VNNI ``vpdpbusd`` when the CPU has it, else AVX2 ``vpmaddubsw``)
 on u1/u2/u4/u8 codes: 2-3x fewer instructions per weight. :func:`linear_f16` multiplies by an
-fp16 matrix (unquantized layers such as a tied output head).
+fp16 matrix (unquantized layers such as a tied output head); :func:`dequantize` decodes to
+float32; :func:`decode_layers` runs a single-token step of every decoder block.
 Building takes about 10 s of one core, once per machine and source version.
 Threads: OpenMP over output rows, ``get_num_threads()`` (default ``torch.get_num_threads()``).
 Environment: ``LOWBIT_KERNELS=0`` disables the kernels, ``LOWBIT_ISA=portable`` forces the
-portable C path, ``CC`` picks the compiler, ``LOWBIT_CACHE`` the cache folder.
+portable C path in every entry point (any other value: the best path the CPU has), ``CC`` picks
+the compiler, ``LOWBIT_CACHE`` the cache folder.
 """
 
 from __future__ import annotations
@@ -38,10 +42,11 @@ import torch
 from lowbit.errors import LowbitError
 from lowbit.packing import row_bytes
 
-SOURCE = Path(__file__).with_name("matvec.c")
-HEADERS = (Path(__file__).with_name("q8_tile.h"),)  # included by matvec.c
+_HERE = Path(__file__).parent
+SOURCES = tuple(sorted(_HERE.glob("*.c")))  # compiled together into one library
+HEADERS = tuple(sorted(_HERE.glob("*.h")))  # included by the sources
 BASE_FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-fvisibility=hidden"]
-LIBS = ["-lm"]  # after the source: expf / sqrtf of the decode-layer kernel
+LIBS = ["-lm"]  # after the sources: expf / sqrtf of the decode-layer kernel
 FORMAT_IDS = {"u1": 1, "u2": 2, "u3": 3, "u4": 4, "t5": 5, "u8": 8}
 SCALE_TYPES = {torch.float32: 0, torch.float16: 1, torch.uint8: 2}
 ISA_NAMES = {0: "portable", 1: "avx2"}
@@ -53,13 +58,13 @@ _ERRORS = {
     -1: "unknown packing layout",
     -2: "out of memory",
     -3: "AVX2 requested on a CPU without it",
-    -4: "invalid weight description",
+    -4: "invalid weight description or argument",
     -5: "the int8-activation path does not take this layout / group size (use the float path)",
 }
 
 
 class _Weight(ctypes.Structure):
-    """Mirror of ``lb_weight`` in matvec.c."""
+    """Mirror of ``lb_weight`` in lowbit.h."""
 
     _fields_ = [
         ("fmt", ctypes.c_int32),
@@ -82,7 +87,7 @@ class _Weight(ctypes.Structure):
 
 
 class _Layer(ctypes.Structure):
-    """Mirror of ``lb_layer`` in matvec.c (one decoder block for :func:`decode_layers`)."""
+    """Mirror of ``lb_layer`` in lowbit.h (one decoder block for :func:`decode_layers`)."""
 
     _fields_ = [
         ("qkv", ctypes.POINTER(_Weight)),
@@ -128,9 +133,14 @@ def _compiler() -> str | None:
 
 
 def _library_path(cc: str, flags: list[str]) -> Path:
-    sources = SOURCE.read_bytes() + b"".join(h.read_bytes() for h in HEADERS)
-    key = hashlib.sha256(sources + "\0".join([cc, *flags, *LIBS]).encode()).hexdigest()[:16]
-    return cache_dir() / key / "liblowbit.so"
+    """The cache path for these flags: keyed by the name and bytes of every source and header."""
+    h = hashlib.sha256()
+    for path in (*SOURCES, *HEADERS):
+        data = path.read_bytes()
+        h.update(f"{path.name}\0{len(data)}\0".encode())
+        h.update(data)
+    h.update("\0".join([cc, *flags, *LIBS]).encode())
+    return cache_dir() / h.hexdigest()[:16] / "liblowbit.so"
 
 
 def _compile(cc: str, flags: list[str]) -> Path:
@@ -143,7 +153,7 @@ def _compile(cc: str, flags: list[str]) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=".liblowbit-", suffix=".so", dir=path.parent)
     os.close(fd)
     try:
-        subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, *LIBS], check=True, capture_output=True, text=True)
+        subprocess.run([cc, *flags, *map(str, SOURCES), "-o", tmp, *LIBS], check=True, capture_output=True, text=True)
         os.rename(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -155,7 +165,7 @@ def _setup(lib: ctypes.CDLL) -> ctypes.CDLL:
     ptr = ctypes.POINTER(_Weight)
     lib.lb_linear.argtypes = [ptr, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     lib.lb_linear.restype = ctypes.c_int
-    lib.lb_dequantize.argtypes = [ptr, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    lib.lb_dequantize.argtypes = [ptr, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     lib.lb_dequantize.restype = ctypes.c_int
     lib.lb_f16_to_f32.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     lib.lb_f16_to_f32.restype = None
@@ -169,12 +179,48 @@ def _setup(lib: ctypes.CDLL) -> ctypes.CDLL:
                                   ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     lib.lb_linear_f16.restype = ctypes.c_int
     lib.lb_decode_layers.argtypes = [ctypes.POINTER(_Layer), ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
-                                     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+                                     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     lib.lb_decode_layers.restype = ctypes.c_int
     lib.lb_q8_isa_ok.argtypes = [ctypes.c_int]
     lib.lb_q8_isa_ok.restype = ctypes.c_int
     lib.lb_openmp.restype = ctypes.c_int
+    lib.lb_struct_layout.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
+    lib.lb_struct_layout.restype = ctypes.c_int64
+    check_struct_layouts(lib)
     return lib
+
+
+# The ctypes mirror of each C struct that lb_struct_layout describes.
+MIRRORS = {"lb_weight": _Weight, "lb_layer": _Layer}
+
+
+def check_struct_layouts(lib: ctypes.CDLL, mirrors: dict | None = None) -> int:
+    """Compare the C structs' sizes and field offsets (``lb_struct_layout``) with their ctypes
+    mirrors; raise LowbitError naming every difference. Returns the number of entries checked."""
+    mirrors = MIRRORS if mirrors is None else mirrors
+    problems = []
+    name = ctypes.c_char_p()
+    i = 0
+    while (value := lib.lb_struct_layout(i, ctypes.byref(name))) >= 0:
+        i += 1
+        struct, _, field = name.value.decode().partition(".")
+        mirror = mirrors.get(struct)
+        if mirror is None:
+            problems.append(f"{struct} has no ctypes mirror")
+            continue
+        if not field:
+            got = ctypes.sizeof(mirror)
+        elif field in dict(mirror._fields_):
+            got = getattr(mirror, field).offset
+        else:
+            problems.append(f"{mirror.__name__} lacks the field {field!r} of {struct}")
+            continue
+        if got != value:
+            what = f"offset of {struct}.{field}" if field else f"size of {struct}"
+            problems.append(f"{what}: C {value}, ctypes {mirror.__name__} {got}")
+    if problems:
+        raise LowbitError("lowbit kernels: the ctypes mirrors do not match the C structs: " + "; ".join(problems))
+    return i
 
 
 def load() -> ctypes.CDLL | None:
@@ -431,19 +477,24 @@ def bound_linear(weight: _Weight, int8: bool, keep=None):
 
 
 def decode_layers(layers, x: torch.Tensor, pos: int, cos: torch.Tensor, sin_signed: torch.Tensor,
-                  scratch: torch.Tensor) -> None:
+                  scratch: torch.Tensor, isa: str | None = None) -> None:
     """Run every decoder block of ``layers`` (a ctypes array of :class:`_Layer`) on one token's
     hidden state ``x`` (float32, contiguous, updated in place) at position ``pos``; ``cos`` /
-    ``sin_signed`` are that position's RoPE rows. Used by :class:`lowbit.decoder.Decoder`."""
+    ``sin_signed`` are that position's RoPE rows. Used by :class:`lowbit.decoder.Decoder`.
+    ``isa`` forces "avx2"/"portable" (default: ``LOWBIT_ISA``); int8 layers then run the int8
+    path's portable code, or its best vector code."""
+    isa_id = _isa_id() if isa is None else _ISA_IDS[isa]
     code = _lib.lb_decode_layers(layers, len(layers), x.data_ptr(), pos, cos.data_ptr(), sin_signed.data_ptr(),
-                                 scratch.data_ptr(), _num_threads or torch.get_num_threads())
+                                 scratch.data_ptr(), _num_threads or torch.get_num_threads(), isa_id)
     if code:
         _check(code)
 
 
-def dequantize(weight: _Weight, rows: tuple[int, int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+def dequantize(
+    weight: _Weight, rows: tuple[int, int] | None = None, out: torch.Tensor | None = None, isa: str | None = None
+) -> torch.Tensor:
     """The float32 weight ``step * (code - zero)`` (only ``rows=(r0, r1)`` if given), bit-exact
-    with ``QuantizedWeight.dequantize``."""
+    with ``QuantizedWeight.dequantize`` on every code path (``isa`` forces one, as for :func:`linear`)."""
     lib = load()
     if lib is None:
         raise LowbitError("lowbit kernels are not available (see the warning above)")
@@ -454,7 +505,8 @@ def dequantize(weight: _Weight, rows: tuple[int, int] | None = None, out: torch.
         out = torch.empty(r1 - r0, weight.cols, dtype=torch.float32)
     elif out.dtype != torch.float32 or out.shape != (r1 - r0, weight.cols) or not out.is_contiguous():
         raise LowbitError(f"out must be a contiguous float32 tensor of shape ({r1 - r0}, {weight.cols})")
-    _check(lib.lb_dequantize(ctypes.byref(weight), r0, r1, out.data_ptr(), get_num_threads()))
+    isa_id = _isa_id() if isa is None else _ISA_IDS[isa]
+    _check(lib.lb_dequantize(ctypes.byref(weight), r0, r1, out.data_ptr(), get_num_threads(), isa_id))
     return out
 
 
