@@ -131,11 +131,18 @@ def test_scale_storage_types(layout, isa):
 
 @needs_kernels
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_c_dequantize_is_bit_exact(layout):
+def test_c_dequantize_is_bit_exact(layout, monkeypatch):
+    """On every code path (forced by argument, or by LOWBIT_ISA=portable): the same arithmetic."""
     for rows, cols, group_size in SHAPES:
         qw = random_quantized(rows, cols, LAYOUT_LEVELS[layout], group_size, seed=cols)
         w, keep = struct(qw, layout)
-        assert torch.equal(kernels.dequantize(w), qw.dequantize())
+        want = qw.dequantize()
+        assert torch.equal(kernels.dequantize(w), want)
+        for isa in ISAS:
+            assert torch.equal(kernels.dequantize(w, isa=isa), want), isa
+        monkeypatch.setenv("LOWBIT_ISA", "portable")
+        assert torch.equal(kernels.dequantize(w, rows=(0, rows // 2)), want[: rows // 2])
+        monkeypatch.delenv("LOWBIT_ISA")
 
 
 @needs_kernels
@@ -295,18 +302,20 @@ def test_no_compiler_falls_back_with_one_warning(monkeypatch, tmp_path):
 def test_compile_cache_is_keyed_and_atomic(monkeypatch, tmp_path):
     """The library lands in $LOWBIT_CACHE/<sha>/liblowbit.so, built once from every source, no temp
     files left; a change to any source or header gets a new folder."""
-    cc = kernels._compiler()
+    from lowbit.kernels import build
+
+    cc = build.compiler()
     if cc is None:
         pytest.skip("no C compiler")
     source, other, header = tmp_path / "tiny.c", tmp_path / "other.c", tmp_path / "tiny.h"
     header.write_text("#define LB_ANSWER 42\n")
     source.write_text('#include "tiny.h"\nint lb_answer(void) { return LB_ANSWER; }\n')
     other.write_text("int lb_other(void) { return 7; }\n")
-    monkeypatch.setattr(kernels, "SOURCES", (source, other))
-    monkeypatch.setattr(kernels, "HEADERS", (header,))
+    monkeypatch.setattr(build, "SOURCES", (source, other))
+    monkeypatch.setattr(build, "HEADERS", (header,))
     monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
     flags = ["-O1", "-fPIC", "-shared"]
-    path = kernels._compile(cc, flags)
+    path = build.compile_library(cc, flags)
     assert path.name == "liblowbit.so" and path.parent.parent == tmp_path / "cache"
     assert os.listdir(path.parent) == ["liblowbit.so"]
     import ctypes
@@ -314,12 +323,12 @@ def test_compile_cache_is_keyed_and_atomic(monkeypatch, tmp_path):
     lib = ctypes.CDLL(str(path))
     assert lib.lb_answer() == 42 and lib.lb_other() == 7  # every source is compiled in
     mtime = path.stat().st_mtime_ns
-    assert kernels._compile(cc, flags) == path and path.stat().st_mtime_ns == mtime
+    assert build.compile_library(cc, flags) == path and path.stat().st_mtime_ns == mtime
     seen = {path}
     for changed, text in ((source, "int lb_answer(void) { return 43; }\n"), (other, "int lb_other(void) { return 8; }\n"),
                           (header, "#define LB_ANSWER 41\n")):
         changed.write_text(text)
-        new = kernels._library_path(cc, flags)
+        new = build.library_path(cc, flags)
         assert new not in seen, changed.name  # a new source gets a new folder
         seen.add(new)
 
