@@ -75,8 +75,9 @@ def test_decoder_on_packed_model_fuses_without_copies(tmp_path, cfg, make):
         ref = packed(input_ids=ids[None]).logits[0, 3:]
     before = module_bytes(packed)
     decoder = Decoder(packed, max_len=16)
-    (qkv, sizes), _, (gate_up, gu_sizes), _ = decoder.fast[0]
-    assert sizes is not None and gu_sizes is not None  # fused
+    fast = decoder.fast[0]
+    assert fast.qkv.sizes is not None and fast.gate_up.sizes is not None  # fused
+    assert isinstance(fast.qkv.fused, PackedLinear) and len(fast.qkv.fns) == 1
     attn = packed.model.layers[0].self_attn
     assert attn.k_proj.packed.data_ptr() == attn.q_proj.packed.data_ptr() + attn.q_proj.packed.numel()
     assert module_bytes(packed) == before
@@ -91,14 +92,64 @@ def test_decoder_on_packed_model_fuses_without_copies(tmp_path, cfg, make):
         assert torch.allclose(packed(input_ids=ids[None]).logits[0, 3:], ref, atol=1e-5)
 
 
-def test_decoder_int8_and_generate_agree_with_transformers(tmp_path):
+def test_decoder_int8_and_generate_agree_with_transformers(tmp_path, monkeypatch):
     packed, tok = _packed(tmp_path, QuantConfig(bits=4, group_size=32), activations="int8")
     assert isinstance(packed.model.layers[0].mlp.down_proj, PackedLinear)
     a = generate(packed, tok, "The quick brown", max_new_tokens=8, stream=False, engine="lowbit")
     b = generate(packed, tok, "The quick brown", max_new_tokens=8, stream=False, engine="transformers")
     assert a.startswith("The quick brown") and a == b
-    speed = time_decode(packed, torch.tensor([[5, 6, 7]]), new_tokens=3, engine="lowbit")
-    assert speed["decode_tokens_per_s"] > 0 and speed["prefill_tokens_per_s"] > 0
+    # the timed decode runs the greedy continuation: record the tokens it feeds back
+    fed = []
+    forward = Decoder.forward
+
+    def recording(self, ids):
+        if ids.numel() == 1:
+            fed.append(int(ids))
+        return forward(self, ids)
+
+    prompt = torch.tensor([[5, 6, 7]])
+    monkeypatch.setattr(Decoder, "forward", recording)
+    speed = time_decode(packed, prompt, new_tokens=3, engine="lowbit")
+    monkeypatch.undo()
+    assert set(speed) == {"prefill_tokens_per_s", "decode_tokens_per_s"}
+    assert fed == Decoder(packed, max_len=8).generate(prompt[0], max_new_tokens=3)
+
+
+@pytest.mark.parametrize("activations", ["float", "int8"])
+def test_decode_step_honours_portable_isa(tmp_path, monkeypatch, activations):
+    """LOWBIT_ISA=portable reaches the C decode step (its projections and attention loops): the
+    logits match the default path's up to float summation order, and, where the default is AVX2,
+    differ from them (so the switch is not ignored); forcing the ISA by argument agrees exactly."""
+    from lowbit import kernels
+
+    if not kernels.available():
+        pytest.skip("lowbit kernels unavailable")
+    packed, tok = _packed(tmp_path, QuantConfig(bits=4, group_size=32), activations=activations)
+    ids = torch.randint(0, len(tok), (12,), generator=torch.Generator().manual_seed(3))
+    decoder = Decoder(packed, max_len=16)
+    assert decoder.c_layers is not None
+    default = step_logits(decoder, ids, 1)  # every position a single-token C step
+    monkeypatch.setenv("LOWBIT_ISA", "portable")
+    portable = step_logits(decoder, ids, 1)
+    monkeypatch.delenv("LOWBIT_ISA")
+    # only the summation order differs (int8: exact integer sums, float scaling in another order)
+    assert torch.allclose(portable, default, atol=1e-4, rtol=1e-4), (portable - default).abs().max()
+    if kernels.isa() == "avx2":
+        assert not torch.equal(portable, default)
+    # the isa argument: "portable" is exactly what the environment switch ran, no argument the default
+    x = torch.randn(packed.config.hidden_size)
+    cos, sin = decoder.cos[0], decoder.sin[0]
+
+    def step(**isa):
+        y = x.clone()
+        kernels.decode_layers(decoder.c_layers, y, 0, cos, sin, decoder._scratch, **isa)
+        return y
+
+    forced = step(isa="portable")
+    monkeypatch.setenv("LOWBIT_ISA", "portable")
+    assert torch.equal(step(), forced)
+    monkeypatch.delenv("LOWBIT_ISA")
+    assert torch.equal(step(), step(isa=kernels.isa()))
 
 
 def test_unsupported_models_and_limits():

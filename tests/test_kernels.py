@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -130,11 +131,18 @@ def test_scale_storage_types(layout, isa):
 
 @needs_kernels
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_c_dequantize_is_bit_exact(layout):
+def test_c_dequantize_is_bit_exact(layout, monkeypatch):
+    """On every code path (forced by argument, or by LOWBIT_ISA=portable): the same arithmetic."""
     for rows, cols, group_size in SHAPES:
         qw = random_quantized(rows, cols, LAYOUT_LEVELS[layout], group_size, seed=cols)
         w, keep = struct(qw, layout)
-        assert torch.equal(kernels.dequantize(w), qw.dequantize())
+        want = qw.dequantize()
+        assert torch.equal(kernels.dequantize(w), want)
+        for isa in ISAS:
+            assert torch.equal(kernels.dequantize(w, isa=isa), want), isa
+        monkeypatch.setenv("LOWBIT_ISA", "portable")
+        assert torch.equal(kernels.dequantize(w, rows=(0, rows // 2)), want[: rows // 2])
+        monkeypatch.delenv("LOWBIT_ISA")
 
 
 @needs_kernels
@@ -292,22 +300,70 @@ def test_no_compiler_falls_back_with_one_warning(monkeypatch, tmp_path):
 
 
 def test_compile_cache_is_keyed_and_atomic(monkeypatch, tmp_path):
-    """The library lands in $LOWBIT_CACHE/<sha>/liblowbit.so, built once, no temp files left."""
-    cc = kernels._compiler()
+    """The library lands in $LOWBIT_CACHE/<sha>/liblowbit.so, built once from every source, no temp
+    files left; a change to any source or header gets a new folder."""
+    from lowbit.kernels import build
+
+    cc = build.compiler()
     if cc is None:
         pytest.skip("no C compiler")
-    source = tmp_path / "tiny.c"
-    source.write_text("int lb_answer(void) { return 42; }\n")
-    monkeypatch.setattr(kernels, "SOURCE", source)
+    source, other, header = tmp_path / "tiny.c", tmp_path / "other.c", tmp_path / "tiny.h"
+    header.write_text("#define LB_ANSWER 42\n")
+    source.write_text('#include "tiny.h"\nint lb_answer(void) { return LB_ANSWER; }\n')
+    other.write_text("int lb_other(void) { return 7; }\n")
+    monkeypatch.setattr(build, "SOURCES", (source, other))
+    monkeypatch.setattr(build, "HEADERS", (header,))
     monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
     flags = ["-O1", "-fPIC", "-shared"]
-    path = kernels._compile(cc, flags)
+    path = build.compile_library(cc, flags)
     assert path.name == "liblowbit.so" and path.parent.parent == tmp_path / "cache"
     assert os.listdir(path.parent) == ["liblowbit.so"]
+    import ctypes
+
+    lib = ctypes.CDLL(str(path))
+    assert lib.lb_answer() == 42 and lib.lb_other() == 7  # every source is compiled in
     mtime = path.stat().st_mtime_ns
-    assert kernels._compile(cc, flags) == path and path.stat().st_mtime_ns == mtime
-    source.write_text("int lb_answer(void) { return 43; }\n")
-    assert kernels._compile(cc, flags) != path  # a new source gets a new folder
+    assert build.compile_library(cc, flags) == path and path.stat().st_mtime_ns == mtime
+    seen = {path}
+    for changed, text in ((source, "int lb_answer(void) { return 43; }\n"), (other, "int lb_other(void) { return 8; }\n"),
+                          (header, "#define LB_ANSWER 41\n")):
+        changed.write_text(text)
+        new = build.library_path(cc, flags)
+        assert new not in seen, changed.name  # a new source gets a new folder
+        seen.add(new)
+
+
+def test_library_is_built_from_every_source_file():
+    """The shipped kernels: every .c / .h of the package folder is compiled / hashed."""
+    folder = Path(kernels.__file__).parent
+    assert set(kernels.SOURCES) == set(folder.glob("*.c")) and len(kernels.SOURCES) > 1
+    assert set(kernels.HEADERS) == set(folder.glob("*.h")) and len(kernels.HEADERS) > 1
+
+
+@needs_kernels
+def test_struct_mirrors_are_checked_against_c():
+    """At load the C struct sizes and field offsets are compared with the ctypes mirrors; a mirror
+    that drifts (a missing or moved field) is a clear error."""
+    import ctypes
+
+    lib = kernels.load()
+    n = kernels.check_struct_layouts(lib)
+    assert n >= 2 + len(kernels._Weight._fields_)  # two sizes and the offsets
+
+    class ShortWeight(ctypes.Structure):  # lb_weight without its trailing bias pointer
+        _fields_ = kernels._Weight._fields_[:-1]
+
+    with pytest.raises(LowbitError, match=r"lb_weight.*bias"):
+        kernels.check_struct_layouts(lib, {**kernels.MIRRORS, "lb_weight": ShortWeight})
+
+    class SwappedLayer(ctypes.Structure):  # eps1 and q8 swapped: same size, wrong offsets
+        fields = list(kernels._Layer._fields_)
+        i, j = [k for k, (name, _) in enumerate(fields) if name in ("eps1", "q8")]
+        fields[i], fields[j] = fields[j], fields[i]
+        _fields_ = fields
+
+    with pytest.raises(LowbitError, match=r"offset of lb_layer\.eps1"):
+        kernels.check_struct_layouts(lib, {**kernels.MIRRORS, "lb_layer": SwappedLayer})
 
 
 @needs_kernels

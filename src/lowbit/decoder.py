@@ -16,6 +16,8 @@ norms) is refused with a clear error, and the transformers path stays available
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -68,25 +70,47 @@ def _rms(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
 
 
-def _fused(modules: list[nn.Module]):
-    """One call for several projections of the same input: a (rows-concatenated) PackedLinear whose
-    buffers the original layers then view, so no byte is duplicated. Returns (callable for 2-d
-    inputs, output sizes, the fused layer), or None when the layers are not packed alike."""
-    if not all(isinstance(m, PackedLinear) for m in modules):
-        return None
-    fused = PackedLinear.concat(modules)
-    if fused is None:
-        return None
-    r0 = 0
-    for m in modules:  # the originals become views of the fused buffers
-        r1 = r0 + m.out_features
-        for name in ("packed", "step", "bias"):
-            if m._buffers[name] is not None:
-                m._buffers[name] = fused._buffers[name][r0:r1]
-        if fused.zero.shape[0] != 1:
-            m._buffers["zero"] = fused._buffers["zero"][r0:r1]
-        r0 = r1
-    return fused.decode_fn(), [m.out_features for m in modules], fused
+@dataclass(frozen=True)
+class Projections:
+    """Several projections of one input (q/k/v, or gate/up) for the decode steps: one call of a
+    fused PackedLinear split into ``sizes`` where they are packed alike, else one call each."""
+
+    fns: tuple[Callable, ...]  # the fused layer's decode_fn alone, or one callable per projection
+    sizes: tuple[int, ...] | None  # output widths of the fused call; None: separate calls
+    fused: PackedLinear | None  # the fused layer, whose buffers the original layers view
+
+    def __call__(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.sizes is not None:
+            return self.fns[0](h).split(self.sizes, dim=-1)
+        return tuple(fn(h) for fn in self.fns)
+
+    @classmethod
+    def of(cls, modules: list[nn.Module]) -> Projections:
+        """Fused when every module is a PackedLinear and they concatenate (:meth:`PackedLinear.concat`);
+        the originals then become views of the fused buffers, so no byte is duplicated."""
+        fused = PackedLinear.concat(modules) if all(isinstance(m, PackedLinear) for m in modules) else None
+        if fused is None:
+            return cls(tuple(_single(m) for m in modules), None, None)
+        r0 = 0
+        for m in modules:  # the originals become views of the fused buffers
+            r1 = r0 + m.out_features
+            for name in ("packed", "step", "bias"):
+                if m._buffers[name] is not None:
+                    m._buffers[name] = fused._buffers[name][r0:r1]
+            if fused.zero.shape[0] != 1:
+                m._buffers["zero"] = fused._buffers["zero"][r0:r1]
+            r0 = r1
+        return cls((fused.decode_fn(),), tuple(m.out_features for m in modules), fused)
+
+
+@dataclass(frozen=True)
+class FastLayer:
+    """The callables of one decoder block for the decode steps (up to ``KERNEL_MAX_BATCH`` tokens)."""
+
+    qkv: Projections
+    o: Callable
+    gate_up: Projections
+    down: Callable
 
 
 def _single(module: nn.Module):
@@ -126,21 +150,12 @@ class Decoder:
         self.sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1).float().contiguous()
         # per layer: (q, k, v), (gate, up) as single calls where they are packed alike, for the
         # decode steps (up to KERNEL_MAX_BATCH tokens); longer prompts use the modules
-        self.fast = []
-        self._fused_modules = []
+        self.fast: list[FastLayer] = []
         for layer in self.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            qkv = _fused([attn.q_proj, attn.k_proj, attn.v_proj])
-            gate_up = _fused([mlp.gate_proj, mlp.up_proj])
-            self.fast.append(
-                (
-                    qkv[:2] if qkv else ([_single(attn.q_proj), _single(attn.k_proj), _single(attn.v_proj)], None),
-                    _single(attn.o_proj),
-                    gate_up[:2] if gate_up else ([_single(mlp.gate_proj), _single(mlp.up_proj)], None),
-                    _single(mlp.down_proj),
-                )
-            )
-            self._fused_modules.append((qkv[2] if qkv else None, gate_up[2] if gate_up else None))
+            qkv = Projections.of([attn.q_proj, attn.k_proj, attn.v_proj])
+            gate_up = Projections.of([mlp.gate_proj, mlp.up_proj])
+            self.fast.append(FastLayer(qkv, _single(attn.o_proj), gate_up, _single(mlp.down_proj)))
         shape = (len(self.layers), self.n_kv, self.max_len, self.head_dim)
         self.k = torch.zeros(shape)
         self.v = torch.zeros(shape)
@@ -156,18 +171,16 @@ class Decoder:
         arr = (kernels._Layer * len(self.layers))()
         keep = []
         modes = set()
-        for i, (layer, (qkv, gate_up)) in enumerate(zip(self.layers, self._fused_modules, strict=True)):
-            mods = [qkv, layer.self_attn.o_proj, gate_up, layer.mlp.down_proj]
-            if not all(isinstance(m, PackedLinear) for m in mods):
+        for i, (layer, fast) in enumerate(zip(self.layers, self.fast, strict=True)):
+            mods = [fast.qkv.fused, layer.self_attn.o_proj, fast.gate_up.fused, layer.mlp.down_proj]
+            if not all(isinstance(m, PackedLinear) and m.kernel_runs() for m in mods):
                 return None
             structs = []
             for m in mods:
-                weight = m._kernel_weight(torch.empty(1, m.in_features))
-                if weight is None or (m.activations == "int8" and not m._weight_cache[6]):
-                    return None
+                kw = m.kernel_weight()
                 modes.add(m.activations)
-                structs.append(weight)
-                keep.append(m._weight_cache)
+                structs.append(kw.struct)
+                keep.append(kw)
             ln1 = layer.input_layernorm.weight.detach().float().contiguous()
             ln2 = layer.post_attention_layernorm.weight.detach().float().contiguous()
             keep += [ln1, ln2]
@@ -222,12 +235,7 @@ class Decoder:
             attn, mlp = layer.self_attn, layer.mlp
             h = _rms(x, layer.input_layernorm)
             if fast:
-                (qkv_fn, qkv_sizes), o_fn, (gu_fn, gu_sizes), down_fn = self.fast[i]
-                h2 = h.view(t, -1)
-                if qkv_sizes:
-                    q, k, v = qkv_fn(h2).split(qkv_sizes, dim=-1)
-                else:
-                    q, k, v = (fn(h2) for fn in qkv_fn)
+                q, k, v = self.fast[i].qkv(h.view(t, -1))
             else:
                 q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
             q = q.reshape(t, nh, hd).transpose(0, 1)
@@ -242,13 +250,10 @@ class Decoder:
             )
             o = o[0].transpose(0, 1).reshape(t, nh * hd)
             if fast:
-                x = x + o_fn(o).view(1, t, -1)
-                h2 = _rms(x, layer.post_attention_layernorm).view(t, -1)
-                if gu_sizes:
-                    g, u = gu_fn(h2).split(gu_sizes, dim=-1)
-                else:
-                    g, u = (fn(h2) for fn in gu_fn)
-                x = x + down_fn(F.silu(g).mul_(u)).view(1, t, -1)
+                block = self.fast[i]
+                x = x + block.o(o).view(1, t, -1)
+                g, u = block.gate_up(_rms(x, layer.post_attention_layernorm).view(t, -1))
+                x = x + block.down(F.silu(g).mul_(u)).view(1, t, -1)
             else:
                 x = x + attn.o_proj(o[None])
                 h = _rms(x, layer.post_attention_layernorm)

@@ -17,6 +17,8 @@ time into one reused float32 buffer with the C decoder and multiply it with a GE
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -66,6 +68,29 @@ def compact_scale(t: torch.Tensor, allow_uint8: bool = False) -> torch.Tensor:
     return t
 
 
+@dataclass(frozen=True, slots=True)
+class KernelWeight:
+    """The C description of a PackedLinear's buffers, with the buffers it was built from (kept
+    alive: ``struct`` points into them)."""
+
+    packed: torch.Tensor
+    step: torch.Tensor
+    zero: torch.Tensor
+    bias: torch.Tensor | None
+    data_ptr: int  # packed.data_ptr() when built: a changed storage means a new description
+    struct: kernels._Weight | None  # None: the buffers cannot run the kernels (not on the CPU, ...)
+    q8: bool  # whether the int8-activation kernel takes this weight
+
+    def describes(self, packed, step, zero, bias) -> bool:
+        return (
+            self.packed is packed
+            and self.step is step
+            and self.zero is zero
+            and self.bias is bias
+            and self.data_ptr == packed.data_ptr()
+        )
+
+
 class PackedLinear(nn.Module):
     """``y = x @ W^T + bias`` with ``W = step * (code - zero)`` per group, codes packed at true width.
 
@@ -103,7 +128,7 @@ class PackedLinear(nn.Module):
         self.register_buffer("step", step.contiguous())
         self.register_buffer("zero", zero.contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
-        self._weight_cache: tuple | None = None
+        self._weight_cache: KernelWeight | None = None
         self._activations = "float"
         kernels.weight_struct(
             self.packed, layout, self.in_features, group_size, self.step, self.zero, self.bias
@@ -254,8 +279,7 @@ class PackedLinear(nn.Module):
 
     # --------------------------------------------------------------------- running
     def _kernel_weight(self, x: torch.Tensor) -> kernels._Weight | None:
-        """The C description of the buffers if ``x`` can run the kernels, else None. Cached; rebuilt
-        when a buffer is replaced (``.to()``, assignment) or its storage changes."""
+        """The C description of the buffers if ``x`` can run the kernels, else None."""
         if (
             x.dtype != torch.float32
             or x.device.type != "cpu"
@@ -263,17 +287,15 @@ class PackedLinear(nn.Module):
             or not kernels.available()
         ):
             return None
+        return self.kernel_weight().struct
+
+    def kernel_weight(self) -> KernelWeight:
+        """The C description of the current buffers (call only when ``kernels.available()``). Cached;
+        rebuilt when a buffer is replaced (``.to()``, assignment) or its storage changes."""
         buffers = self._buffers  # direct access: this runs once per layer per token
         packed, step, zero, bias = buffers["packed"], buffers["step"], buffers["zero"], buffers["bias"]
         cache = self._weight_cache
-        if (
-            cache is None
-            or cache[0] is not packed
-            or cache[1] is not step
-            or cache[2] is not zero
-            or cache[3] is not bias
-            or cache[4] != packed.data_ptr()
-        ):
+        if cache is None or not cache.describes(packed, step, zero, bias):
             usable = packed.device.type == "cpu" and (bias is None or bias.dtype == torch.float32)
             struct = (
                 kernels.weight_struct(packed, self.layout, self.in_features, self.group_size, step, zero, bias)
@@ -281,20 +303,26 @@ class PackedLinear(nn.Module):
                 else None
             )
             q8 = struct is not None and kernels.q8_supported(struct)
-            cache = self._weight_cache = (packed, step, zero, bias, packed.data_ptr(), struct, q8)
-        return cache[5]
+            cache = self._weight_cache = KernelWeight(packed, step, zero, bias, packed.data_ptr(), struct, q8)
+        return cache
+
+    def kernel_runs(self) -> bool:
+        """Whether the kernels run this layer with its activations setting (for a float32 CPU input
+        of at most ``KERNEL_MAX_BATCH`` rows): the float kernel, or the int8 one where it applies."""
+        if not kernels.available():
+            return False
+        kw = self.kernel_weight()
+        return kw.struct is not None and (self._activations != "int8" or kw.q8)
 
     def decode_fn(self):
         """A callable for 2-d contiguous float32 CPU inputs of at most ``KERNEL_MAX_BATCH`` rows that
         calls the kernel directly, skipping the module machinery and checks of ``forward`` (the
         decode loop calls every layer once per token). It snapshots the buffers and settings: get a
         new one after changing them. Falls back to ``self`` where the kernels do not apply."""
-        probe = torch.empty(1, self.in_features)
-        weight = self._kernel_weight(probe)
-        int8 = self._activations == "int8"
-        if weight is None or (int8 and not self._weight_cache[6]):
+        if not self.kernel_runs():
             return self
-        return kernels.bound_linear(weight, int8, keep=self._weight_cache)
+        kw = self.kernel_weight()
+        return kernels.bound_linear(kw.struct, self._activations == "int8", keep=kw)
 
     def uses_kernel(self, x: torch.Tensor) -> bool:
         """Whether ``forward(x)`` runs the C kernels (else the PyTorch reference path)."""
@@ -305,7 +333,7 @@ class PackedLinear(nn.Module):
         return (
             self._activations == "int8"
             and self._kernel_weight(x) is not None
-            and self._weight_cache[6]
+            and self._weight_cache.q8
             and x.reshape(-1, self.in_features).shape[0] <= KERNEL_MAX_BATCH
         )
 
@@ -321,7 +349,7 @@ class PackedLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
-        if int8 and x2.shape[0] <= KERNEL_MAX_BATCH and self._weight_cache[6]:
+        if int8 and x2.shape[0] <= KERNEL_MAX_BATCH and self._weight_cache.q8:
             y = kernels.run_unchecked(x2, weight, int8=True)
         elif x2.shape[0] <= KERNEL_MAX_BATCH:
             y = kernels.run_unchecked(q8_round(x2) if int8 else x2, weight, int8=False)

@@ -1,8 +1,9 @@
-"""CPU kernels for packed low-bit weights: ``matvec.c`` compiled with gcc at first use, called via ctypes.
+"""CPU kernels for packed low-bit weights: the C sources of this folder compiled with gcc at first use, called via ctypes.
 
-The shared library is built once per (source, flags, compiler) into
-``$LOWBIT_CACHE/<sha>/liblowbit.so`` (default cache ``~/.cache/lowbit/kernels``), compiled to a
-temporary name and renamed into place, so concurrent first uses never load a half-written file.
+The shared library is built once per (sources, flags, compiler) into
+``$LOWBIT_CACHE/<sha>/liblowbit.so`` (:mod:`lowbit.kernels.build`; the hash covers every ``*.c``
+and ``*.h`` here). At load the sizes and field offsets of the C structs (``lb_struct_layout``) are
+checked against their ctypes mirrors (:mod:`lowbit.kernels.structs`).
 It holds an AVX2+FMA path and a portable C path; the C code picks one at run time from the CPU
 flags. Without a compiler (or with ``LOWBIT_KERNELS=0``) :func:`available` is False and callers
 use the pure-PyTorch reference path; a missing compiler is reported by one warning.
@@ -13,37 +14,39 @@ Two matvec families: :func:`linear` keeps the activations in float32 (exact up t
 order); :func:`linear_q8` rounds them to int8 per block of 32 (as llama.cpp does) and runs integer
 dot products (AVX-VNNI / AVX512-VNNI ``vpdpbusd`` when the CPU has it, else AVX2 ``vpmaddubsw``)
 on u1/u2/u4/u8 codes: 2-3x fewer instructions per weight. :func:`linear_f16` multiplies by an
-fp16 matrix (unquantized layers such as a tied output head).
+fp16 matrix (unquantized layers such as a tied output head); :func:`dequantize` decodes to
+float32; :func:`decode_layers` runs a single-token step of every decoder block.
 Building takes about 10 s of one core, once per machine and source version.
 Threads: OpenMP over output rows, ``get_num_threads()`` (default ``torch.get_num_threads()``).
 Environment: ``LOWBIT_KERNELS=0`` disables the kernels, ``LOWBIT_ISA=portable`` forces the
-portable C path, ``CC`` picks the compiler, ``LOWBIT_CACHE`` the cache folder.
+portable C path in every entry point (any other value: the best path the CPU has), ``CC`` picks
+the compiler, ``LOWBIT_CACHE`` the cache folder.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
 import os
-import shutil
 import subprocess
-import tempfile
 import threading
 import warnings
-from pathlib import Path
 
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.packing import row_bytes
 
-SOURCE = Path(__file__).with_name("matvec.c")
-HEADERS = (Path(__file__).with_name("q8_tile.h"),)  # included by matvec.c
-BASE_FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-fvisibility=hidden"]
-LIBS = ["-lm"]  # after the source: expf / sqrtf of the decode-layer kernel
-FORMAT_IDS = {"u1": 1, "u2": 2, "u3": 3, "u4": 4, "t5": 5, "u8": 8}
-SCALE_TYPES = {torch.float32: 0, torch.float16: 1, torch.uint8: 2}
+# re-exported: the package's API predates the split into build / structs
+from lowbit.kernels.build import BASE_FLAGS, HEADERS, LIBS, SOURCES, cache_dir, compile_library, compiler  # noqa: F401
+from lowbit.kernels.structs import (  # noqa: F401
+    FORMAT_IDS,
+    MIRRORS,
+    SCALE_TYPES,
+    _Layer,
+    _Weight,
+    check_struct_layouts,
+    weight_struct,
+)
+
 ISA_NAMES = {0: "portable", 1: "avx2"}
 _ISA_IDS = {"portable": 0, "avx2": 1}
 # The int8-activation path's vector code: AVX2 (vpmaddubsw) or a VNNI dot-product instruction.
@@ -53,109 +56,21 @@ _ERRORS = {
     -1: "unknown packing layout",
     -2: "out of memory",
     -3: "AVX2 requested on a CPU without it",
-    -4: "invalid weight description",
+    -4: "invalid weight description or argument",
     -5: "the int8-activation path does not take this layout / group size (use the float path)",
 }
 
-
-class _Weight(ctypes.Structure):
-    """Mirror of ``lb_weight`` in matvec.c."""
-
-    _fields_ = [
-        ("fmt", ctypes.c_int32),
-        ("step_type", ctypes.c_int32),
-        ("zero_type", ctypes.c_int32),
-        ("reserved", ctypes.c_int32),
-        ("packed", ctypes.c_void_p),
-        ("row_bytes", ctypes.c_int64),
-        ("rows", ctypes.c_int64),
-        ("cols", ctypes.c_int64),
-        ("group", ctypes.c_int64),
-        ("step", ctypes.c_void_p),
-        ("step_rs", ctypes.c_int64),
-        ("step_gs", ctypes.c_int64),
-        ("zero", ctypes.c_void_p),
-        ("zero_rs", ctypes.c_int64),
-        ("zero_gs", ctypes.c_int64),
-        ("bias", ctypes.c_void_p),
-    ]
-
-
-class _Layer(ctypes.Structure):
-    """Mirror of ``lb_layer`` in matvec.c (one decoder block for :func:`decode_layers`)."""
-
-    _fields_ = [
-        ("qkv", ctypes.POINTER(_Weight)),
-        ("o", ctypes.POINTER(_Weight)),
-        ("gate_up", ctypes.POINTER(_Weight)),
-        ("down", ctypes.POINTER(_Weight)),
-        ("ln1", ctypes.c_void_p),
-        ("ln2", ctypes.c_void_p),
-        ("kcache", ctypes.c_void_p),
-        ("vcache", ctypes.c_void_p),
-        ("hidden", ctypes.c_int64),
-        ("nh", ctypes.c_int64),
-        ("nkv", ctypes.c_int64),
-        ("hd", ctypes.c_int64),
-        ("inter", ctypes.c_int64),
-        ("max_len", ctypes.c_int64),
-        ("eps1", ctypes.c_float),
-        ("eps2", ctypes.c_float),
-        ("scale", ctypes.c_float),
-        ("q8", ctypes.c_int32),
-        ("reserved", ctypes.c_int32),
-    ]
-
-
-log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _load_failed = False
 _num_threads: int | None = None
 
 
-def cache_dir() -> Path:
-    """Where compiled kernels live: ``$LOWBIT_CACHE`` or ``~/.cache/lowbit/kernels``."""
-    env = os.environ.get("LOWBIT_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "lowbit" / "kernels"
-
-
-def _compiler() -> str | None:
-    cc = os.environ.get("CC")
-    if cc:
-        return shutil.which(cc) or cc
-    return shutil.which("gcc") or shutil.which("cc")
-
-
-def _library_path(cc: str, flags: list[str]) -> Path:
-    sources = SOURCE.read_bytes() + b"".join(h.read_bytes() for h in HEADERS)
-    key = hashlib.sha256(sources + "\0".join([cc, *flags, *LIBS]).encode()).hexdigest()[:16]
-    return cache_dir() / key / "liblowbit.so"
-
-
-def _compile(cc: str, flags: list[str]) -> Path:
-    """Build (or reuse) the library for these flags; raises CalledProcessError / OSError."""
-    path = _library_path(cc, flags)
-    if path.exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    log.info("lowbit: compiling the CPU kernels into %s (once)", path)
-    fd, tmp = tempfile.mkstemp(prefix=".liblowbit-", suffix=".so", dir=path.parent)
-    os.close(fd)
-    try:
-        subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, *LIBS], check=True, capture_output=True, text=True)
-        os.rename(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
 def _setup(lib: ctypes.CDLL) -> ctypes.CDLL:
     ptr = ctypes.POINTER(_Weight)
     lib.lb_linear.argtypes = [ptr, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     lib.lb_linear.restype = ctypes.c_int
-    lib.lb_dequantize.argtypes = [ptr, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    lib.lb_dequantize.argtypes = [ptr, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     lib.lb_dequantize.restype = ctypes.c_int
     lib.lb_f16_to_f32.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     lib.lb_f16_to_f32.restype = None
@@ -169,11 +84,14 @@ def _setup(lib: ctypes.CDLL) -> ctypes.CDLL:
                                   ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     lib.lb_linear_f16.restype = ctypes.c_int
     lib.lb_decode_layers.argtypes = [ctypes.POINTER(_Layer), ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
-                                     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+                                     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     lib.lb_decode_layers.restype = ctypes.c_int
     lib.lb_q8_isa_ok.argtypes = [ctypes.c_int]
     lib.lb_q8_isa_ok.restype = ctypes.c_int
     lib.lb_openmp.restype = ctypes.c_int
+    lib.lb_struct_layout.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
+    lib.lb_struct_layout.restype = ctypes.c_int64
+    check_struct_layouts(lib)
     return lib
 
 
@@ -185,12 +103,12 @@ def load() -> ctypes.CDLL | None:
     with _lock:
         if _lib is not None or _load_failed:
             return _lib
-        cc = _compiler()
+        cc = compiler()
         problem = "no C compiler found (install gcc or set CC)"
         if cc is not None:
             for flags in (BASE_FLAGS + ["-fopenmp"], BASE_FLAGS):  # without OpenMP: one thread
                 try:
-                    _lib = _setup(ctypes.CDLL(str(_compile(cc, flags))))
+                    _lib = _setup(ctypes.CDLL(str(compile_library(cc, flags))))
                     break
                 except (OSError, subprocess.CalledProcessError) as exc:
                     detail = getattr(exc, "stderr", None) or str(exc)
@@ -240,62 +158,6 @@ def set_num_threads(n: int | None) -> None:
 
 def get_num_threads() -> int:
     return _num_threads if _num_threads is not None else torch.get_num_threads()
-
-
-def _scale_ptr(t: torch.Tensor, what: str) -> tuple[int, int, int, int]:
-    if t.dim() != 2 or t.dtype not in SCALE_TYPES:
-        raise LowbitError(f"{what} must be a 2-d float32, float16 or uint8 tensor, got {t.dtype} {tuple(t.shape)}")
-    rs = t.stride(0) if t.shape[0] > 1 else 0
-    gs = t.stride(1) if t.shape[1] > 1 else 0
-    return t.data_ptr(), SCALE_TYPES[t.dtype], rs, gs
-
-
-def weight_struct(
-    packed: torch.Tensor,
-    layout: str,
-    cols: int,
-    group_size: int | None,
-    step: torch.Tensor,
-    zero: torch.Tensor,
-    bias: torch.Tensor | None = None,
-) -> _Weight:
-    """Describe a packed weight to the C code. The tensors must outlive the struct."""
-    if layout not in FORMAT_IDS:
-        raise LowbitError(f"no kernel for layout {layout!r}")
-    rows = packed.shape[0]
-    if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] != row_bytes(layout, cols):
-        raise LowbitError(
-            f"packed weight must be uint8 ({rows}, {row_bytes(layout, cols)}), got {packed.dtype} {tuple(packed.shape)}"
-        )
-    if not packed.is_contiguous():
-        raise LowbitError("packed weight must be contiguous")
-    group = cols if not group_size else min(group_size, cols)
-    n_groups = -(-cols // group)
-    for t, what in ((step, "step"), (zero, "zero")):
-        if t.shape[0] not in (1, rows) or t.shape[1] not in (1, n_groups):
-            raise LowbitError(f"{what} of shape {tuple(t.shape)} does not fit {rows} rows x {n_groups} groups")
-    if bias is not None and (bias.dtype != torch.float32 or bias.shape != (rows,) or not bias.is_contiguous()):
-        raise LowbitError(f"bias must be a contiguous float32 tensor of shape ({rows},)")
-    s_ptr, s_type, s_rs, s_gs = _scale_ptr(step, "step")
-    z_ptr, z_type, z_rs, z_gs = _scale_ptr(zero, "zero")
-    return _Weight(
-        FORMAT_IDS[layout],
-        s_type,
-        z_type,
-        0,
-        packed.data_ptr(),
-        packed.shape[1],
-        rows,
-        cols,
-        group,
-        s_ptr,
-        s_rs,
-        s_gs,
-        z_ptr,
-        z_rs,
-        z_gs,
-        bias.data_ptr() if bias is not None else None,
-    )
 
 
 def _check(code: int) -> None:
@@ -431,19 +293,24 @@ def bound_linear(weight: _Weight, int8: bool, keep=None):
 
 
 def decode_layers(layers, x: torch.Tensor, pos: int, cos: torch.Tensor, sin_signed: torch.Tensor,
-                  scratch: torch.Tensor) -> None:
+                  scratch: torch.Tensor, isa: str | None = None) -> None:
     """Run every decoder block of ``layers`` (a ctypes array of :class:`_Layer`) on one token's
     hidden state ``x`` (float32, contiguous, updated in place) at position ``pos``; ``cos`` /
-    ``sin_signed`` are that position's RoPE rows. Used by :class:`lowbit.decoder.Decoder`."""
+    ``sin_signed`` are that position's RoPE rows. Used by :class:`lowbit.decoder.Decoder`.
+    ``isa`` forces "avx2"/"portable" (default: ``LOWBIT_ISA``); int8 layers then run the int8
+    path's portable code, or its best vector code."""
+    isa_id = _isa_id() if isa is None else _ISA_IDS[isa]
     code = _lib.lb_decode_layers(layers, len(layers), x.data_ptr(), pos, cos.data_ptr(), sin_signed.data_ptr(),
-                                 scratch.data_ptr(), _num_threads or torch.get_num_threads())
+                                 scratch.data_ptr(), _num_threads or torch.get_num_threads(), isa_id)
     if code:
         _check(code)
 
 
-def dequantize(weight: _Weight, rows: tuple[int, int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+def dequantize(
+    weight: _Weight, rows: tuple[int, int] | None = None, out: torch.Tensor | None = None, isa: str | None = None
+) -> torch.Tensor:
     """The float32 weight ``step * (code - zero)`` (only ``rows=(r0, r1)`` if given), bit-exact
-    with ``QuantizedWeight.dequantize``."""
+    with ``QuantizedWeight.dequantize`` on every code path (``isa`` forces one, as for :func:`linear`)."""
     lib = load()
     if lib is None:
         raise LowbitError("lowbit kernels are not available (see the warning above)")
@@ -454,7 +321,8 @@ def dequantize(weight: _Weight, rows: tuple[int, int] | None = None, out: torch.
         out = torch.empty(r1 - r0, weight.cols, dtype=torch.float32)
     elif out.dtype != torch.float32 or out.shape != (r1 - r0, weight.cols) or not out.is_contiguous():
         raise LowbitError(f"out must be a contiguous float32 tensor of shape ({r1 - r0}, {weight.cols})")
-    _check(lib.lb_dequantize(ctypes.byref(weight), r0, r1, out.data_ptr(), get_num_threads()))
+    isa_id = _isa_id() if isa is None else _ISA_IDS[isa]
+    _check(lib.lb_dequantize(ctypes.byref(weight), r0, r1, out.data_ptr(), get_num_threads(), isa_id))
     return out
 
 

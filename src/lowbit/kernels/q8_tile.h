@@ -1,4 +1,4 @@
-/* Int8-activation tiles of matvec.c, included once per instruction set with
+/* Int8-activation row kernels of q8.c, included once per instruction set with
  *   LB_Q8_NAME(x)  the suffixed function name,
  *   LB_Q8_TARGET   its target attribute,
  *   LB_Q8_VNNI     0: AVX2 vpmaddubsw/vpmaddwd, 1: AVX-VNNI vpdpbusd, 2: AVX512-VNNI (ymm) vpdpbusd.
@@ -146,26 +146,33 @@ LB_INLINE LB_Q8_TARGET void LB_Q8_NAME(lb_q8_tile)(const lb_q8call *Q, const int
     }
 }
 
-static LB_Q8_TARGET void LB_Q8_NAME(lb_q8_rows)(const lb_q8call *Q, int64_t r0, int64_t r1, float *sbuf)
+/* Rows r0..r1 (a block of 1 to 4) for every input, one tile of 4 rows per input. */
+LB_INLINE LB_Q8_TARGET void LB_Q8_NAME(lb_q8_rows)(const lb_q8call *Q, int64_t r0, int64_t r1, float *sbuf, const int CPB)
 {
     int64_t rid[4];
     const int n = (int)(r1 - r0);
     for (int i = 0; i < 4; i++)
         rid[i] = r0 + (i < n ? i : n - 1);
-    const int mode = Q->mode;
     for (int64_t b = 0; b < Q->c.batch; b++) {
-#define LB_Q8_CASE(CPB)                                                                            \
-    case CPB:                                                                                      \
-        if (mode == 0) LB_Q8_NAME(lb_q8_tile)(Q, rid, n, b, sbuf, 4, CPB, 0);                      \
-        else LB_Q8_NAME(lb_q8_tile)(Q, rid, n, b, sbuf, 4, CPB, 1);                                \
-        break;
-        switch (Q->cpb) {
-            LB_Q8_CASE(8)
-            LB_Q8_CASE(4)
-            LB_Q8_CASE(2)
-            LB_Q8_CASE(1)
-        default: break;
-        }
-#undef LB_Q8_CASE
+        if (Q->mode == 0) LB_Q8_NAME(lb_q8_tile)(Q, rid, n, b, sbuf, 4, CPB, 0);
+        else LB_Q8_NAME(lb_q8_tile)(Q, rid, n, b, sbuf, 4, CPB, 1);
     }
 }
+
+/* One row kernel per layout (CPB a compile-time constant in each): the table lb_linear_q8 picks from. */
+#define LB_Q8_ROWS_FMT(FMT, CPB)                                                                   \
+    static LB_Q8_TARGET void LB_Q8_NAME(lb_q8_rows_##FMT)(const void *job, int64_t r0, int64_t r1,  \
+                                                         const lb_scratch *s)                      \
+    {                                                                                              \
+        LB_Q8_NAME(lb_q8_rows)((const lb_q8call *)job, r0, r1, s->steps, CPB);                     \
+    }
+LB_Q8_ROWS_FMT(u1, 8)
+LB_Q8_ROWS_FMT(u2, 4)
+LB_Q8_ROWS_FMT(u4, 2)
+LB_Q8_ROWS_FMT(u8, 1)
+#undef LB_Q8_ROWS_FMT
+
+static const lb_rows_fn LB_Q8_NAME(lb_q8_rows_by_fmt)[LB_NFMT] = {
+    [LB_U1] = LB_Q8_NAME(lb_q8_rows_u1), [LB_U2] = LB_Q8_NAME(lb_q8_rows_u2),
+    [LB_U4] = LB_Q8_NAME(lb_q8_rows_u4), [LB_U8] = LB_Q8_NAME(lb_q8_rows_u8),
+};

@@ -1,0 +1,174 @@
+/* lb_decode_layers: one single-token decode step of every Llama/Qwen2 block, entirely in C:
+ * RMSNorm, the fused q/k/v projection, RoPE, the KV-cache write, attention over the cache,
+ * o projection, residual, RMSNorm, the fused gate/up projection, SiLU * up, down projection,
+ * residual. The blocks are described by lb_layer (lowbit.h); the projections run lb_linear or
+ * lb_linear_q8 on the code path the caller chose. */
+#include "simd.h"
+
+static void lb_rmsnorm(const float *x, const float *w, int64_t n, float eps, float *out)
+{
+    float ss = 0.0f;
+    for (int64_t i = 0; i < n; i++)
+        ss += x[i] * x[i];
+    const float r = 1.0f / sqrtf(ss / (float)n + eps);
+    for (int64_t i = 0; i < n; i++)
+        out[i] = w[i] * (x[i] * r);
+}
+
+/* x (heads, hd) in place: x[i] * cos[i] + x[(i + hd/2) % hd] * ss[i] (ss: sin with the sign of
+ * rotate_half folded in). */
+static void lb_rope(float *x, int64_t heads, int64_t hd, const float *cos, const float *ss)
+{
+    const int64_t half = hd / 2;
+    for (int64_t h = 0; h < heads; h++) {
+        float *v = x + h * hd;
+        for (int64_t i = 0; i < half; i++) {
+            const float a = v[i], b = v[i + half];
+            v[i] = a * cos[i] + b * ss[i];
+            v[i + half] = b * cos[i + half] + a * ss[i + half];
+        }
+    }
+}
+
+/* sum_i a[i] * b[i] and y += p * x (n floats): AVX2 with 4 / 1 independent vectors where the CPU
+ * has it (the attention loops over the cache are the only O(context) work of a decode step). */
+#ifdef LB_X86
+static LB_AVX2 float lb_dot_avx2(const float *a, const float *b, int64_t n)
+{
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    }
+    for (; i + 8 <= n; i += 8)
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    float s = lb_hsum(_mm256_add_ps(s0, s1));
+    for (; i < n; i++)
+        s += a[i] * b[i];
+    return s;
+}
+
+static LB_AVX2 void lb_axpy_avx2(float *y, float p, const float *x, int64_t n)
+{
+    const __m256 pv = _mm256_set1_ps(p);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; i++)
+        y[i] += p * x[i];
+}
+#endif
+
+static float lb_dot(const float *a, const float *b, int64_t n, int avx2)
+{
+#ifdef LB_X86
+    if (avx2) return lb_dot_avx2(a, b, n);
+#endif
+    (void)avx2;
+    float s[4] = {0};
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4)
+        for (int k = 0; k < 4; k++)
+            s[k] += a[i + k] * b[i + k];
+    float t = (s[0] + s[2]) + (s[1] + s[3]);
+    for (; i < n; i++)
+        t += a[i] * b[i];
+    return t;
+}
+
+static void lb_axpy(float *y, float p, const float *x, int64_t n, int avx2)
+{
+#ifdef LB_X86
+    if (avx2) {
+        lb_axpy_avx2(y, p, x, n);
+        return;
+    }
+#endif
+    (void)avx2;
+    for (int64_t i = 0; i < n; i++)
+        y[i] += p * x[i];
+}
+/* The projection W of one block: lb_linear_q8 (int8 activations) or lb_linear. */
+static int lb_project(const lb_layer *L, const lb_weight *W, const float *in, float *out, int nthreads, int isa)
+{
+    /* the int8 path has its own ids: portable stays portable, else its best vector code */
+    if (L->q8) return lb_linear_q8(W, in, 1, out, nthreads, isa == LB_ISA_PORTABLE ? 0 : -1);
+    return lb_linear(W, in, 1, out, nthreads, isa);
+}
+
+/* Attention of the token at `pos` (its q in qkv, its k/v already in the caches) into att. */
+static void lb_attention(const lb_layer *L, const float *q, int64_t pos, float *scores, float *att, int avx2)
+{
+    const int64_t nh = L->nh, hd = L->hd, len = pos + 1, group = nh / L->nkv;
+    for (int64_t hh = 0; hh < nh; hh++) {
+        const float *qh = q + hh * hd;
+        const float *kc = L->kcache + (hh / group) * L->max_len * hd, *vc = L->vcache + (hh / group) * L->max_len * hd;
+        float mx = -INFINITY;
+        for (int64_t t = 0; t < len; t++) {
+            scores[t] = lb_dot(qh, kc + t * hd, hd, avx2) * L->scale;
+            mx = scores[t] > mx ? scores[t] : mx;
+        }
+        float sum = 0.0f;
+        for (int64_t t = 0; t < len; t++) {
+            scores[t] = expf(scores[t] - mx);
+            sum += scores[t];
+        }
+        float *out = att + hh * hd;
+        for (int64_t i = 0; i < hd; i++)
+            out[i] = 0.0f;
+        for (int64_t t = 0; t < len; t++)
+            lb_axpy(out, scores[t] / sum, vc + t * hd, hd, avx2);
+    }
+}
+
+/* One block on the hidden state x (hidden floats, updated in place) at position pos; isa: the
+ * resolved code path (0 portable, 1 AVX2). */
+static int lb_decode_layer(const lb_layer *L, float *x, int64_t pos, const float *cos, const float *ss,
+                           float *scratch, int nthreads, int isa)
+{
+    const int64_t H = L->hidden, nh = L->nh, nkv = L->nkv, hd = L->hd, I = L->inter;
+    if (pos < 0 || pos >= L->max_len) return LB_EARG;
+    float *h = scratch, *qkv = h + H, *att = qkv + (nh + 2 * nkv) * hd, *o = att + nh * hd;
+    float *gu = o + H, *act = gu + 2 * I, *scores = act + I;
+    int err;
+    lb_rmsnorm(x, L->ln1, H, L->eps1, h);
+    if ((err = lb_project(L, L->qkv, h, qkv, nthreads, isa))) return err;
+    float *q = qkv, *k = qkv + nh * hd, *v = k + nkv * hd;
+    lb_rope(q, nh, hd, cos, ss);
+    lb_rope(k, nkv, hd, cos, ss);
+    for (int64_t j = 0; j < nkv; j++) {
+        memcpy(L->kcache + (j * L->max_len + pos) * hd, k + j * hd, sizeof(float) * (size_t)hd);
+        memcpy(L->vcache + (j * L->max_len + pos) * hd, v + j * hd, sizeof(float) * (size_t)hd);
+    }
+    lb_attention(L, q, pos, scores, att, isa == LB_ISA_AVX2);
+    if ((err = lb_project(L, L->o, att, o, nthreads, isa))) return err;
+    for (int64_t i = 0; i < H; i++)
+        x[i] += o[i];
+    lb_rmsnorm(x, L->ln2, H, L->eps2, h);
+    if ((err = lb_project(L, L->gate_up, h, gu, nthreads, isa))) return err;
+    for (int64_t i = 0; i < I; i++) {
+        const float g = gu[i];
+        act[i] = g / (1.0f + expf(-g)) * gu[I + i];
+    }
+    if ((err = lb_project(L, L->down, act, o, nthreads, isa))) return err;
+    for (int64_t i = 0; i < H; i++)
+        x[i] += o[i];
+    return LB_OK;
+}
+
+/* Every block of `layers` on one token's hidden state x (updated in place) at position pos;
+ * cos / ss: that position's RoPE rows (ss: sin with rotate_half's sign folded in). scratch: see
+ * lowbit.decoder.Decoder. isa: -1 auto, 0 portable (every projection and the attention loops),
+ * 1 AVX2. */
+LB_EXPORT int lb_decode_layers(const lb_layer *layers, int64_t n_layers, float *x, int64_t pos, const float *cos,
+                               const float *ss, float *scratch, int nthreads, int isa)
+{
+    const int path = lb_resolve_isa(isa);
+    if (path < 0) return path;
+    for (int64_t l = 0; l < n_layers; l++) {
+        const int err = lb_decode_layer(layers + l, x, pos, cos, ss, scratch, nthreads, path);
+        if (err) return err;
+    }
+    return LB_OK;
+}

@@ -1,0 +1,243 @@
+/* lb_linear_q8: y = q8(x) @ W^T + bias with int8 activations. x is quantized per block of 32
+ * columns (x = d * q, q in [-127, 127], as llama.cpp's CPU matvec does) and multiplied with the
+ * u1/u2/u4/u8 codes by integer dot products: AVX2 vpmaddubsw, AVX-VNNI or AVX512-VNNI vpdpbusd
+ * (the tiles of q8_tile.h, included once per instruction set), or a portable C loop. */
+#include "simd.h"
+
+#ifdef LB_X86
+#define LB_Q8_NAME(x) x##_avx2
+#define LB_Q8_TARGET LB_AVX2
+#define LB_Q8_VNNI 0
+#include "q8_tile.h"
+#undef LB_Q8_NAME
+#undef LB_Q8_TARGET
+#undef LB_Q8_VNNI
+
+#define LB_Q8_NAME(x) x##_avxvnni
+#define LB_Q8_TARGET __attribute__((target("avx2,fma,f16c,avxvnni")))
+#define LB_Q8_VNNI 1
+#include "q8_tile.h"
+#undef LB_Q8_NAME
+#undef LB_Q8_TARGET
+#undef LB_Q8_VNNI
+
+#define LB_Q8_NAME(x) x##_avx512vnni
+#define LB_Q8_TARGET __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")))
+#define LB_Q8_VNNI 2
+#include "q8_tile.h"
+#undef LB_Q8_NAME
+#undef LB_Q8_TARGET
+#undef LB_Q8_VNNI
+#endif
+
+/* ---------------------------------------------------------------- code paths and layouts */
+
+/* 0: no AVX2 (portable), 1: AVX2, 2: AVX-VNNI, 3: AVX512-VNNI (used on ymm registers). */
+static int lb_q8_isa(void)
+{
+#ifdef LB_X86
+    if (!lb_cpu_has_avx2()) return 0;
+    if (__builtin_cpu_supports("avxvnni")) return 2;
+    if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl")) return 3;
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+LB_EXPORT int lb_q8_isa_id(void) { return lb_q8_isa(); }
+
+/* Whether this CPU runs int8 path `isa` (a test can force each one the CPU has). */
+LB_EXPORT int lb_q8_isa_ok(int isa)
+{
+#ifdef LB_X86
+    if (isa == 1) return lb_cpu_has_avx2();
+    if (isa == 2) return lb_cpu_has_avx2() && __builtin_cpu_supports("avxvnni");
+    if (isa == 3) return lb_cpu_has_avx2() && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl");
+#endif
+    return isa == 0;
+}
+
+/* Codes per byte of the layouts the int8 path reads (0: not one of them). */
+static int lb_q8_cpb(int fmt) { return fmt == LB_U1 ? 8 : fmt == LB_U2 ? 4 : fmt == LB_U4 ? 2 : fmt == LB_U8 ? 1 : 0; }
+
+/* 0 / 1: the tile mode for this weight (0: per-channel or several units per group, 1: one unit
+ * per group or several groups per unit); -1: the int8 path does not take it (u3, t5, or groups
+ * whose boundaries split a 4-code int32 lane of a unit). */
+static int lb_q8_mode(const lb_weight *w)
+{
+    const int cpb = lb_q8_cpb(w->fmt);
+    if (!cpb) return -1;
+    const int64_t G = w->group < w->cols ? w->group : w->cols, UC = 32 * cpb;
+    if (G == w->cols || (G % UC == 0 && G >= 2 * UC)) return 0; /* several units per group */
+    if (G == UC || (UC % G == 0 && G % (4 * cpb) == 0)) return 1;
+    return -1;
+}
+
+LB_EXPORT int lb_q8_supported(const lb_weight *w) { return lb_check(w) == LB_OK && lb_q8_mode(w) >= 0; }
+
+/* Quantize one input row: per 32-column block d = max|x| / 127, q = round(x / d) (as x * (1 / d),
+ * half to even); q in column order, permuted (xq), lane scales (dxl) and group sums of d * q. */
+static void lb_q8_prepare(const lb_q8call *Q, const float *x, int8_t *q, float *d, int8_t *xq, float *dxl, float *sx)
+{
+    const int64_t cols = Q->c.w->cols, G = Q->c.G, cpb = Q->cpb, UC = 32 * cpb;
+    for (int64_t k = 0; k < Q->nblk; k++) {
+        const int64_t c0 = 32 * k, c1 = c0 + 32 < cols ? c0 + 32 : cols;
+        float amax = 0.0f;
+        for (int64_t c = c0; c < c1; c++) {
+            const float a = x[c] < 0 ? -x[c] : x[c];
+            amax = a > amax ? a : amax;
+        }
+        const float dk = amax / 127.0f, id = dk > 0.0f ? 1.0f / dk : 0.0f;
+        d[k] = dk;
+        for (int64_t c = c0; c < c1; c++) {
+            float v = __builtin_nearbyintf(x[c] * id);
+            v = v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v;
+            q[c] = (int8_t)v;
+        }
+    }
+    for (int64_t g = 0; g < Q->c.ng; g++) {
+        const int64_t c0 = g * G, c1 = c0 + G < cols ? c0 + G : cols;
+        double s = 0.0;
+        for (int64_t c = c0; c < c1; c++)
+            s += (double)d[c / 32] * q[c];
+        sx[g] = (float)s;
+    }
+    if (!xq) return;
+    for (int64_t u = 0; u < Q->units; u++) {
+        for (int64_t h = 0; h < cpb; h++)
+            for (int64_t i = 0; i < 32; i++) {
+                const int64_t c = (32 * u + i) * cpb + h;
+                xq[u * UC + 32 * h + i] = c < cols ? q[c] : 0;
+            }
+        for (int64_t k = 0; k < 8; k++) {
+            const int64_t c = (32 * u + 4 * k) * cpb;
+            dxl[8 * u + k] = c < cols ? d[c / 32] : 0.0f;
+        }
+    }
+}
+
+
+static void lb_q8_rows_portable(const void *job, int64_t r0, int64_t r1, const lb_scratch *s)
+{
+    const lb_q8call *Q = job;
+    const lb_weight *w = Q->c.w;
+    const int64_t cols = w->cols, G = Q->c.G, ng = Q->c.ng;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *codes = w->packed + r * w->row_bytes;
+        if (w->fmt != LB_U8) {
+            lb_decode_row(w->fmt, codes, cols, s->codes);
+            codes = s->codes;
+        }
+        const float bias = w->bias ? w->bias[r] : 0.0f;
+        for (int64_t b = 0; b < Q->c.batch; b++) {
+            const int8_t *q = Q->q + b * cols;
+            const float *d = Q->d + b * Q->nblk;
+            float y = 0.0f;
+            for (int64_t g = 0; g < ng; g++) {
+                const int64_t c1 = (g + 1) * G < cols ? (g + 1) * G : cols;
+                float acc = 0.0f;
+                for (int64_t c = g * G; c < c1;) {
+                    const int64_t e = (c / 32 + 1) * 32 < c1 ? (c / 32 + 1) * 32 : c1;
+                    int32_t isum = 0;
+                    for (int64_t j = c; j < e; j++)
+                        isum += (int32_t)codes[j] * q[j];
+                    acc += d[c / 32] * (float)isum;
+                    c = e;
+                }
+                y += lb_step(w, r, g) * (acc - lb_zero(w, r, g) * Q->c.sx[b * ng + g]);
+            }
+            Q->c.y[b * w->rows + r] = y + bias;
+        }
+    }
+}
+
+
+/* ---------------------------------------------------------------- lb_linear_q8 */
+
+static const lb_rows_fn lb_q8_rows_portable_by_fmt[LB_NFMT] = {
+    [LB_U1] = lb_q8_rows_portable, [LB_U2] = lb_q8_rows_portable,
+    [LB_U4] = lb_q8_rows_portable, [LB_U8] = lb_q8_rows_portable,
+};
+
+/* The row kernels by int8 path (lb_q8_isa's ids) and layout. */
+static const lb_rows_fn *const lb_q8_rows_by_isa[4] = {
+    lb_q8_rows_portable_by_fmt,
+#ifdef LB_X86
+    lb_q8_rows_by_fmt_avx2, lb_q8_rows_by_fmt_avxvnni, lb_q8_rows_by_fmt_avx512vnni,
+#endif
+};
+
+/* Fills Q for one call and quantizes every input row into one scratch allocation, returned
+ * (NULL: out of memory). vec: the vector paths' permuted q (xq) and lane scales (dxl) too. */
+static uint8_t *lb_q8_setup(lb_q8call *Q, const lb_weight *w, const float *x, int64_t batch, float *y, int mode,
+                            int vec)
+{
+    lb_call *C = &Q->c;
+    memset(Q, 0, sizeof *Q);
+    C->w = w;
+    C->G = w->group < w->cols ? w->group : w->cols;
+    C->ng = (w->cols + C->G - 1) / C->G;
+    C->y = y;
+    C->batch = batch;
+    C->prefetch = LB_PREFETCH_ROWS * w->row_bytes;
+    Q->cpb = lb_q8_cpb(w->fmt);
+    Q->mode = mode;
+    Q->units = (w->row_bytes + 31) / 32;
+    Q->nblk = (w->cols + 31) / 32;
+    Q->xqs = (Q->units * 32 * Q->cpb + 63) / 64 * 64;
+    Q->dxls = (Q->units * 8 + 15) / 16 * 16;
+    const int64_t qs = (w->cols + 63) / 64 * 64, ds = (Q->nblk + 15) / 16 * 16, ss = (C->ng + 15) / 16 * 16;
+    /* scratch (64-byte aligned pieces): q, xq (bytes); d, dxl, sx (floats) */
+    const size_t q_bytes = (size_t)(batch * qs), xq_bytes = vec ? (size_t)(batch * Q->xqs) : 0;
+    const size_t floats = (size_t)(batch * (ds + (vec ? Q->dxls : 0) + ss));
+    uint8_t *scratch = lb_alloc(q_bytes + xq_bytes + sizeof(float) * floats);
+    if (!scratch) return NULL;
+    int8_t *qb = (int8_t *)scratch, *xqb = vec ? (int8_t *)(scratch + q_bytes) : NULL;
+    float *db = (float *)(scratch + q_bytes + xq_bytes), *dxlb = vec ? db + batch * ds : NULL;
+    float *sxb = db + batch * ds + (vec ? batch * Q->dxls : 0);
+    for (int64_t b = 0; b < batch; b++)
+        lb_q8_prepare(Q, x + b * w->cols, qb + b * qs, db + b * ds, vec ? xqb + b * Q->xqs : NULL,
+                      vec ? dxlb + b * Q->dxls : NULL, sxb + b * ss);
+    Q->q = qb;
+    Q->d = db;
+    Q->xq = xqb;
+    Q->dxl = dxlb;
+    /* lb_row_scales reads sx as (batch, ng) */
+    if (ss != C->ng)
+        for (int64_t b = 1; b < batch; b++)
+            memmove(sxb + b * C->ng, sxb + b * ss, sizeof(float) * (size_t)C->ng);
+    C->sx = sxb;
+    /* the portable path indexes q and d by cols and nblk */
+    if (!vec) {
+        for (int64_t b = 1; b < batch; b++) {
+            memmove(qb + b * w->cols, qb + b * qs, (size_t)w->cols);
+            memmove(db + b * Q->nblk, db + b * ds, sizeof(float) * (size_t)Q->nblk);
+        }
+    }
+    return scratch;
+}
+
+/* y (batch, rows) = q8(x) @ W^T + bias: x quantized to int8 per block of 32 columns, integer
+ * dot products with the codes. isa: -1 auto (the best of lb_q8_isa), 0 portable, 1 AVX2,
+ * 2 AVX-VNNI, 3 AVX512-VNNI. Returns LB_EUNSUP for weights lb_q8_supported rejects. */
+LB_EXPORT int lb_linear_q8(const lb_weight *w, const float *x, int64_t batch, float *y, int nthreads, int isa)
+{
+    int err = lb_check(w);
+    if (err) return err;
+    const int mode = lb_q8_mode(w);
+    if (mode < 0) return LB_EUNSUP;
+    if (batch < 1) return LB_OK;
+    if (isa < 0) isa = lb_q8_isa();
+    else if (!lb_q8_isa_ok(isa)) return LB_EISA;
+
+    lb_q8call Q;
+    uint8_t *scratch = lb_q8_setup(&Q, w, x, batch, y, mode, isa >= 1);
+    if (!scratch) return LB_ENOMEM;
+    /* per thread: one decoded row (portable) and 4 rows of steps as floats, each padded by 8 zeros */
+    const lb_driver d = {lb_q8_rows_by_isa[isa][w->fmt], &Q, w->rows, 4, w->rows * w->cols * batch,
+                         (size_t)(w->cols + 16), (size_t)(4 * (Q.c.ng + 8))};
+    err = lb_run_rows(&d, nthreads);
+    free(scratch);
+    return err;
+}
