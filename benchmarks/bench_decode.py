@@ -152,7 +152,7 @@ def markdown(r: dict) -> str:
         f"best of {r['repeats']}. Each row's fp32 reference (`transformers` model, same loop) ran in the same process "
         "right after the packed model. Resident: growth of a fresh process's RSS while it loads the model and "
         "decodes 24 tokens (after load: before decoding), over a baseline that already holds torch, transformers, the kernels, an empty model "
-        "of the architecture and the tokenizer (`lowbit.runtime.measure_resident`); size account: the bytes the "
+        "of the architecture and the tokenizer (`lowbit.resident.measure_resident`); size account: the bytes the "
         "folder stores (fp32: parameter bytes).",
         "",
         "| folder | activations | engine | decode tok/s | fp32 transformers decode tok/s | decode speedup | "
