@@ -5,7 +5,7 @@ The public API (everything else is internal)::
     import lowbit
     model, tok, _ = lowbit.load("smollm2-135m")               # name, HF folder, .gguf or quantized folder
     cfg = lowbit.QuantConfig(bits=2, group_size=64)           # what to quantize
-    lowbit.quantize(model, cfg, method="gptq", tokenizer=tok) # RTN or GPTQ, in place
+    lowbit.quantize(model, cfg, lowbit.GPTQ(), tokenizer=tok) # a method object (or "rtn"/"gptq"), in place
     print(lowbit.eval_model(model, tok, "wiki-eval", reference=lowbit.load()[0]))
     lowbit.save_quantized(model, tok, "out/q2")               # packed folder, loads with lowbit.load
 """
@@ -18,6 +18,10 @@ _API = {
     "quantize_to_dir": "lowbit.api",
     "eval_model": "lowbit.api",
     "QuantConfig": "lowbit.surgery",
+    "RTN": "lowbit.methods",
+    "GPTQ": "lowbit.methods",
+    "make_method": "lowbit.methods",
+    "register_method": "lowbit.methods",
     "quantize_model": "lowbit.surgery",
     "make_quantizer": "lowbit.quantizers",
     "rtn": "lowbit.ptq",
