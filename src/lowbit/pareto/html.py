@@ -15,10 +15,14 @@ from lowbit.fsio import atomic_write
 from lowbit.pareto.plot import plot_pareto
 from lowbit.pareto.report import (
     COLUMNS,
+    PEER_COLUMNS,
+    PEER_TEXT_COLUMNS,
     TEXT_COLUMNS,
     eval_description,
+    is_peer,
     mark_frontier,
     markdown_report,
+    peer_table_rows,
     summary_lines,
     table_rows,
 )
@@ -34,23 +38,47 @@ th { background: #f2f2f2; }
 td.text { text-align: left; }
 tr.frontier td { background: #eef7ee; font-weight: 600; }
 tr.fp td { background: #fff6e5; }
+tr.peer td { background: #f3eef9; }
 img { max-width: 100%; border: 1px solid #ddd; }
 pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
 .note { color: #555; font-size: 0.9em; }
 """
 
 
-def _result_rows(records: list[dict]) -> str:
+def _rows(rows: list[dict[str, str]], records: list[dict], columns, text_columns) -> str:
     esc = html.escape
     body = []
-    for row, r in zip(table_rows(records), records, strict=True):
-        cls = "fp" if r["method"] == "fp" else ("frontier" if r["frontier"] else "")
+    for row, r in zip(rows, records, strict=True):
+        cls = "peer" if is_peer(r) else "fp" if r["method"] == "fp" else ("frontier" if r["frontier"] else "")
         cells = "".join(
-            f'<td class="text">{esc(row[k])}</td>' if k in TEXT_COLUMNS else f"<td>{esc(row[k])}</td>"
-            for k, _ in COLUMNS
+            f'<td class="text">{esc(row[k])}</td>' if k in text_columns else f"<td>{esc(row[k])}</td>"
+            for k, _ in columns
         )
         body.append(f'<tr class="{cls}" data-key="{esc(r["key"])}">{cells}</tr>')
     return "\n".join(body)
+
+
+def _result_rows(records: list[dict]) -> str:
+    own = [r for r in records if not is_peer(r)]
+    return _rows(table_rows(own), own, COLUMNS, TEXT_COLUMNS)
+
+
+def _peer_section(records: list[dict]) -> str:
+    """The peers' table (empty without peer points)."""
+    peers = [r for r in records if is_peer(r)]
+    if not peers:
+        return ""
+    head = "".join(f"<th>{html.escape(title)}</th>" for _, title in PEER_COLUMNS)
+    body = _rows(peer_table_rows(records), peers, PEER_COLUMNS, PEER_TEXT_COLUMNS)
+    return f"""<h2>Peers: other tools on the same windows</h2>
+<p class="note">Not part of lowbit's frontier; each is compared with lowbit's points of no more bytes.</p>
+<table id="peers">
+<thead><tr>{head}</tr></thead>
+<tbody>
+{body}
+</tbody>
+</table>
+"""
 
 
 def html_report(records: list[dict], spec: SweepSpec, png: bytes) -> str:
@@ -90,7 +118,7 @@ A point is on the frontier when no other point of the same model is as small or 
 {_result_rows(records)}
 </tbody>
 </table>
-<h2>Evaluation</h2>
+{_peer_section(records)}<h2>Evaluation</h2>
 <ul id="evaluation">{evaluation}</ul>
 <h2>Settings</h2>
 <table id="settings">

@@ -1,11 +1,12 @@
-"""The frontier plot: KL to full precision and perplexity against total size, one row per model."""
+"""The frontier plot: KL to full precision and perplexity against total size, one row per model;
+peer tools' points (:mod:`lowbit.peers`) as separate markers beside lowbit's frontier."""
 
 from __future__ import annotations
 
 import math
 import os
 
-from lowbit.pareto.report import MB, models_of
+from lowbit.pareto.report import MB, is_peer, models_of
 from lowbit.pareto.spec import point_label
 
 _METHOD_STYLE = {
@@ -14,6 +15,12 @@ _METHOD_STYLE = {
     "qat": {"marker": "^", "color": "#2ca02c"},
 }
 _OTHER_STYLE = {"marker": "D", "color": "#555555"}
+# Peer tools: unfilled markers, not joined by lines, labelled with their type.
+_PEER_STYLE = {
+    "llama.cpp": {"marker": "X", "color": "#9467bd"},
+    "llmcompressor": {"marker": "P", "color": "#8c564b"},
+}
+_OTHER_PEER_STYLE = {"marker": "h", "color": "#17becf"}
 _LINESTYLES = ["-", "--", ":", "-."]
 _KL = "kl_to_reference"
 
@@ -54,6 +61,35 @@ def _plot_methods(ax, quant: list[dict], metric: str) -> None:
                     xytext=(5, 4),
                     fontsize=8,
                 )
+
+
+def _plot_peers(ax, peers: list[dict], metric: str) -> None:
+    """Peer points as distinct markers, one legend entry per tool, each labelled with its type."""
+    for peer in dict.fromkeys(r["peer"] for r in peers):
+        style = _PEER_STYLE.get(peer, _OTHER_PEER_STYLE)
+        pts = [r for r in peers if r["peer"] == peer and _shown(r, metric)]
+        if not pts:
+            continue
+        ax.plot(
+            [r["total_bytes"] / MB for r in pts],
+            [r[metric] for r in pts],
+            linestyle="none",
+            marker=style["marker"],
+            color=style["color"],
+            markersize=9,
+            markeredgecolor="black",
+            markeredgewidth=0.6,
+            label=f"{peer} (peer)",
+        )
+        for r in pts:
+            ax.annotate(
+                r["peer_type"],
+                (r["total_bytes"] / MB, r[metric]),
+                textcoords="offset points",
+                xytext=(5, -10),
+                fontsize=7,
+                color=style["color"],
+            )
 
 
 def _plot_frontier(ax, quant: list[dict], metric: str) -> None:
@@ -132,11 +168,13 @@ def plot_pareto(records: list[dict], path: str | os.PathLike[str]) -> None:
     fig, axes = plt.subplots(len(models), 2, figsize=(13, 4.8 * len(models)), squeeze=False)
     for row, model in enumerate(models):
         rows = [r for r in records if r["model"] == model]
-        quant = [r for r in rows if r["method"] != "fp"]
+        quant = [r for r in rows if r["method"] != "fp" and not is_peer(r)]
+        peers = [r for r in rows if is_peer(r)]
         fp = next((r for r in rows if r["method"] == "fp"), None)
         ax_kl, ax_ppl = axes[row]
         for ax, metric in ((ax_kl, _KL), (ax_ppl, "perplexity")):
             _plot_methods(ax, quant, metric)
+            _plot_peers(ax, peers, metric)
             _plot_frontier(ax, quant, metric)
             if fp is not None:
                 _plot_reference(ax, fp, metric)

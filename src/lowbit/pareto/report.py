@@ -18,17 +18,27 @@ _MODEL_NOTES = {
 }
 
 
+def is_peer(r: dict) -> bool:
+    """A point measured with another tool (:mod:`lowbit.peers`), not one of lowbit's."""
+    return r["method"] == "peer"
+
+
+def dominates(o: dict, r: dict) -> bool:
+    """``o`` has <= bytes and <= KL than ``r``, one of them strictly less."""
+    return (
+        o["total_bytes"] <= r["total_bytes"]
+        and o["kl_to_reference"] <= r["kl_to_reference"]
+        and (o["total_bytes"] < r["total_bytes"] or o["kl_to_reference"] < r["kl_to_reference"])
+    )
+
+
 def mark_frontier(records: list[dict]) -> list[dict]:
-    """Set ``record["frontier"]``: True when no other point of the same model has <= bytes and
-    <= KL with one of them strictly less. Returns the records sorted by model, then KL."""
+    """Set ``record["frontier"]``: True when no other lowbit point of the same model has <= bytes and
+    <= KL with one of them strictly less (the frontier is lowbit's own: peer points are never on it
+    and never push a lowbit point off it). Returns the records sorted by model, then KL."""
     for r in records:
-        r["frontier"] = not any(
-            o is not r
-            and o["model"] == r["model"]
-            and o["total_bytes"] <= r["total_bytes"]
-            and o["kl_to_reference"] <= r["kl_to_reference"]
-            and (o["total_bytes"] < r["total_bytes"] or o["kl_to_reference"] < r["kl_to_reference"])
-            for o in records
+        r["frontier"] = not is_peer(r) and not any(
+            o is not r and not is_peer(o) and o["model"] == r["model"] and dominates(o, r) for o in records
         )
     order = list(dict.fromkeys(r["model"] for r in records))
     return sorted(records, key=lambda r: (order.index(r["model"]), r["kl_to_reference"], r["total_bytes"]))
@@ -103,11 +113,47 @@ def _matchup_lines(model: str, quant: list[dict]) -> list[str]:
     return lines
 
 
+def peer_lines(model: str, own: list[dict], peers: list[dict]) -> list[str]:
+    """For each peer point: the lowbit points that dominate it, or that it dominates."""
+    lines = []
+    for p in sorted(peers, key=lambda r: r["total_bytes"]):
+        head = (
+            f"{model}: {point_label(p)} ({fmt_mb(p['total_bytes'])} MB, {_fmt_bpw(p)} bits/weight over the linears): "
+            f"KL {p['kl_to_reference']:.4g}, perplexity {_fmt_ppl(p['perplexity'])}"
+        )
+        better, worse = versus(p, own)
+        if better:
+            lines.append(f"{head} - dominated by lowbit's {_names(better)} (no larger, no higher KL).")
+        elif worse:
+            lines.append(f"{head} - dominates lowbit's {_names(worse)} (no larger, no higher KL).")
+        else:
+            lines.append(f"{head} - neither dominates nor is dominated by any lowbit point.")
+    return lines
+
+
+def versus(p: dict, own: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The lowbit points ``own`` that dominate peer point ``p`` (by KL), and those ``p`` dominates (by size)."""
+    better = sorted((r for r in own if dominates(r, p)), key=lambda r: r["kl_to_reference"])
+    worse = sorted((r for r in own if dominates(p, r)), key=lambda r: r["total_bytes"])
+    return better, worse
+
+
+def _names(rows: list[dict]) -> str:
+    return ", ".join(f"{point_label(r)} ({fmt_mb(r['total_bytes'])} MB, KL {r['kl_to_reference']:.4g})" for r in rows)
+
+
+def _fmt_bpw(r: dict) -> str:
+    bpwl = r.get("bits_per_weight_linear")
+    return "-" if bpwl is None else f"{bpwl:.3f}"
+
+
 def summary_lines(records: list[dict]) -> list[str]:
-    """Plain-language reading of the sweep: the best point under each size, and method match-ups."""
+    """Plain-language reading of the sweep: the best point under each size, method match-ups, and
+    where each peer point stands against lowbit's."""
     lines: list[str] = []
     for model in models_of(records):
-        rows = [r for r in records if r["model"] == model]
+        peers = [r for r in records if r["model"] == model and is_peer(r)]
+        rows = [r for r in records if r["model"] == model and not is_peer(r)]
         fp = next((r for r in rows if r["method"] == "fp"), None)
         quant = [r for r in rows if r["method"] != "fp"]
         if fp is not None:
@@ -121,6 +167,7 @@ def summary_lines(records: list[dict]) -> list[str]:
                 f"{model}: {len(dominated)} of {len(quant)} quantized points are dominated (another point is no "
                 f"larger and has no higher KL): {names}."
             )
+        lines.extend(peer_lines(model, quant, peers))
         if model in _MODEL_NOTES:
             lines.append(f"{model}: note: {_MODEL_NOTES[model]}")
     return lines
@@ -152,7 +199,6 @@ def table_rows(records: list[dict]) -> list[dict[str, str]]:
     rows, rank = [], {}
     for r in records:
         rank[r["model"]] = rank.get(r["model"], 0) + 1
-        bpwl = r.get("bits_per_weight_linear")
         rows.append(
             {
                 "rank": str(rank[r["model"]]),
@@ -162,7 +208,7 @@ def table_rows(records: list[dict]) -> list[dict[str, str]]:
                 "size_mb": fmt_mb(r["total_bytes"]),
                 "total_bytes": f"{r['total_bytes']:,}",
                 "bits_per_weight": f"{r['bits_per_weight']:.3f}",
-                "bits_per_weight_linear": "-" if bpwl is None else f"{bpwl:.3f}",
+                "bits_per_weight_linear": _fmt_bpw(r),
                 "kl_to_reference": f"{r['kl_to_reference']:.4g}",
                 "top1_agreement": f"{100 * r['top1_agreement']:.2f}%",
                 "perplexity": f"{r['perplexity']:.3f}" if r["perplexity"] < 1e4 else f"{r['perplexity']:.4g}",
@@ -173,12 +219,48 @@ def table_rows(records: list[dict]) -> list[dict[str, str]]:
     return rows
 
 
-def markdown_table(records: list[dict]) -> str:
-    rows = table_rows(records)
-    head = "| " + " | ".join(title for _, title in COLUMNS) + " |"
-    rule = "|" + "|".join("---" if key in TEXT_COLUMNS else "---:" for key, _ in COLUMNS) + "|"
-    body = ["| " + " | ".join(row[key] for key, _ in COLUMNS) + " |" for row in rows]
+# The peers' table: lowbit's columns but the frontier flag, what each stored, and how it compares.
+PEER_COLUMNS = [c for c in COLUMNS if c[0] not in ("quantizer", "frontier")] + [
+    ("stored", "Stored as (decoder linears)"),
+    ("versus", "Against lowbit's points"),
+]
+PEER_TEXT_COLUMNS = ("model", "label", "stored", "versus")
+
+
+def _stored(r: dict) -> str:
+    details = r.get("peer_details", {})
+    if "gguf_linear_types" in details:
+        return ", ".join(f"{t} x{n}" for t, n in details["gguf_linear_types"].items())
+    if r.get("bits") is not None:
+        sym = "symmetric" if r["settings"].get("symmetric") else "asymmetric"
+        return f"int{r['bits']} g{r['group_size']} {sym}"
+    return "-"
+
+
+def peer_table_rows(records: list[dict]) -> list[dict[str, str]]:
+    """Formatted cells of the peer points of ``records`` (ranked by KL within each model)."""
+    peers = [r for r in records if is_peer(r)]
+    rows = table_rows(peers)
+    for row, p in zip(rows, peers, strict=True):
+        own = [r for r in records if r["model"] == p["model"] and not is_peer(r) and r["method"] != "fp"]
+        better, worse = versus(p, own)
+        row["stored"] = _stored(p)
+        row["versus"] = (
+            f"dominated by {len(better)}" if better else f"dominates {len(worse)}" if worse else "neither"
+        ) + " lowbit point" + ("" if len(better or worse) == 1 else "s")
+    return rows
+
+
+def _markdown(rows: list[dict[str, str]], columns, text_columns) -> str:
+    head = "| " + " | ".join(title for _, title in columns) + " |"
+    rule = "|" + "|".join("---" if key in text_columns else "---:" for key, _ in columns) + "|"
+    body = ["| " + " | ".join(row[key] for key, _ in columns) + " |" for row in rows]
     return "\n".join([head, rule, *body])
+
+
+def markdown_table(records: list[dict]) -> str:
+    """lowbit's points (peer points are in :func:`peer_table_rows`)."""
+    return _markdown(table_rows([r for r in records if not is_peer(r)]), COLUMNS, TEXT_COLUMNS)
 
 
 def eval_description(records: list[dict], spec: SweepSpec) -> list[str]:
@@ -210,6 +292,32 @@ def eval_description(records: list[dict], spec: SweepSpec) -> list[str]:
             f"QAT training text: {spec.qat_data}; {spec.qat_steps} steps in windows of {spec.seq_len} "
             f"(further settings: {json.dumps(spec.qat_settings) if spec.qat_settings else 'lowbit.qat defaults'})."
         )
+    return text + peer_description(records, spec)
+
+
+def peer_description(records: list[dict], spec: SweepSpec) -> list[str]:
+    """How the peer points were made and measured."""
+    peers = [r for r in records if is_peer(r)]
+    text = []
+    if any(r["peer"] == "llama.cpp" for r in peers):
+        version = next(r["versions"].get("llama.cpp", "?") for r in peers if r["peer"] == "llama.cpp")
+        text.append(
+            f"llama.cpp points (llama-cpp-python {version}): llama.cpp's own types, made by its quantizer "
+            "(llama_model_quantize, default parameters, no importance matrix) from an F32 GGUF of the model, run "
+            "by llama.cpp on the same windows (each from an empty context) with its weight-repacking buffer types "
+            "off (plain CPU kernels; they segfault on AMX CPUs with llama-cpp-python 0.3.36). Where a tensor's rows "
+            "do not fit a type's blocks llama.cpp stores it in another type: sizes are the tensor bytes the GGUF "
+            "file stores (its header and tokenizer excluded, as for lowbit's points)."
+        )
+    lc = [r for r in peers if r["peer"] == "llmcompressor"]
+    if lc:
+        s = lc[0]["settings"]
+        text.append(
+            f"llmcompressor points ({lc[0]['versions'].get('llmcompressor', '?')}): oneshot + GPTQModifier with its "
+            f"defaults on every Linear but lm_head, calibrated on {s['calib_windows']} random windows of "
+            f"{s['calib_seq_len']} tokens of {s['calib']}; scored on the same windows by lowbit's evaluator; sizes "
+            f"are the tensor bytes of its compressed checkpoint (save_compressed=True, saved in {s['save_dtype']})."
+        )
     return text
 
 
@@ -228,4 +336,13 @@ def markdown_report(records: list[dict], spec: SweepSpec) -> str:
         *[f"- {line}" for line in summary_lines(records)],
         "",
     ]
+    if any(is_peer(r) for r in records):
+        parts += [
+            "## Peers: other tools on the same windows",
+            "",
+            "Not part of lowbit's frontier; each is compared with lowbit's points of no more bytes.",
+            "",
+            _markdown(peer_table_rows(records), PEER_COLUMNS, PEER_TEXT_COLUMNS),
+            "",
+        ]
     return "\n".join(parts)

@@ -16,6 +16,7 @@ from pathlib import Path
 from lowbit.errors import LowbitError
 from lowbit.methods import method_names
 from lowbit.options import known_fields, parse_group_size
+from lowbit.peers import PEER_NAMES
 from lowbit.quantizers import QUANTIZERS, paretoq_quantizer_name, parse_bits
 
 KEY_VERSION = 1
@@ -89,6 +90,11 @@ class SweepSpec:
     qat_settings: dict = field(
         default_factory=lambda: {"lr": 1e-3, "scale_lr": 1e-3, "batch_size": 2}, metadata=_OFF_CLI
     )
+    # other tools measured beside lowbit (lowbit.peers); peer_settings: {peer: {field: value}}
+    peers: list[str] = field(
+        default_factory=list, metadata=_opt("other tools to measure beside lowbit", choices=PEER_NAMES, metavar="PEER")
+    )
+    peer_settings: dict = field(default_factory=dict, metadata=_OFF_CLI)
 
     def __post_init__(self):
         self.models = [self.models] if isinstance(self.models, str) else list(dict.fromkeys(self.models))
@@ -227,5 +233,7 @@ def point_label(p: dict) -> str:
     """Human name of a point: ``GPTQ 3-bit g128``, ``RTN 2-bit per-channel``, ``FP32``."""
     if p["method"] == "fp":
         return f"FP{int(p['bits'])}"
+    if p["method"] == "peer":
+        return f"{p['peer']} {p['peer_type']}"
     gran = "per-channel" if p["group_size"] is None else f"g{p['group_size']}"
     return f"{p['method'].upper()} {p['bits']:g}-bit {gran}"

@@ -17,7 +17,7 @@ import platform
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -145,8 +145,6 @@ def _versions() -> dict:
 
 def measure_point(settings: dict, spec: SweepSpec, ctx: _ModelContext, progress: bool = True) -> dict:
     """Quantize a copy of the reference model as ``settings`` say and measure it: one result record."""
-    from lowbit.models import model_id
-
     t_start = time.perf_counter()
     torch.manual_seed(settings["seed"])
     quantize_seconds, reported = 0.0, {}
@@ -167,6 +165,15 @@ def measure_point(settings: dict, spec: SweepSpec, ctx: _ModelContext, progress:
         eval_seconds = time.perf_counter() - t0
         extra = {k: settings[k] for k in ("bits", "quantizer", "group_size")}
     size = size_account(model)
+    seconds = time.perf_counter() - t_start + (eval_seconds if settings["method"] == "fp" else 0.0)
+    timing = {"quantize_seconds": quantize_seconds, "eval_seconds": eval_seconds, "seconds": seconds}
+    return _record(settings, ctx, extra, size, quality, timing, reported)
+
+
+def _record(settings: dict, ctx: _ModelContext, extra: dict, size: dict, quality: dict, timing: dict, reported) -> dict:
+    """One result record; ``timing``: its quantize_seconds, eval_seconds and (total) seconds."""
+    from lowbit.models import model_id
+
     return {
         "key": point_key(settings),
         "model": model_id(ctx.spec),
@@ -177,13 +184,30 @@ def measure_point(settings: dict, spec: SweepSpec, ctx: _ModelContext, progress:
         "eval_tokens_sha256": ctx.eval_sha256,
         "eval_bos": ctx.bos,
         "seed": settings["seed"],
-        "quantize_seconds": round(quantize_seconds, 3),
-        "eval_seconds": round(eval_seconds, 3),
-        "seconds": round(time.perf_counter() - t_start + (eval_seconds if settings["method"] == "fp" else 0.0), 3),
+        **{k: round(timing[k], 3) for k in ("quantize_seconds", "eval_seconds", "seconds")},
         **reported,
         "settings": settings,
         "versions": _versions(),
     }
+
+
+def measure_peers(peer, todo: list[dict], ctx: _ModelContext, progress: bool, log) -> Iterator[dict]:
+    """Measure peer points ``todo`` (all of ``peer``'s, one model's) with their plug-in: one record each."""
+    t_start = time.perf_counter()
+    version = peer.version()
+    for settings, measured in peer.measure(ctx, todo, progress, log):
+        extra = {
+            "peer": settings["peer"],
+            "peer_type": settings["peer_type"],
+            **{k: settings.get(k) for k in ("bits", "quantizer", "group_size")},
+        }
+        timing = {k: measured[k] for k in ("quantize_seconds", "eval_seconds")}
+        timing["seconds"] = time.perf_counter() - t_start
+        record = _record(settings, ctx, extra, measured["size"], measured["quality"], timing, {})
+        record["peer_details"] = measured["details"]
+        record["versions"][settings["peer"]] = version
+        t_start = time.perf_counter()
+        yield record
 
 
 @dataclass
@@ -194,11 +218,44 @@ class _Run:
     store: ResultStore
     done: dict[str, dict]
     methods: dict[str, Method]
+    peers: dict[str, object]
     run_id: str
     progress: bool
     log: Callable[[str], None]
     computed: int = 0
     skipped: int = 0
+
+
+def sweep_peers(spec: SweepSpec) -> dict[str, object]:
+    """The plug-in of each peer the sweep measures (:mod:`lowbit.peers`), checked before any compute."""
+    from lowbit.peers import make_peer
+
+    peers = {name: make_peer(name, spec.peer_settings.get(name)) for name in dict.fromkeys(spec.peers)}
+    for peer in peers.values():
+        peer.check()
+    return peers
+
+
+def plan_peer_points(spec: SweepSpec, lowbit_plan: list[dict], peers: dict[str, object]) -> list[dict]:
+    """Settings of every peer point of one model: the model's common settings (those of its
+    full-precision point, ``lowbit_plan[0]``), method ``peer`` and what each plug-in plans."""
+    common = {k: v for k, v in lowbit_plan[0].items() if k != "method"}
+    return [
+        {**common, "method": "peer", "peer": name, **point} for name, peer in peers.items() for point in peer.plan(spec)
+    ]
+
+
+def _store(run: _Run, record: dict, counter: str) -> None:
+    record["run_id"] = run.run_id
+    record["computed_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    run.store.append(record)
+    run.done[record["key"]] = record
+    run.computed += 1
+    run.log(
+        f"pareto: [{counter}] {record['model']} {point_label(record)}: "
+        f"{fmt_mb(record['total_bytes'])} MB, KL {record['kl_to_reference']:.4g}, "
+        f"ppl {record['perplexity']:.4g} ({record['seconds']:.0f} s)"
+    )
 
 
 def _sweep_model(run: _Run, model_spec: str, plan: list[dict]) -> None:
@@ -214,18 +271,19 @@ def _sweep_model(run: _Run, model_spec: str, plan: list[dict]) -> None:
         f"pareto: {model_spec}: reference log-probs cached ({ctx.cache.result['tokens']} tokens, "
         f"{ctx.cache.nbytes / 2**30:.2f} GiB, {ctx.reference_seconds:.0f} s)"
     )
-    for index, settings in enumerate(todo, 1):
-        record = measure_point(settings, run.spec, ctx, progress=run.progress)
-        record["run_id"] = run.run_id
-        record["computed_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        run.store.append(record)
-        run.done[record["key"]] = record
-        run.computed += 1
-        run.log(
-            f"pareto: [{index}/{len(todo)}] {record['model']} {point_label(record)}: "
-            f"{fmt_mb(record['total_bytes'])} MB, KL {record['kl_to_reference']:.4g}, "
-            f"ppl {record['perplexity']:.4g} ({record['seconds']:.0f} s)"
-        )
+    own = [p for p in todo if p["method"] != "peer"]
+    for index, settings in enumerate(own, 1):
+        _store(run, measure_point(settings, run.spec, ctx, progress=run.progress), f"{index}/{len(todo)}")
+    index = len(own)
+    for name, peer in run.peers.items():
+        mine = [p for p in todo if p["method"] == "peer" and p["peer"] == name]
+        if mine:
+            try:
+                for record in measure_peers(peer, mine, ctx, run.progress, run.log):
+                    index += 1
+                    _store(run, record, f"{index}/{len(todo)}")
+            except LowbitError as exc:  # e.g. llama.cpp and a model lowbit cannot write as GGUF
+                run.log(f"pareto: {model_spec}: {name} points skipped: {exc}")
     del ctx
     gc.collect()
 
@@ -245,17 +303,19 @@ def run_sweep(
     out = Path(out)
     if "qat" in spec.methods and spec.qat_steps == 0:
         log("pareto: 'qat' skipped: QAT points need a training budget (--qat-steps N > 0)")
-    methods = sweep_methods(spec)  # a method that cannot run fails before any compute
+    methods = sweep_methods(spec)  # a method (or peer) that cannot run fails before any compute
+    peers = sweep_peers(spec)
     fingerprints = text_fingerprints(spec)
     t_sweep = time.perf_counter()
     with ResultStore(out) as store:
-        run = _Run(spec, store, store.read(), methods, uuid.uuid4().hex[:12], progress, log)
+        run = _Run(spec, store, store.read(), methods, peers, uuid.uuid4().hex[:12], progress, log)
         planned: list[dict] = []
         for model_spec in spec.models:
             plan = plan_points(spec, model_spec, fingerprints)
+            plan += plan_peer_points(spec, plan, peers)
             planned.extend(plan)
             _sweep_model(run, model_spec, plan)
-        records = [run.done[point_key(p)] for p in planned]
+        records = [run.done[k] for k in map(point_key, planned) if k in run.done]  # a skipped peer is absent
     paths = write_report(records, spec, out)
     return {
         "out": str(out),
@@ -266,5 +326,6 @@ def run_sweep(
         "seconds": round(time.perf_counter() - t_sweep, 1),
         **paths,
         "frontier": [f"{r['model']} {point_label(r)}" for r in records if r["frontier"]],
+        "peers": [f"{r['model']} {point_label(r)}" for r in records if r["method"] == "peer"],
         "summary": summary_lines(records),
     }

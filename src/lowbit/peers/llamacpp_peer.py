@@ -1,0 +1,86 @@
+"""llama.cpp's own quantization types as points of a Pareto sweep (``lowbit pareto --peers llama.cpp``).
+
+Per model: the full-precision model is written once as an F32 GGUF file
+(:func:`~lowbit.peers.llamacpp.write_fp_gguf`); each type is made from it by llama.cpp's own
+quantizer (``llama_model_quantize``, default parameters, no importance matrix), run by llama.cpp
+on exactly the sweep's eval windows and scored by :func:`lowbit.evaluation.evaluate` against the
+sweep's cached reference log-probs. Sizes are the bytes the quantized GGUF file stores per tensor
+(:func:`~lowbit.peers.llamacpp.gguf_account`), whatever types llama.cpp fell back to.
+
+llama.cpp runs with its weight-repacking buffer types off (``extra_bufts=False``, see
+:func:`~lowbit.peers.llamacpp.open_llamacpp`: with them on, llama-cpp-python 0.3.36 segfaults on
+AMX CPUs for Q4_0 / Q8_0); the same quantized weights, computed by llama.cpp's plain CPU kernels.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from lowbit.evaluation import evaluate
+from lowbit.peers.llamacpp import (
+    DEFAULT_TYPES,
+    LlamaCppLM,
+    gguf_account,
+    open_llamacpp,
+    quantize_gguf,
+    require_llama_cpp,
+    write_fp_gguf,
+)
+
+
+@dataclass
+class LlamaCppPeer:
+    """``types``: llama.cpp type names (``Q4_K_M``, ``Q8_0``...); ``threads``: llama.cpp's threads
+    (default: torch's)."""
+
+    name: ClassVar[str] = "llama.cpp"
+    types: list[str] = field(default_factory=lambda: list(DEFAULT_TYPES))
+    threads: int | None = None
+
+    def check(self) -> None:
+        require_llama_cpp()
+
+    def plan(self, spec) -> list[dict]:
+        # source: the GGUF llama.cpp quantizes from; repack: its weight-repacking buffer types
+        return [{"peer_type": t.upper(), "source": "F32", "repack": False} for t in dict.fromkeys(self.types)]
+
+    def version(self) -> str:
+        return require_llama_cpp().__version__
+
+    def measure(self, ctx, todo: list[dict], progress: bool, log: Callable[[str], None]) -> Iterator[tuple[dict, dict]]:
+        from lowbit.models import model_id
+
+        threads = self.threads or torch.get_num_threads()
+        with tempfile.TemporaryDirectory(prefix="lowbit-llamacpp-") as tmp:
+            fp = write_fp_gguf(ctx.reference, ctx.tokenizer, Path(tmp) / "f32.gguf", model_id(ctx.spec))
+            for settings in todo:
+                yield settings, self._measure_type(ctx, fp, settings["peer_type"], threads, progress)
+
+    def _measure_type(self, ctx, fp: Path, type_name: str, threads: int, progress: bool) -> dict:
+        t0 = time.perf_counter()
+        path = quantize_gguf(fp, fp.with_name(f"{type_name}.gguf"), type_name, threads)
+        quantize_seconds = time.perf_counter() - t0
+        size = gguf_account(path)
+        llm = open_llamacpp(path, n_ctx=ctx.cache.windows.shape[1], n_threads=threads, extra_bufts=False)
+        try:
+            t0 = time.perf_counter()
+            quality = evaluate(LlamaCppLM(llm), ctx.cache.windows, reference=ctx.cache, progress=progress)
+            eval_seconds = time.perf_counter() - t0
+        finally:
+            llm.close()
+            path.unlink()
+        details = {k: size.pop(k) for k in ("gguf_file_bytes", "gguf_metadata_bytes", "gguf_linear_types", "gguf_types")}
+        return {
+            "size": size,
+            "quality": quality,
+            "quantize_seconds": quantize_seconds,
+            "eval_seconds": eval_seconds,
+            "details": {**details, "threads": threads},
+        }
