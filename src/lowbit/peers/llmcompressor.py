@@ -44,6 +44,11 @@ WEIGHTS = "weights.safetensors"
 RESULT = "result.json"
 
 
+def has_llmcompressor() -> bool:
+    """Whether llmcompressor is importable in this interpreter."""
+    return importlib.util.find_spec("llmcompressor") is not None
+
+
 def parse_scheme(name: str) -> tuple[int, int, bool]:
     """``w4g64-asym`` -> (bits 4, group 64, symmetric False)."""
     m = _SCHEME.match(name)
@@ -70,7 +75,7 @@ class LLMCompressorPeer:
         """None: in-process; else the Python to run the worker in."""
         if self.python:
             return self.python
-        if importlib.util.find_spec("llmcompressor") is not None:
+        if has_llmcompressor():
             return None
         env = os.environ.get(PYTHON_ENV)
         if not env:
@@ -81,11 +86,11 @@ class LLMCompressorPeer:
         return env
 
     def check(self) -> None:
+        for name in self.schemes or []:
+            parse_scheme(name)
         python = self.interpreter()
         if python is not None and not Path(python).exists():
             raise LowbitError(f"{PYTHON_ENV}={python} does not exist: name a Python that has llmcompressor")
-        for name in self.schemes or []:
-            parse_scheme(name)
 
     def plan(self, spec) -> list[dict]:
         from lowbit.pareto.spec import text_fingerprint
