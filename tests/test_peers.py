@@ -288,7 +288,9 @@ def test_llmcompressor_peer_in_another_interpreter(assets, tmp_path, stub_python
     from lowbit.data import get_text, tokenize_windows, tokenizer_adds_bos
 
     tokenizer = load(str(assets[0]))[1]
-    windows = tokenize_windows(tokenizer, get_text(str(assets[1])), 64, max_tokens=256, bos=tokenizer_adds_bos(tokenizer))
+    windows = tokenize_windows(
+        tokenizer, get_text(str(assets[1])), 64, max_tokens=256, bos=tokenizer_adds_bos(tokenizer)
+    )
     expected = evaluate(model, windows, reference=reference, progress=False)
     assert w4["kl_to_reference"] == pytest.approx(expected["kl_to_reference"], rel=1e-6)
     assert w4["kl_to_reference"] < w2["kl_to_reference"]
@@ -326,7 +328,9 @@ def test_real_llmcompressor_on_a_tiny_model(assets, tmp_path, monkeypatch):
     monkeypatch.setattr(peer_module, "has_llmcompressor", lambda: False)
     settings = {"llmcompressor": {"schemes": ["w4g32-asym"], "calib_windows": 4, "calib_seq_len": 64}}
     out = tmp_path / "sweep"
-    run_sweep(spec_for(assets, peers=["llmcompressor"], peer_settings=settings), out, progress=False, log=lambda m: None)
+    run_sweep(
+        spec_for(assets, peers=["llmcompressor"], peer_settings=settings), out, progress=False, log=lambda m: None
+    )
     (peer,) = [r for r in lines(out) if r["method"] == "peer"]
     assert 0 < peer["kl_to_reference"] < 0.05
     # int4 codes packed in int32, fp16 scales and int4-packed zero points per group of 32

@@ -6,13 +6,14 @@ lowbit's core imports them):
 - :mod:`lowbit.peers.llmcompressor`: llmcompressor's GPTQ as points of a Pareto sweep (in-process,
   or in the interpreter named by ``LOWBIT_PEERS_PYTHON`` when llmcompressor pins other packages).
 
-A sweep plug-in (``lowbit pareto --peers NAME``) has ``name``, ``check()`` (a one-line
-:class:`~lowbit.errors.LowbitError` when it cannot run), ``plan(spec)`` (per point: ``peer_type``
-and the settings that change its numbers, part of the point's key) and
-``measure(ctx, todo, progress, log)``, yielding ``(settings, measured)`` per point as it finishes:
-``measured`` holds the bytes as stored (:func:`lowbit.evaluation.size_account`'s fields), the
-quality from :func:`lowbit.evaluation.evaluate` on the sweep's cached reference, the seconds and
-any peer details.
+A sweep plug-in (``lowbit pareto --peers NAME``, settings from ``SweepSpec.peer_settings[NAME]``)
+has ``name``, ``check()`` (a one-line :class:`~lowbit.errors.LowbitError` when it cannot run),
+``version()``, ``plan(spec)`` (per point: ``peer_type`` and the settings that change its numbers,
+part of the point's key) and ``measure(ctx, todo, progress, log)``, yielding ``(settings, measured)``
+per point as it finishes. ``measured`` is a dict: ``size`` (the bytes as stored, with
+:func:`lowbit.evaluation.size_account`'s fields), ``quality`` (:func:`lowbit.evaluation.evaluate` on
+the sweep's cached reference), ``quantize_seconds``, ``eval_seconds`` and ``details`` (kept as the
+record's ``peer_details``).
 """
 
 from __future__ import annotations

@@ -172,7 +172,9 @@ def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, type_name: str
     llama_cpp = require_llama_cpp()
     ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{type_name.upper()}", None)
     if ftype is None:
-        known = sorted(n.removeprefix("LLAMA_FTYPE_MOSTLY_") for n in dir(llama_cpp) if n.startswith("LLAMA_FTYPE_MOSTLY_"))
+        known = sorted(
+            n.removeprefix("LLAMA_FTYPE_MOSTLY_") for n in dir(llama_cpp) if n.startswith("LLAMA_FTYPE_MOSTLY_")
+        )
         raise LowbitError(f"unknown llama.cpp type {type_name!r}: choose from {', '.join(known)}")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype

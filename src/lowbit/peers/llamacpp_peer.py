@@ -76,7 +76,9 @@ class LlamaCppPeer:
         finally:
             llm.close()
             path.unlink()
-        details = {k: size.pop(k) for k in ("gguf_file_bytes", "gguf_metadata_bytes", "gguf_linear_types", "gguf_types")}
+        details = {
+            k: size.pop(k) for k in ("gguf_file_bytes", "gguf_metadata_bytes", "gguf_linear_types", "gguf_types")
+        }
         return {
             "size": size,
             "quality": quality,

@@ -96,7 +96,10 @@ class LLMCompressorPeer:
         from lowbit.pareto.spec import text_fingerprint
 
         names = self.schemes or [
-            f"w{int(b)}g{self.group_size}-{kind}" for b in spec.bits if b == int(b) and 2 <= b <= 8 for kind in ("sym", "asym")
+            f"w{int(b)}g{self.group_size}-{kind}"
+            for b in spec.bits
+            if b == int(b) and 2 <= b <= 8
+            for kind in ("sym", "asym")
         ]
         calib = {
             "calib": spec.calib,
@@ -119,7 +122,9 @@ class LLMCompressorPeer:
         for settings in todo:
             with tempfile.TemporaryDirectory(prefix="lowbit-llmcompressor-") as tmp:
                 request = {"model": ctx.spec, "settings": settings, "out": tmp}
-                log(f"pareto: llmcompressor {settings['peer_type']}: running GPTQ ({'in-process' if python is None else python})")
+                log(
+                    f"pareto: llmcompressor {settings['peer_type']}: running GPTQ ({'in-process' if python is None else python})"
+                )
                 if python is None:
                     run_worker(request)
                 else:
@@ -178,7 +183,9 @@ def _recipe(bits: int, group: int, symmetric: bool):
     from llmcompressor.modifiers.quantization import GPTQModifier
 
     weights = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, strategy="group", group_size=group)
-    return GPTQModifier(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}, ignore=["lm_head"])
+    return GPTQModifier(
+        config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}, ignore=["lm_head"]
+    )
 
 
 def _calibration(tokenizer, settings: dict):
