@@ -80,14 +80,31 @@ def method_settings(method: Method) -> dict:
     return dataclasses.asdict(method)
 
 
-def calibration_windows(tokenizer, text: str, tokens: int, seq_len: int):
-    """Calibration windows as every calibrated method reads them: ``tokens`` tokens of ``text`` in
-    windows of ``seq_len``, each starting with BOS where the tokenizer adds one (as evaluation does)."""
+def calibration_windows(tokenizer, text: str, tokens: int, seq_len: int, sample: str = "first", seed: int = 0):
+    """Calibration windows as every calibrated method reads them, each starting with BOS where the
+    tokenizer adds one (as evaluation does): the first ``tokens`` tokens of ``text`` in windows of
+    ``seq_len`` (``sample="first"``), or ``tokens // seq_len`` windows drawn at random (seeded) from
+    the whole text cut into windows (``sample="random"``, as llmcompressor and GPTQ's authors sample)."""
+    import torch
+
     from lowbit.data import get_text, tokenize_windows, tokenizer_adds_bos
 
     if tokenizer is None:
         raise LowbitError("a calibrated method needs the model's tokenizer to read its calibration text")
-    return tokenize_windows(tokenizer, get_text(text), seq_len, max_tokens=tokens, bos=tokenizer_adds_bos(tokenizer))
+    bos = tokenizer_adds_bos(tokenizer)
+    if sample == "first":
+        return tokenize_windows(tokenizer, get_text(text), seq_len, max_tokens=tokens, bos=bos)
+    if sample != "random":
+        raise LowbitError(f"unknown calibration sampling {sample!r}: use first or random")
+    windows = tokenize_windows(tokenizer, get_text(text), seq_len, bos=bos)
+    n = max(1, tokens // seq_len)
+    if n > len(windows):
+        raise LowbitError(
+            f"{text} holds {len(windows)} windows of {seq_len} tokens, fewer than the {n} asked for "
+            f"(calib_tokens {tokens}): use a longer text (e.g. wiki-train) or fewer calibration tokens"
+        )
+    pick = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed))[:n]
+    return windows[pick.sort().values]
 
 
 @register_method
@@ -118,12 +135,22 @@ class GPTQ:
     seq_len: int = field(default=512, metadata={"help": "calibration window length", "parse": parse_positive_int})
     act_order: bool = field(default=False, metadata={"help": "quantize columns by decreasing Hessian diagonal"})
     damp: float = field(default=0.01, metadata={"help": "diagonal damping, fraction of mean diag(H)"})
+    sequential: bool = field(
+        default=False, metadata={"help": "true sequential: quantize a block's linears stage by stage (q/k/v, o, ...)"}
+    )
+    sample: str = field(
+        default="first",
+        metadata={"help": "calibration windows: the first calib_tokens of the text, or random windows of all of it",
+                  "choices": ("first", "random")},
+    )
+    seed: int = field(default=0, metadata={"help": "seed of --sample random"})
 
     def apply(self, model: nn.Module, config: QuantConfig, tokenizer=None, progress: bool = True) -> dict:
         from lowbit.ptq import gptq
 
-        ids = calibration_windows(tokenizer, self.calib, self.calib_tokens, self.seq_len)
-        gptq(model, config, ids, act_order=self.act_order, damp=self.damp, progress=progress)
+        ids = calibration_windows(tokenizer, self.calib, self.calib_tokens, self.seq_len, self.sample, self.seed)
+        gptq(model, config, ids, act_order=self.act_order, damp=self.damp, progress=progress,
+             sequential=self.sequential)
         return {}
 
 

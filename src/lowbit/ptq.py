@@ -152,14 +152,21 @@ def gptq(
     damp: float = 0.01,
     act_order: bool = False,
     progress: bool = True,
+    sequential: bool = False,
 ) -> nn.Module:
-    """Quantize ``model`` in place with GPTQ on calibration windows ``calib_ids`` (n, seq_len)."""
+    """Quantize ``model`` in place with GPTQ on calibration windows ``calib_ids`` (n, seq_len).
+
+    Blocks are processed in order, each on the outputs of the already-quantized blocks before it.
+    ``sequential`` also orders the linears *within* a block ("true sequential"): the linears that
+    read the same input (q/k/v; gate/up) form one stage, and each stage's Hessians are gathered
+    with the earlier stages of the block already quantized (e.g. o_proj sees the quantized
+    attention's output). Without it, every linear of a block sees full-precision block internals.
+    """
     if calib_ids.ndim != 2 or len(calib_ids) == 0:
         raise LowbitError("GPTQ needs at least one calibration window of tokens")
     layers = find_decoder_layers(model)
     heads = output_head_names(model)
-    batches = list(torch.split(calib_ids, batch_size))
-    store = _capture_block_inputs(model, layers, batches)
+    store = _capture_block_inputs(model, layers, list(torch.split(calib_ids, batch_size)))
     results: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     names = {m: n for n, m in model.named_modules()}
     t0 = time.time()
@@ -168,47 +175,93 @@ def gptq(
         linears = {
             names[m]: m for m in block.modules() if is_linear(m) and names[m] not in heads and config.spec_for(names[m])
         }
-        hessians = {n: torch.zeros(linear_weight(m)[0].shape[1], linear_weight(m)[0].shape[1]) for n, m in linears.items()}
-        counts = dict.fromkeys(linears, 0)
-
-        def make_hook(name, hessians=hessians, counts=counts):  # bind this block's dicts
-            def hook(_module, args, _out):
-                x = args[0].detach().float().reshape(-1, args[0].shape[-1])
-                n_old, n_new = counts[name], x.shape[0]
-                hessians[name].mul_(n_old / (n_old + n_new)).add_(x.t() @ x, alpha=2.0 / (n_old + n_new))
-                counts[name] = n_old + n_new
-
-            return hook
-
-        handles = [m.register_forward_hook(make_hook(n)) for n, m in linears.items()]
-        for hidden, kwargs in store:
-            _block_output(block, hidden, kwargs)
-        for h in handles:
-            h.remove()
-        for name, module in linears.items():
-            spec = config.spec_for(name)
-            quantizer = make_quantizer(spec.bits, spec.quantizer, spec.group_size)
-            weight, _ = linear_weight(module)
-            q, alpha, zero = gptq_quantize_weight(
-                weight, hessians[name], quantizer, damp=damp, act_order=act_order, scale_search=config.scale_search
-            )
-            _write_weight(module, q)
-            results[name] = (alpha, zero)
-            del hessians[name]
+        stages = _stages(block, linears, store[0]) if sequential else [list(linears)]
+        for stage in stages:
+            hessians = _block_hessians(block, {n: linears[n] for n in stage}, store)
+            for name in stage:
+                spec = config.spec_for(name)
+                quantizer = make_quantizer(spec.bits, spec.quantizer, spec.group_size)
+                weight, _ = linear_weight(linears[name])
+                q, alpha, zero = gptq_quantize_weight(
+                    weight, hessians.pop(name), quantizer, damp=damp, act_order=act_order,
+                    scale_search=config.scale_search,
+                )
+                _write_weight(linears[name], q)
+                results[name] = (alpha, zero)
         store = [(_block_output(block, hidden, kwargs), kwargs) for hidden, kwargs in store]
         bar.update(1)
         bar.set_postfix(s=f"{time.time() - t0:.0f}")
     bar.close()
+    _install_scales(model, config, results)
+    return model
+
+
+def _block_hessians(block: nn.Module, linears: dict[str, nn.Module], store) -> dict[str, torch.Tensor]:
+    """``H = 2 X X^T / n`` of each linear's inputs over the calibration batches in ``store``."""
+    hessians = {n: torch.zeros(linear_weight(m)[0].shape[1], linear_weight(m)[0].shape[1]) for n, m in linears.items()}
+    counts = dict.fromkeys(linears, 0)
+
+    def make_hook(name):
+        def hook(_module, args, _out):
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            n_old, n_new = counts[name], x.shape[0]
+            hessians[name].mul_(n_old / (n_old + n_new)).add_(x.t() @ x, alpha=2.0 / (n_old + n_new))
+            counts[name] = n_old + n_new
+
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(n)) for n, m in linears.items()]
+    try:
+        for hidden, kwargs in store:
+            _block_output(block, hidden, kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return hessians
+
+
+def _stages(block: nn.Module, linears: dict[str, nn.Module], first) -> list[list[str]]:
+    """The block's linears in call order, consecutive ones that read the same input tensor merged
+    into one stage (q/k/v; gate/up), found with one forward pass on the first calibration batch."""
+    order: list[tuple[str, int]] = []
+
+    def make_hook(name):
+        def hook(_module, args):
+            order.append((name, args[0].data_ptr()))
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in linears.items()]
+    try:
+        _block_output(block, *first)
+    finally:
+        for h in handles:
+            h.remove()
+    stages: list[list[str]] = []
+    last_ptr = None
+    for name, ptr in order:
+        if any(name in stage for stage in stages):
+            continue
+        if stages and ptr == last_ptr:
+            stages[-1].append(name)
+        else:
+            stages.append([name])
+        last_ptr = ptr
+    called = {n for stage in stages for n in stage}
+    return stages + [[n] for n in linears if n not in called]  # linears the forward never called, last
+
+
+def _install_scales(model: nn.Module, config: QuantConfig, results: dict) -> None:
+    """Swap in the quantized modules with GPTQ's scales (embeddings, if quantized: round-to-nearest)."""
     quantize_model(model, config, initialize=False)
     for name, module in quantized_modules(model):
         if name in results:
             module.quantizer.set_scales(*results[name])
-        else:  # embeddings (quantize_embeddings): round-to-nearest
+        else:
             module.quantizer.initialize(module.weight, search=config.scale_search)
             module.quantizer.round_scales_()
     _check_on_grid(model, results)
     snap_weights_(model)
-    return model
 
 
 def _write_weight(module: nn.Module, q: torch.Tensor) -> None:
