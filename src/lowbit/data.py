@@ -331,6 +331,11 @@ def tokenize_windows(
     window with BOS followed by ``seq_len - 1`` text tokens, so the window length, and thus the
     model's context, stays ``seq_len``.
     """
+    if tokenizer is None:
+        raise LowbitError(
+            "the model has no tokenizer (its folder lacks tokenizer.json / tokenizer_config.json): "
+            "copy the tokenizer files of its base model into the folder"
+        )
     if seq_len < 2:
         raise LowbitError(f"seq_len must be at least 2 tokens (one to read, one to predict), got {seq_len}")
     if max_tokens is not None and max_tokens < 1:

@@ -139,7 +139,7 @@ def optimize(
             )
             done = step + 1
             if not torch.isfinite(means).all():  # every rank sees the same global mean, so all stop
-                raise NonFiniteLoss(done, float(means[0]), cfg.lr)
+                raise NonFiniteLoss(done, f"the training loss is {float(means[0])}", cfg.lr)
             bar.update(1)
             now = time.time()
             if on_log is not None and (done % cfg.log_every == 0 or done == cfg.steps):
@@ -157,14 +157,21 @@ def optimize(
 
 
 class NonFiniteLoss(LowbitError):
-    """The loss became NaN/inf at ``step``: training stops before that step is logged or saved."""
+    """The loss (or the weights) became NaN/inf at ``step``: training stops before that step is
+    logged or saved, so the last checkpoint holds finite weights."""
 
-    def __init__(self, step: int, loss: float, lr: float, saved: str = ""):
-        self.step, self.loss, self.lr = step, loss, lr
+    def __init__(self, step: int, what: str, lr: float, saved: str = ""):
+        self.step, self.what, self.lr = step, what, lr
         super().__init__(
-            f"the training loss is {loss} at step {step}: training stopped{saved}. Train again with a "
+            f"{what} at step {step}: training stopped{saved}. Train again with a "
             f"lower --lr (now {lr:g}) or --scale-lr, or a larger --warmup"
         )
+
+
+def _weights_finite(student: nn.Module, ctx: DistContext) -> bool:
+    """Whether every parameter (this rank's shard of it, agreed over all ranks) is finite."""
+    bad = any(not torch.isfinite(p).all() for p in student.parameters())
+    return float(ctx.mean(torch.tensor([float(bad)], device=ctx.device))) == 0.0
 
 
 def _check_batch_fits(cfg: TrainConfig, n_windows: int) -> None:
@@ -339,6 +346,8 @@ def _train_logged(cfg, out, ctx, training: _Training, teacher, windows, data_rec
         nonlocal saved_step
         if step % cfg.save_every == 0 or step == cfg.steps:
             t = training
+            if not _weights_finite(t.student, ctx):
+                raise NonFiniteLoss(step, "the weights hold NaN/inf", cfg.lr)
             save_checkpoint(out / CHECKPOINT, t.student, t.optimizer, t.scheduler, step, elapsed, data_record, ctx)
             saved_step = step
 
@@ -364,7 +373,7 @@ def _train_logged(cfg, out, ctx, training: _Training, teacher, windows, data_rec
             if saved_step is not None
             else " before its first checkpoint (none was saved)"
         )
-        raise NonFiniteLoss(exc.step, exc.loss, exc.lr, where) from None
+        raise NonFiniteLoss(exc.step, exc.what, exc.lr, where) from None
     finally:
         if metrics_file is not None:
             metrics_file.close()
