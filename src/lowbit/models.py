@@ -294,6 +294,13 @@ def _resolve_path(spec: str) -> Path:
     return path
 
 
+def check_model_spec(spec: str) -> None:
+    """Fail now, with the loader's message, if ``spec`` is neither a built-in name nor an existing
+    model folder or .gguf file (cheap: nothing is loaded)."""
+    if spec not in NAMED_MODELS:
+        _resolve_path(spec)
+
+
 def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` offline from a built-in name, a Hugging Face folder or a .gguf file.
 

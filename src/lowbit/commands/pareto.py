@@ -42,9 +42,16 @@ def sweep_spec(args):
 
 
 def cmd_pareto(args) -> dict:
+    from lowbit.data import get_text
+    from lowbit.models import check_model_spec
     from lowbit.pareto import run_sweep
 
-    result = run_sweep(sweep_spec(args), args.out, progress=not args.json)
+    spec = sweep_spec(args)
+    for model in spec.models:  # a missing model or text fails before --out is touched
+        check_model_spec(model)
+    for name in sorted(spec.text_names()):
+        get_text(name)
+    result = run_sweep(spec, args.out, progress=not args.json)
     if not args.json:
         for line in result.pop("summary"):
             print(line)
