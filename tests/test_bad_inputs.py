@@ -244,6 +244,8 @@ ROWS = [
     ("generate-max-new-tokens-negative", [*GEN, "--max-new-tokens", "-1"], 2, "--max-new-tokens: expected a positive"),
     ("generate-max-new-tokens-0", [*GEN, "--max-new-tokens", "0"], 2, "--max-new-tokens"),
     ("generate-no-prompt", ["generate", "--model", Q], 2, "required: --prompt"),
+    ("generate-empty-prompt", [*drop(GEN, "--prompt"), "--prompt", ""], 2, "the prompt is empty"),
+    ("generate-beyond-positions", [*GEN, "--max-new-tokens", "1000"], 2, "more than the model's 256 positions"),
     ("generate-not-quantized", ["generate", "--model", T, "--prompt", "hi"], 2, "lowbit.json"),
     ("generate-missing", ["generate", "--model", "{MISSING}", "--prompt", "hi"], 2, "missing"),
     ("generate-no-tokenizer", ["generate", "--model", "{QNOTOK}", "--prompt", "hi"], 2, "no tokenizer"),
@@ -254,6 +256,7 @@ ROWS = [
     ("bench-new-tokens-negative", [*BENCH, "--new-tokens", "-2"], 2, "--new-tokens"),
     ("bench-activations-unknown", [*BENCH, "--activations", "int4"], 2, "--activations: invalid choice: 'int4'"),
     ("bench-missing", ["bench", "--model", "{MISSING}"], 2, "missing"),
+    ("bench-beyond-positions", [*BENCH, "--prompt-tokens", "300"], 2, "more than the model's 256 positions"),
 ]
 
 
