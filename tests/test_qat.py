@@ -17,7 +17,7 @@ import torch
 
 from conftest import tiny_llama, tiny_tokenizer
 from lowbit import qat
-from lowbit.cli import main
+from lowbit.cli import UsageError, main
 from lowbit.errors import LowbitError
 from lowbit.io import load_quantized, save_quantized
 from lowbit.qat import TrainConfig, distillation_loss, lr_multiplier, param_groups, step_indices
@@ -489,7 +489,7 @@ def test_cli_flags_come_from_the_config_fields(tiny_model_dir, sample_text_file,
     assert free.data_free == 10000 and free.data is None
     for missing in ("--bits", "--steps", "--out"):
         i = base.index(missing)
-        with pytest.raises(SystemExit):
+        with pytest.raises(UsageError, match=f"required: {missing}"):  # one error line, not the usage block
             parser.parse_args(base[:i] + base[i + 2 :])
 
 

@@ -1,60 +1,121 @@
 """``lowbit`` command line: quantize, eval, info here; train, pareto, export, generate and bench in commands/.
 
-Every error a user can cause is a :class:`LowbitError`, printed as one line with exit code 2.
+One error path: every error a user can cause, argparse's included, is printed as one line
+``lowbit: error: ...`` naming the problem and its fix, with exit code 2; Ctrl-C at any point is
+``lowbit: interrupted`` (130). An unexpected exception is one ``internal error`` line with exit
+code 1 (``LOWBIT_DEBUG=1`` shows its traceback). Every number printed is finite.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
+import math
 import os
 import sys
 
 from lowbit.errors import LowbitError
-from lowbit.options import add_options, known_fields, options_from_args, read_json_config
+from lowbit.options import (
+    add_options,
+    check_bits,
+    given_options,
+    known_fields,
+    options_from_args,
+    parse_count,
+    parse_positive_int,
+    read_json_config,
+)
 
 # Each module defines register(subparsers) adding one command whose func returns a dict (or None).
 COMMAND_MODULES: list[str] = ["lowbit.commands.pareto", "lowbit.commands.train", "lowbit.commands.export", "lowbit.commands.runtime"]
+OVERWRITE_HELP = "replace a previous lowbit output at --out"
+
+
+class UsageError(LowbitError):
+    """A command line argparse refused."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with lowbit's one error line instead of the usage block (subcommands inherit it)."""
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("lowbit").strip()
+        where = f"lowbit {command} " if command else "lowbit "
+        raise UsageError(f"{command + ': ' if command else ''}{message} (see {where}--help)")
+
+
+def non_finite(value, path: str = "") -> list[str]:
+    """The paths (``a.b[2]``) of the NaN / inf floats in a result (nested dicts and lists)."""
+    if isinstance(value, float):
+        return [] if math.isfinite(value) else [f"{path or 'value'} = {value}"]
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in non_finite(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(value, (list, tuple)):
+        return [p for i, v in enumerate(value) for p in non_finite(v, f"{path}[{i}]")]
+    return []
 
 
 def _print(result: dict, as_json: bool) -> None:
+    bad = non_finite(result)
+    if bad:
+        raise LowbitError(
+            f"the result holds non-finite numbers ({', '.join(bad[:3])}): the model or its inputs produce "
+            "NaN/inf; nothing was reported (check the model with lowbit eval, or retrain with a lower --lr)"
+        )
     if as_json:
-        print(json.dumps(result, indent=2, default=str))
+        print(json.dumps(result, indent=2, default=str, allow_nan=False))
         return
     width = max(len(k) for k in result)
     for key, value in result.items():
         if isinstance(value, float):
             value = f"{value:.6g}"
         elif isinstance(value, (dict, list)):
-            value = json.dumps(value, default=str)
+            value = json.dumps(value, default=str, allow_nan=False)
         print(f"{key:<{width}}  {value}")
+
+
+def overwrite_kwargs(args) -> dict:
+    """``overwrite=True`` for a library call when ``--overwrite`` was given (nothing otherwise)."""
+    return {"overwrite": True} if getattr(args, "overwrite", False) else {}
 
 
 def quant_config_from_args(args) -> QuantConfig:  # noqa: F821
     """The QuantConfig of ``--config FILE`` (if any) overlaid with the quantization flags given."""
     from lowbit.surgery import QuantConfig
 
-    base = known_fields(QuantConfig, read_json_config(args.config, "config"), "quantization")
+    base = known_fields(QuantConfig, read_json_config(getattr(args, "config", None), "config"), "quantization")
     fields = options_from_args(QuantConfig, args, base)
     if fields.get("bits") is None:
         raise LowbitError("--bits is required (1, 1.58/ternary, 2, 3, 4 or 8)")
+    fields["bits"] = check_bits(fields["bits"])
     return QuantConfig(**fields)
 
 
 def cmd_quantize(args) -> dict:
     from lowbit.api import quantize_to_dir
-    from lowbit.methods import make_method, method_class
+    from lowbit.methods import make_method, method_class, method_names
 
-    method = make_method(args.method, **options_from_args(method_class(args.method), args))
+    chosen = method_class(args.method)
+    own = {f.name for f in dataclasses.fields(chosen)}
+    for other in method_names("post-training"):
+        stray = given_options(method_class(other), args, skip=own) if other != args.method else []
+        if stray:
+            raise LowbitError(f"{', '.join(stray)} only applies to --method {other}: drop it or add --method {other}")
+    method = make_method(chosen.name, **options_from_args(chosen, args))
     config = quant_config_from_args(args)
-    return quantize_to_dir(args.model, args.out, config, method=method, progress=not args.json)
+    return quantize_to_dir(args.model, args.out, config, method=method, progress=not args.json, **overwrite_kwargs(args))
 
 
 def cmd_eval(args) -> dict:
     from lowbit.api import eval_model, load
+    from lowbit.data import get_text
+    from lowbit.models import check_seq_len
 
+    get_text(args.data)  # a missing, empty or binary text fails before any model is loaded
     model, tokenizer, meta = load(args.model)
+    check_seq_len(model, args.seq_len, "--seq-len")
     ref_spec = args.reference
     if ref_spec is None and meta is not None and not args.no_reference:
         ref_spec = meta.get("info", {}).get("base_model")
@@ -99,9 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     from lowbit.models import DEFAULT_MODEL
     from lowbit.surgery import QuantConfig
 
-    parser = argparse.ArgumentParser(prog="lowbit", description="Extremely low-bit quantization of causal LMs.")
+    parser = Parser(prog="lowbit", description="Extremely low-bit quantization of causal LMs.")
     parser.add_argument("--version", action="version", version=f"lowbit {__version__}")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--threads", type=parse_positive_int, default=None, help="torch threads (default: all cores)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quantize", help="post-training quantization (RTN or GPTQ) to a model folder")
@@ -112,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in method_names("post-training"):
         add_options(q.add_argument_group(f"--method {name}"), method_class(name))
     q.add_argument("--out", required=True, help="output folder")
+    q.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_quantize)
 
@@ -120,9 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", default="wiki-eval", help="wiki-eval, wiki-calib, news, or a UTF-8 text file")
     e.add_argument("--reference", default=None, help="reference model (default: a quantized folder's base model)")
     e.add_argument("--no-reference", action="store_true")
-    e.add_argument("--seq-len", type=int, default=512)
-    e.add_argument("--max-tokens", type=int, default=16384, help="evaluate at most this many tokens (0: all)")
-    e.add_argument("--batch-size", type=int, default=4)
+    e.add_argument("--seq-len", type=parse_positive_int, default=512, help="window length in tokens (default 512)")
+    e.add_argument("--max-tokens", type=parse_count, default=16384, help="evaluate at most this many tokens (0: all)")
+    e.add_argument("--batch-size", type=parse_positive_int, default=4, help="windows per forward pass (default 4)")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_eval)
 
@@ -135,33 +197,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _run(argv: list[str] | None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    args = build_parser().parse_args(argv)
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own bars show progress; keep stderr for errors
+    hf_logging.set_verbosity_error()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if getattr(args, "max_tokens", None) == 0:
+        args.max_tokens = None
+    result = args.func(args)
+    if result is not None:
+        _print(result, getattr(args, "json", False))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; the exit code is 0, 2 (a user error, one line on stderr), 130 (Ctrl-C) or
+    1 (an internal error: a bug, reported on one line; ``LOWBIT_DEBUG=1`` re-raises it)."""
     try:
-        import torch
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # our own bars show progress; keep stderr for errors
-        hf_logging.set_verbosity_error()
-
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        if getattr(args, "max_tokens", None) == 0:
-            args.max_tokens = None
-        result = args.func(args)
+        return _run(argv)
     except LowbitError as exc:
-        print(f"lowbit: error: {exc}", file=sys.stderr)
+        message = " ".join(str(exc).split())  # one line, whatever the message held
+        print(f"lowbit: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lowbit: interrupted", file=sys.stderr)
         return 130
-    if result is not None:
-        _print(result, getattr(args, "json", False))
-    return 0
+    except OSError as exc:  # a path the user named that cannot be read or written
+        if os.environ.get("LOWBIT_DEBUG"):
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"lowbit: error: {exc.strerror or exc}{where} (check the path and its permissions)", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - the last resort: one line instead of a traceback
+        if os.environ.get("LOWBIT_DEBUG"):
+            raise
+        message = " ".join(str(exc).split())[:300]
+        print(
+            f"lowbit: error: internal error: {type(exc).__name__}: {message} "
+            "(please report; rerun with LOWBIT_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

@@ -252,6 +252,8 @@ def read_text_file(path: str | os.PathLike[str]) -> str:
         raise LowbitError(f"text file {file} is not valid UTF-8 ({exc}): convert it to UTF-8") from exc
     if not text.strip():
         raise LowbitError(f"text file {file} is empty (no non-whitespace characters): pass a file with text")
+    if "\x00" in text:
+        raise LowbitError(f"text file {file} holds NUL bytes, so it is binary data, not text: pass a UTF-8 text file")
     return text
 
 
@@ -329,8 +331,13 @@ def tokenize_windows(
     window with BOS followed by ``seq_len - 1`` text tokens, so the window length, and thus the
     model's context, stays ``seq_len``.
     """
-    if seq_len < (2 if bos else 1):
-        raise LowbitError(f"seq_len must be at least {2 if bos else 1} tokens, got {seq_len}")
+    if tokenizer is None:
+        raise LowbitError(
+            "the model has no tokenizer (its folder lacks tokenizer.json / tokenizer_config.json): "
+            "copy the tokenizer files of its base model into the folder"
+        )
+    if seq_len < 2:
+        raise LowbitError(f"seq_len must be at least 2 tokens (one to read, one to predict), got {seq_len}")
     if max_tokens is not None and max_tokens < 1:
         raise LowbitError(f"max_tokens must be a positive number of tokens, got {max_tokens}")
     bos_id = getattr(tokenizer, "bos_token_id", None)

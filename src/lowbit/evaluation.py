@@ -21,7 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit.errors import LowbitError
 from lowbit.io import build_state
+from lowbit.models import check_seq_len
 from lowbit.surgery import is_linear, output_head_names, quantized_modules
 
 
@@ -96,6 +98,7 @@ def evaluate(
     (a model, or any :class:`ReferenceSource`; a :class:`CachedReference` fixes windows and batches)."""
     if isinstance(reference, nn.Module):
         reference = ModelReference(reference)
+    check_seq_len(model, int(windows.shape[1]), "seq_len")
     if isinstance(reference, CachedReference):
         if reference.windows.shape != windows.shape or not torch.equal(reference.windows, windows):
             raise ValueError("the cached reference was computed on other windows")
@@ -117,15 +120,30 @@ def _run(model, windows, batch_size, reference, progress, desc, keep=None) -> di
             ref_logp = reference.log_probs(i, ids)
             kl_sum += kl_terms(ref_logp, logp).sum().item()
             agree += (ref_logp.argmax(-1) == logp.argmax(-1)).sum().item()
+    kl = kl_sum / count if reference is not None else None
+    _check_finite(desc, nll_sum / count, kl)
     return {
         "perplexity": math.exp(nll_sum / count),
         "nll": nll_sum / count,
         "tokens": count,
         "windows": int(windows.shape[0]),
         "seq_len": int(windows.shape[1]),
-        "kl_to_reference": kl_sum / count if reference is not None else None,
+        "kl_to_reference": kl,
         "top1_agreement": agree / count if reference is not None else None,
     }
+
+
+def _check_finite(desc: str, nll: float, kl: float | None) -> None:
+    """Refuse to report a perplexity or KL that is NaN/inf (or a perplexity that overflows a float)."""
+    if math.isfinite(nll) and nll < 709.0 and (kl is None or math.isfinite(kl)):
+        return
+    what = f"mean NLL {nll}" if not (math.isfinite(nll) and nll < 709.0) else f"KL to the reference {kl}"
+    who = "the reference model" if desc == "reference" else "the model"
+    raise LowbitError(
+        f"{who} gives a non-finite {what}: its weights or scales hold NaN/inf or overflow (e.g. a GGUF with "
+        "an inf scale, or a diverged training run); no result is reported. Check the model file or "
+        "re-create it from a good full-precision model"
+    )
 
 
 def compare_logits(ref: np.ndarray, other: np.ndarray, ids: list[int] | None = None) -> dict:

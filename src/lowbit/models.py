@@ -172,6 +172,25 @@ def _load_hf_folder(folder: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+def max_positions(model) -> int | None:
+    """The longest sequence ``model`` was built for (``max_position_embeddings``), if it says."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    limit = getattr(config, "max_position_embeddings", None)
+    return limit if isinstance(limit, int) and limit > 0 else None
+
+
+def check_seq_len(model, seq_len: int, flag: str = "--seq-len") -> None:
+    """Refuse windows longer than the model's positions (its outputs there are not meaningful)."""
+    limit = max_positions(model)
+    if limit is not None and seq_len > limit:
+        raise LowbitError(
+            f"{flag} {seq_len} is longer than the model's {limit} positions (max_position_embeddings): "
+            f"use {flag} {limit} or less"
+        )
+
+
 def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     """De-quantize a GGUF file with transformers and save it as a plain Hugging Face folder."""
     _set_offline()
@@ -273,6 +292,13 @@ def _resolve_path(spec: str) -> Path:
     if path.suffix.lower() != ".gguf":
         raise LowbitError(f"model file {path} is not a .gguf file: pass a .gguf file or a Hugging Face model folder")
     return path
+
+
+def check_model_spec(spec: str) -> None:
+    """Fail now, with the loader's message, if ``spec`` is neither a built-in name nor an existing
+    model folder or .gguf file (cheap: nothing is loaded)."""
+    if spec not in NAMED_MODELS:
+        _resolve_path(spec)
 
 
 def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:

@@ -17,25 +17,46 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 from lowbit.errors import LowbitError
 
-_SCALARS = {"int": int, "float": float, "str": str}
-
 
 def parse_group_size(text: str) -> int | None:
-    """``--group-size``: a positive integer, or ``channel`` for one scale per output channel."""
-    if text in ("none", "channel", "per-channel", "0"):
+    """``--group-size``: a positive integer, or ``channel`` for one scale per output channel.
+
+    ``0`` is refused: it used to mean per-channel here but means per-tensor to the quantizers."""
+    if text in ("none", "channel", "per-channel"):
         return None
     try:
         value = int(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"group size must be a positive integer or 'channel', got {text!r}") from exc
     if value < 1:
-        raise argparse.ArgumentTypeError(f"group size must be a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(
+            f"group size must be a positive integer, got {value} (use 'channel' for one scale per output channel)"
+        )
     return value
+
+
+def check_bits(value) -> float:
+    """A bit-width as :func:`lowbit.quantizers.parse_bits` reads it, refusing the near-ternary
+    spellings 1.5 and 1.6 that it would silently read as 1.58."""
+    from lowbit.quantizers import parse_bits
+
+    if str(value).strip() in ("1.5", "1.6"):
+        raise LowbitError(f"unsupported bit-width {value!r}: write 1.58 or 'ternary' for ternary weights")
+    return parse_bits(value)
+
+
+def parse_bits_option(text: str) -> float:
+    """``--bits``: 1, 1.58 (or ternary), 2, 3, 4 or 8, checked when the command line is read."""
+    try:
+        return check_bits(text)
+    except LowbitError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def parse_override(text: str) -> tuple[str, dict]:
@@ -44,21 +65,44 @@ def parse_override(text: str) -> tuple[str, dict]:
     if not sep or not pattern:
         raise argparse.ArgumentTypeError(f"override must look like 'model.layers.0.*=8' or 'PATTERN=4:64', got {text!r}")
     bits, _, group = value.partition(":")
-    spec: dict = {"bits": bits}
+    spec: dict = {"bits": parse_bits_option(bits)}
     if group:
         spec["group_size"] = parse_group_size(group)
     return pattern, spec
 
 
-def parse_positive_int(text: str) -> int:
-    """A positive integer, also written as 1e5."""
+def _parse_int(text: str, minimum: int, what: str) -> int:
     try:
         value = float(text)
     except ValueError:
         value = float("nan")
-    if not value.is_integer() or value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if not value.is_integer() or value < minimum:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
     return int(value)
+
+
+def parse_positive_int(text: str) -> int:
+    """A positive integer, also written as 1e5."""
+    return _parse_int(text, 1, "a positive integer")
+
+
+def parse_count(text: str) -> int:
+    """A non-negative integer (0 allowed), also written as 1e5."""
+    return _parse_int(text, 0, "an integer >= 0")
+
+
+def parse_finite_float(text: str) -> float:
+    """A float that is a real number: nan and inf are refused."""
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from exc
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+_SCALARS = {"int": int, "float": parse_finite_float, "str": str}
 
 
 def _scalar_type(annotation: str):
@@ -117,23 +161,79 @@ def options_from_args(cls, args: argparse.Namespace, base: dict | None = None, o
     return values
 
 
+def given_options(cls, args: argparse.Namespace, only=None, skip=()) -> list[str]:
+    """The flags of ``cls``'s fields that were given on the command line (``only``/``skip``: field names)."""
+    return [
+        f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+        for f in _cli_fields(cls, only, skip)
+        if getattr(args, f.name, None) not in (None, False)
+    ]
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a finite number")
+
+
 def read_json_config(path: str | None, what: str) -> dict:
-    """The JSON object in ``path`` (``--config``), or {} without one; one-line errors otherwise."""
+    """The JSON object in ``path`` (``--config``), or {} without one; one-line errors otherwise
+    (NaN and Infinity, which Python's json would accept, included)."""
     if not path:
         return {}
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise LowbitError(f"cannot read {what} {path}: {exc}") from exc
+        data = json.loads(Path(path).read_text(), parse_constant=_reject_constant)
+    except (OSError, ValueError) as exc:
+        raise LowbitError(f"cannot read {what} {path}: {exc}: pass a JSON file of field names and values") from exc
     if not isinstance(data, dict):
-        raise LowbitError(f"{what} {path} must hold a JSON object of field names and values")
+        raise LowbitError(
+            f"{what} {path} holds a JSON {type(data).__name__}, not an object: write {{\"field\": value, ...}}"
+        )
     return data
 
 
+def _json_scalar(f: dataclasses.Field, kind: str, value, where: str):
+    """One JSON value of field ``f`` whose (element) annotation is ``kind``, checked and converted:
+    a string goes through the field's ``parse``; numbers must be finite (and whole for ints)."""
+    parse = f.metadata.get("parse")
+    if isinstance(value, str) and parse is not None and parse is not str:
+        try:
+            return parse(value)
+        except argparse.ArgumentTypeError as exc:
+            raise LowbitError(f"{where}: {exc}") from exc
+    types = set(kind.split("|"))
+    if value is None and "None" in types:
+        return value
+    if types & {"int", "float"} and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value) or ("float" not in types and not float(value).is_integer()):
+            raise LowbitError(f"{where} must be a finite {'number' if 'float' in types else 'integer'}, got {value!r}")
+        return value if "float" in types else int(value)
+    if isinstance(value, str) and ("str" in types or parse is str):
+        return value
+    if kind == "bool" and isinstance(value, bool):
+        return value
+    if not types & {"int", "float", "str", "bool"}:
+        return value  # a type this check does not know: the dataclass checks it
+    raise LowbitError(f"{where} must be {' or '.join(sorted(types - {'None'}))}, got {json.dumps(value)}")
+
+
+def _json_value(f: dataclasses.Field, value, what: str):
+    kind = str(f.type).replace(" ", "")
+    where = f"{what} setting {f.name!r}"
+    if kind.startswith("list["):
+        items = value if isinstance(value, list) else [value]  # {"bits": 4} means [4]
+        return [_json_scalar(f, kind[5:-1], v, where) for v in items]
+    if kind.startswith("dict"):
+        if not isinstance(value, dict):
+            raise LowbitError(f"{where} must be a JSON object, got {json.dumps(value)}")
+        return value
+    return _json_scalar(f, kind, value, where)
+
+
 def known_fields(cls, values: dict, what: str) -> dict:
-    """``values`` checked against the fields of ``cls`` (unknown keys are a one-line error)."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(values) - known
+    """``values`` (e.g. a JSON ``--config``) checked against the fields of ``cls``: unknown keys and
+    values of the wrong type are one-line errors; a single value where a list is expected is read
+    as a list of one."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(values) - set(fields)
     if unknown:
-        raise LowbitError(f"unknown {what} setting(s) {sorted(unknown)}: use {', '.join(sorted(known))}")
-    return values
+        raise LowbitError(f"unknown {what} setting(s) {sorted(unknown)}: use {', '.join(sorted(fields))}")
+    return {name: _json_value(fields[name], value, what) for name, value in values.items()}

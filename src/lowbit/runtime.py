@@ -183,6 +183,18 @@ def module_bytes(model: nn.Module) -> int:
     return total
 
 
+def _check_length(model, prompt: int, new: int, prompt_name: str, new_flag: str) -> None:
+    """Refuse to run past the model's positions (``max_position_embeddings``)."""
+    from lowbit.models import max_positions
+
+    limit = max_positions(model)
+    if limit is not None and prompt + new > limit:
+        raise LowbitError(
+            f"{prompt_name} plus {new_flag} {new} is {prompt + new} tokens, more than the model's {limit} "
+            f"positions: shorten the prompt or lower {new_flag}"
+        )
+
+
 @torch.inference_mode()
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, greedy: bool = True, stream: bool = True,
              engine: str = "auto") -> str:
@@ -195,6 +207,9 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, greedy: bo
     from lowbit.decoder import Decoder, resolve_engine
 
     ids = tokenizer(prompt, return_tensors="pt").input_ids
+    if ids.shape[1] == 0:
+        raise LowbitError("the prompt is empty (it has no tokens): pass --prompt with some text")
+    _check_length(model, ids.shape[1], max_new_tokens, f"the prompt ({ids.shape[1]} tokens)", "--max-new-tokens")
     streamer = TextStreamer(tokenizer, skip_prompt=False) if stream else None
     engine = "transformers" if engine == "auto" and not greedy else resolve_engine(model, engine)
     if engine == "lowbit" and not greedy:
@@ -282,6 +297,7 @@ def bench(packed_dir: str, reference: str | None = None, prompt_tokens: int = 12
     if threads:
         torch.set_num_threads(threads)
     model, tokenizer, meta = load_packed(packed_dir, activations=activations, ternary_layout=ternary_layout)
+    _check_length(model, prompt_tokens, new_tokens, f"--prompt-tokens {prompt_tokens}", "--new-tokens")
     vocab = model.config.vocab_size
     ids = torch.randint(min(100, vocab - 1), min(1000, vocab), (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
     result = {"model": str(packed_dir), "threads": torch.get_num_threads(), "prompt_tokens": prompt_tokens,

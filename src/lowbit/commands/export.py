@@ -4,6 +4,7 @@ from __future__ import annotations
 
 
 def register(subparsers) -> None:
+    from lowbit.cli import OVERWRITE_HELP
     from lowbit.gguf import FALLBACK_TYPES, TERNARY_TYPES
 
     p = subparsers.add_parser(
@@ -19,6 +20,7 @@ def register(subparsers) -> None:
     p.add_argument("model", help="lowbit quantized folder (lowbit quantize --out DIR)")
     p.add_argument("--format", choices=("gguf",), default="gguf", help="output format (gguf)")
     p.add_argument("--out", required=True, help="output file, e.g. model.gguf")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument(
         "--fallback",
         choices=FALLBACK_TYPES,
@@ -41,9 +43,10 @@ def register(subparsers) -> None:
 
 
 def cmd_export(args) -> dict:
+    from lowbit.cli import overwrite_kwargs
     from lowbit.gguf import export_gguf
 
-    result = export_gguf(args.model, args.out, args.fallback, args.ternary, args.tokenizer_pre)
+    result = export_gguf(args.model, args.out, args.fallback, args.ternary, args.tokenizer_pre, **overwrite_kwargs(args))
     if args.json:
         return result
     tensors = result.pop("tensors")

@@ -26,20 +26,32 @@ def register(subparsers) -> None:
 
 def sweep_spec(args):
     """The SweepSpec from ``--config`` (if any) overlaid with the flags that were given."""
-    from lowbit.options import known_fields, options_from_args, read_json_config
+    from lowbit.errors import LowbitError
+    from lowbit.options import given_options, known_fields, options_from_args, read_json_config
     from lowbit.pareto import SweepSpec
 
     base = known_fields(SweepSpec, read_json_config(args.config, "sweep config"), "sweep")
     settings = options_from_args(SweepSpec, args, base)
     if settings.get("max_tokens") == 0:  # --max-tokens 0: the whole text
         settings["max_tokens"] = None
-    return SweepSpec(**settings)
+    spec = SweepSpec(**settings)
+    stray = given_options(SweepSpec, args, only=("calib", "calib_tokens"))
+    if stray and "gptq" not in spec.quantized_methods():
+        raise LowbitError(f"{', '.join(stray)} only applies to GPTQ points: add gptq to --methods or drop it")
+    return spec
 
 
 def cmd_pareto(args) -> dict:
+    from lowbit.data import get_text
+    from lowbit.models import check_model_spec
     from lowbit.pareto import run_sweep
 
-    result = run_sweep(sweep_spec(args), args.out, progress=not args.json)
+    spec = sweep_spec(args)
+    for model in spec.models:  # a missing model or text fails before --out is touched
+        check_model_spec(model)
+    for name in sorted(spec.text_names()):
+        get_text(name)
+    result = run_sweep(spec, args.out, progress=not args.json)
     if not args.json:
         for line in result.pop("summary"):
             print(line)

@@ -38,10 +38,12 @@ ENGINE_HELP = ("decode loop: lowbit (lean loop for Llama/Qwen2, greedy), transfo
 
 
 def register(subparsers) -> None:
+    from lowbit.options import parse_positive_int
+
     g = subparsers.add_parser("generate", help="stream text from a quantized folder, running on packed weights")
     g.add_argument("--model", required=True, help="folder written by lowbit quantize / train")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--max-new-tokens", type=parse_positive_int, default=64, help="tokens to generate (default 64)")
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--activations", choices=["int8", "float"], default="int8", help=ACT_HELP)
     g.add_argument("--ternary-layout", choices=["u2", "t5"], default="u2", help=TERNARY_HELP)
@@ -52,9 +54,9 @@ def register(subparsers) -> None:
     b = subparsers.add_parser("bench", help="prefill/decode tokens/s and resident memory vs the fp32 reference")
     b.add_argument("--model", required=True, help="folder written by lowbit quantize / train")
     b.add_argument("--reference", default=None, help="fp32 model to compare with (default: the folder's base model)")
-    b.add_argument("--prompt-tokens", type=int, default=128)
-    b.add_argument("--new-tokens", type=int, default=64)
-    b.add_argument("--repeats", type=int, default=2)
+    b.add_argument("--prompt-tokens", type=parse_positive_int, default=128, help="prompt length (default 128)")
+    b.add_argument("--new-tokens", type=parse_positive_int, default=64, help="tokens decoded (default 64)")
+    b.add_argument("--repeats", type=parse_positive_int, default=2, help="timed runs, best kept (default 2)")
     b.add_argument("--activations", choices=["int8", "float"], default="int8", help=ACT_HELP)
     b.add_argument("--ternary-layout", choices=["u2", "t5"], default="u2", help=TERNARY_HELP)
     b.add_argument("--engine", choices=["auto", "lowbit", "transformers"], default="auto", help=ENGINE_HELP)

@@ -58,12 +58,15 @@ def register(subparsers) -> None:
 def config_from_args(args) -> TrainConfig:
     """The TrainConfig of the parsed flags: QuantConfig's options become its ``quant``; flags not
     given take the dataclass defaults."""
-    from lowbit.options import options_from_args
+    from lowbit.cli import quant_config_from_args
+    from lowbit.errors import LowbitError
+    from lowbit.options import given_options, options_from_args
     from lowbit.qat import TrainConfig
-    from lowbit.surgery import QuantConfig
 
-    quant = QuantConfig(**options_from_args(QuantConfig, args))
-    return TrainConfig(quant=quant, **options_from_args(TrainConfig, args))
+    stray = given_options(TrainConfig, args, only=("calib", "calib_tokens", "calib_seq_len"))
+    if stray and args.init != "gptq":
+        raise LowbitError(f"{', '.join(stray)} only applies to --init gptq: drop it or add --init gptq")
+    return TrainConfig(quant=quant_config_from_args(args), **options_from_args(TrainConfig, args))
 
 
 def cmd_train(args) -> dict | None:
@@ -79,12 +82,14 @@ def cmd_train(args) -> dict | None:
     if args.eval_data:
         from lowbit.api import eval_model
         from lowbit.io import load_quantized
+        from lowbit.models import check_seq_len
         from lowbit.qat import load_teacher
 
         model, teacher, tokenizer = result.model, result.teacher, result.tokenizer
         if model is None:  # the run had already finished: evaluate the saved folder
             model, tokenizer, _ = load_quantized(cfg.out)
             teacher = load_teacher(cfg.model)[0]
+        check_seq_len(model, args.eval_seq_len, "--eval-seq-len")
         metrics = eval_model(
             model,
             tokenizer,

@@ -15,9 +15,16 @@ from pathlib import Path
 
 from lowbit.errors import LowbitError
 from lowbit.methods import method_names
-from lowbit.options import known_fields, parse_group_size
+from lowbit.options import (
+    check_bits,
+    known_fields,
+    parse_bits_option,
+    parse_count,
+    parse_group_size,
+    parse_positive_int,
+)
 from lowbit.peers import PEER_NAMES
-from lowbit.quantizers import QUANTIZERS, paretoq_quantizer_name, parse_bits
+from lowbit.quantizers import QUANTIZERS, paretoq_quantizer_name
 
 KEY_VERSION = 1
 # Chosen so that the default sweep (FP + RTN and GPTQ at 4/3/2 bits, per-channel and g128) of the
@@ -52,7 +59,7 @@ class SweepSpec:
         metadata=_opt("models to sweep (default smollm2-135m)", flag="--model", parse=str, metavar="MODEL"),
     )
     bits: list[float] = field(
-        default_factory=lambda: [4.0, 3.0, 2.0], metadata=_opt("bit-widths (default 4 3 2)", parse=str)
+        default_factory=lambda: [4.0, 3.0, 2.0], metadata=_opt("bit-widths (default 4 3 2)", parse=parse_bits_option)
     )
     methods: list[str] = field(
         default_factory=lambda: ["rtn", "gptq"],
@@ -68,14 +75,18 @@ class SweepSpec:
     )
     max_tokens: int | None = field(
         default=DEFAULT_EVAL_TOKENS,
-        metadata=_opt(f"eval tokens (default {DEFAULT_EVAL_TOKENS}; 0: the whole text)", parse=int, metavar="N"),
+        metadata=_opt(f"eval tokens (default {DEFAULT_EVAL_TOKENS}; 0: the whole text)", parse=parse_count, metavar="N"),
     )
     calib_tokens: int = field(
         default=DEFAULT_CALIB_TOKENS,
-        metadata=_opt(f"GPTQ calibration tokens (default {DEFAULT_CALIB_TOKENS})", parse=int, metavar="N"),
+        metadata=_opt(
+            f"GPTQ calibration tokens (default {DEFAULT_CALIB_TOKENS})", parse=parse_positive_int, metavar="N"
+        ),
     )
-    seq_len: int = field(default=512, metadata=_opt("window length for eval and calibration (default 512)", parse=int))
-    batch_size: int = field(default=4, metadata=_opt("eval batch size (default 4)", parse=int))
+    seq_len: int = field(
+        default=512, metadata=_opt("window length for eval and calibration (default 512)", parse=parse_positive_int)
+    )
+    batch_size: int = field(default=4, metadata=_opt("eval batch size (default 4)", parse=parse_positive_int))
     seed: int = field(default=0, metadata=_opt("torch seed set before every point (default 0)", parse=int))
     quantizer: str = field(default="auto", metadata=_OFF_CLI)
     scale_search: str = field(default="mse", metadata=_OFF_CLI)
@@ -83,7 +94,7 @@ class SweepSpec:
     damp: float = field(default=0.01, metadata=_OFF_CLI)
     act_order: bool = field(default=False, metadata=_OFF_CLI)
     qat_steps: int = field(
-        default=0, metadata=_opt("QAT training steps; QAT points run only when > 0", parse=int, metavar="N")
+        default=0, metadata=_opt("QAT training steps; QAT points run only when > 0", parse=parse_count, metavar="N")
     )
     qat_data: str = field(default="wiki-train", metadata=_OFF_CLI)
     # the short-budget recipe measured in benchmarks/results/qat.md (the paper's lr 2e-5 is for 120k steps)
@@ -97,10 +108,13 @@ class SweepSpec:
     peer_settings: dict = field(default_factory=dict, metadata=_OFF_CLI)
 
     def __post_init__(self):
-        self.models = [self.models] if isinstance(self.models, str) else list(dict.fromkeys(self.models))
+        for name in ("models", "bits", "methods", "group_sizes"):  # one value where a list is expected
+            if not isinstance(getattr(self, name), (list, tuple)):
+                setattr(self, name, [getattr(self, name)])
+        self.models = list(dict.fromkeys(self.models))
         if not self.models:
             raise LowbitError("a sweep needs at least one model")
-        self.bits = sorted({parse_bits(b) for b in self.bits}, reverse=True)
+        self.bits = sorted({check_bits(b) for b in self.bits}, reverse=True)
         if not self.bits:
             raise LowbitError("a sweep needs at least one bit-width")
         known = method_names()
@@ -112,18 +126,20 @@ class SweepSpec:
         if self.quantizer != "auto" and self.quantizer not in QUANTIZERS:
             raise LowbitError(f"unknown quantizer {self.quantizer!r}: choose auto or one of {', '.join(QUANTIZERS)}")
         for name in ("calib_tokens", "seq_len", "batch_size"):
-            if getattr(self, name) < 1:
-                raise LowbitError(f"{name} must be a positive integer, got {getattr(self, name)}")
+            minimum = 2 if name == "seq_len" else 1
+            if getattr(self, name) < minimum:
+                flag = "--" + name.replace("_", "-")
+                raise LowbitError(f"{name} ({flag}) must be an integer >= {minimum}, got {getattr(self, name)}")
         if self.max_tokens is not None and self.max_tokens < self.seq_len:
             raise LowbitError(f"max_tokens ({self.max_tokens}) must hold at least one window of seq_len {self.seq_len}")
         if self.qat_steps < 0:
             raise LowbitError(f"qat_steps must be >= 0, got {self.qat_steps}")
 
     def _check_group_sizes(self) -> None:
-        self.group_sizes = [None if g in ("channel", "per-channel", "none", 0) else g for g in self.group_sizes]
+        self.group_sizes = [None if g in ("channel", "per-channel", "none") else g for g in self.group_sizes]
         for g in self.group_sizes:
-            if g is not None and (not isinstance(g, int) or g < 1):
-                raise LowbitError(f"group size must be a positive integer or None (per-channel), got {g!r}")
+            if g is not None and (not isinstance(g, int) or isinstance(g, bool) or g < 1):
+                raise LowbitError(f"group size must be a positive integer or 'channel' (per-channel), got {g!r}")
         if not self.group_sizes:
             raise LowbitError("a sweep needs at least one granularity (per-channel or a group size)")
         self.group_sizes = list(dict.fromkeys(self.group_sizes))

@@ -5,6 +5,7 @@ metadata, from which ``lowbit train`` builds its options (:mod:`lowbit.options`)
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 from lowbit.errors import LowbitError
@@ -147,8 +148,13 @@ class TrainConfig:
             raise LowbitError(f"unknown loss {self.loss!r}: choose one of {', '.join(LOSSES)}")
         if not 0.0 <= self.kl_weight <= 1.0:
             raise LowbitError(f"kl-weight must be in [0, 1], got {self.kl_weight}")
-        if self.lr <= 0 or self.scale_lr < 0 or self.weight_decay < 0:
-            raise LowbitError("lr must be > 0, scale-lr and weight-decay >= 0")
+        for name in ("lr", "scale_lr", "weight_decay", "grad_clip", "kl_weight"):
+            if not math.isfinite(getattr(self, name)):
+                raise LowbitError(f"{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
+        if self.lr <= 0 or self.scale_lr < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise LowbitError("lr must be > 0; scale-lr, weight-decay and grad-clip >= 0")
+        if self.greedy_tokens < 0:
+            raise LowbitError(f"greedy-tokens must be >= 0, got {self.greedy_tokens}")
         if self.dtype not in DTYPES:
             raise LowbitError(f"unknown dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
         if self.first_token not in FIRST_TOKENS:

@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.errors import LowbitError
-from lowbit.models import model_id
+from lowbit.models import check_seq_len, model_id
 from lowbit.qat.checkpoint import (
     CHECKPOINT,
     LOSS_PLOT,
@@ -138,6 +138,8 @@ def optimize(
                 cfg, ctx, model, student, teacher, windows, optimizer, scheduler, step, autocast, sync_off
             )
             done = step + 1
+            if not torch.isfinite(means).all():  # every rank sees the same global mean, so all stop
+                raise NonFiniteLoss(done, f"the training loss is {float(means[0])}", cfg.lr)
             bar.update(1)
             now = time.time()
             if on_log is not None and (done % cfg.log_every == 0 or done == cfg.steps):
@@ -152,6 +154,24 @@ def optimize(
     finally:
         bar.close()
     return elapsed_before + time.time() - t_start
+
+
+class NonFiniteLoss(LowbitError):
+    """The loss (or the weights) became NaN/inf at ``step``: training stops before that step is
+    logged or saved, so the last checkpoint holds finite weights."""
+
+    def __init__(self, step: int, what: str, lr: float, saved: str = ""):
+        self.step, self.what, self.lr = step, what, lr
+        super().__init__(
+            f"{what} at step {step}: training stopped{saved}. Train again with a "
+            f"lower --lr (now {lr:g}) or --scale-lr, or a larger --warmup"
+        )
+
+
+def _weights_finite(student: nn.Module, ctx: DistContext) -> bool:
+    """Whether every parameter (this rank's shard of it, agreed over all ranks) is finite."""
+    bad = any(not torch.isfinite(p).all() for p in student.parameters())
+    return float(ctx.mean(torch.tensor([float(bad)], device=ctx.device))) == 0.0
 
 
 def _check_batch_fits(cfg: TrainConfig, n_windows: int) -> None:
@@ -205,6 +225,7 @@ def train(
     """
     data_name = data if isinstance(data, str) else "tensor"
     cfg = TrainConfig(out="", quant=config, steps=steps, seq_len=seq_len, seed=seed, data=data_name, **settings)
+    check_seq_len(model, seq_len, "seq_len")
     teacher = _in_memory_teacher(model, config, cfg, teacher)
     windows, data_record = training_windows(cfg, tokenizer, data)
     _check_batch_fits(cfg, len(windows))
@@ -311,18 +332,24 @@ def _start_training(cfg, ctx, teacher, tokenizer, checkpoint: dict | None, progr
 
 
 def _train_logged(cfg, out, ctx, training: _Training, teacher, windows, data_record, progress) -> float:
-    """:func:`optimize` with metrics appended to ``metrics.jsonl`` (rank 0) and checkpoints saved."""
+    """:func:`optimize` with metrics appended to ``metrics.jsonl`` (rank 0) and checkpoints saved;
+    a NaN/inf loss stops it with the last checkpoint untouched."""
     metrics_file = open(out / METRICS, "a") if ctx.is_main else None
+    saved_step = training.start_step if (out / CHECKPOINT).is_file() else None
 
     def on_log(row):
         if metrics_file is not None:
-            metrics_file.write(json.dumps(row) + "\n")
+            metrics_file.write(json.dumps(row, allow_nan=False) + "\n")
             metrics_file.flush()
 
     def on_step(step, elapsed):
+        nonlocal saved_step
         if step % cfg.save_every == 0 or step == cfg.steps:
             t = training
+            if not _weights_finite(t.student, ctx):
+                raise NonFiniteLoss(step, "the weights hold NaN/inf", cfg.lr)
             save_checkpoint(out / CHECKPOINT, t.student, t.optimizer, t.scheduler, step, elapsed, data_record, ctx)
+            saved_step = step
 
     try:
         return optimize(
@@ -340,6 +367,13 @@ def _train_logged(cfg, out, ctx, training: _Training, teacher, windows, data_rec
             on_log,
             on_step,
         )
+    except NonFiniteLoss as exc:
+        where = (
+            f"; the last good checkpoint ({out / CHECKPOINT}, step {saved_step}) is intact"
+            if saved_step is not None
+            else " before its first checkpoint (none was saved)"
+        )
+        raise NonFiniteLoss(exc.step, exc.what, exc.lr, where) from None
     finally:
         if metrics_file is not None:
             metrics_file.close()
@@ -361,6 +395,7 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> TrainR
     ctx.barrier()
 
     teacher, tokenizer = load_teacher(cfg.model)
+    check_seq_len(teacher, cfg.seq_len, "--seq-len")
     windows, data_record = _run_windows(cfg, ctx, teacher, tokenizer, progress)
     _check_batch_fits(cfg, len(windows))
     checkpoint = None
