@@ -6,8 +6,8 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_llama, tiny_tokenizer
 
+from conftest import tiny_llama, tiny_tokenizer
 from lowbit.evaluation import evaluate
 from lowbit.methods import calibration_windows
 from lowbit.ptq import _capture_block_inputs, _stages, find_decoder_layers, gptq
