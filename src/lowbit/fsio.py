@@ -251,6 +251,12 @@ def prepare_out(
     real = Path(os.path.realpath(target))
     if any(real == Path(r) or Path(r) in real.parents for r in _SYSTEM_ROOTS):
         raise LowbitError(f"--out {out} is inside {real.parts[0]}{real.parts[1]}, a system folder: choose a folder of yours")
+    if target.exists() and kind.file == target.is_dir():
+        raise LowbitError(
+            f"--out {out} is a folder: give a file name such as {target / kind.example}"
+            if kind.file
+            else f"--out {out} is a file, not a folder: choose a new or empty folder (nothing was changed)"
+        )
     _check_inputs(out, real, inputs)
     _check_writable(out, target, kind)
     remove_stale_tmp(target)
@@ -296,10 +302,6 @@ def _check_writable(out, target: Path, kind: OutputKind) -> None:
 def _check_existing(out, target: Path, kind: OutputKind, overwrite: bool) -> None:
     if not target.exists():
         return
-    if kind.file and target.is_dir():
-        raise LowbitError(f"--out {out} is a folder: give a file name such as {target / kind.example}")
-    if not kind.file and not target.is_dir():
-        raise LowbitError(f"--out {out} is a file, not a folder: choose a new or empty folder (nothing was changed)")
     if target.is_dir() and not any(target.iterdir()):
         return
     what = "is a file" if kind.file else "holds files"
