@@ -141,6 +141,7 @@ def atomic_dir(target: str | os.PathLike, replace: bool = True) -> Iterator[Path
             if file.is_file():
                 with open(file, "rb") as f:
                     os.fsync(f.fileno())
+                file.chmod(0o644)  # as atomic_path: readable like any other output (mkstemp-like writers use 0600)
         tmp.chmod(0o755)
         if target.exists() and not replace:
             return

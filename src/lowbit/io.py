@@ -181,7 +181,7 @@ def _not_whole(path: Path) -> str:
 def read_meta(path: str | os.PathLike) -> dict:
     """``lowbit.json``, checked against ``lowbit.sha256`` (an edited or damaged manifest is refused)."""
     path = Path(path)
-    if not (path / META).is_file():
+    if is_tmp_name(path.name) or not (path / META).is_file():
         raise LowbitError(_not_whole(path))
     raw = (path / META).read_bytes()
     try:
