@@ -308,7 +308,7 @@ def _check_existing(out, target: Path, kind: OutputKind, overwrite: bool) -> Non
     what = "is a file" if kind.file else "holds files"
     if not kind.ours(target):
         raise LowbitError(
-            f"--out {out} {what} lowbit did not write: choose "
+            f"--out {out} {what} lowbit did not write (not a lowbit {kind.name}): choose "
             f"{'a new file name' if kind.file else 'an empty or new folder'} (nothing was changed)"
         )
     if not overwrite:
