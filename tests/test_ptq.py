@@ -170,7 +170,7 @@ def test_failed_save_keeps_previous_output(tiny_model, tmp_path, monkeypatch):
 
     monkeypatch.setattr(lio, "save_file", boom)
     with pytest.raises(OSError):
-        save_quantized(tiny_model, None, out)
+        save_quantized(tiny_model, None, out, overwrite=True)
     assert (out / "lowbit.json").read_text() == first
     assert [p.name for p in tmp_path.iterdir()] == ["q"]
 

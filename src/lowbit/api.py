@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -11,16 +12,18 @@ from torch import nn
 from lowbit.data import get_text, tokenize_windows, tokenizer_adds_bos
 from lowbit.errors import LowbitError
 from lowbit.evaluation import evaluate, size_account
-from lowbit.io import is_quantized_dir, load_quantized, save_quantized
+from lowbit.fsio import prepare_out, sampled_sha256
+from lowbit.io import QUANTIZED_OUT, is_quantized_dir, load_quantized, reference_identity, save_quantized, weight_files
 from lowbit.methods import GPTQ, RTN, Method, make_method, method_settings  # noqa: F401
-from lowbit.models import DEFAULT_MODEL, load_model, model_id
+from lowbit.models import DEFAULT_MODEL, NAMED_MODELS, load_model, model_id
 from lowbit.surgery import QuantConfig
 
 
 def load(spec: str = DEFAULT_MODEL):
     """Load a model by default name, HF folder, GGUF file or lowbit quantized folder.
 
-    Returns (model, tokenizer, meta); ``meta`` is None for a full-precision model.
+    Returns (model, tokenizer, meta); ``meta`` is None for a full-precision model. A folder that
+    looks like a lowbit output but is not whole is refused (:func:`lowbit.io.is_quantized_dir`).
     """
     if Path(spec).is_dir() and is_quantized_dir(spec):
         return load_quantized(spec)
@@ -49,10 +52,16 @@ def quantize_to_dir(
     config: QuantConfig,
     method: str | Method = "rtn",
     progress: bool = True,
+    overwrite: bool = False,
     **settings,
 ) -> dict:
-    """Load, quantize and save; returns the run record (settings, time, size account)."""
+    """Load, quantize and save; returns the run record (settings, time, size account).
+
+    ``out`` is checked before any work (:func:`lowbit.fsio.prepare_out`): it must not hold
+    anything but, with ``overwrite``, a previous quantized folder, nor overlap ``model_spec``.
+    """
     method = make_method(method, **settings)
+    prepare_out(out, QUANTIZED_OUT, overwrite, inputs=(model_spec,))
     model, tokenizer, meta = load(model_spec)
     if meta is not None:
         raise LowbitError(f"{model_spec} is already quantized: quantize the full-precision model instead")
@@ -60,14 +69,41 @@ def quantize_to_dir(
     method.apply(model, config, tokenizer=tokenizer, progress=progress)
     seconds = time.time() - t0
     info = {
-        "base_model": model_spec,
+        **reference_identity(model_spec),
         "base_model_id": model_id(model_spec),
         "method": method.name,
         "quantize_seconds": round(seconds, 2),
         "settings": method_settings(method),
     }
-    save_quantized(model, tokenizer, out, info=info)
+    save_quantized(model, tokenizer, out, info=info, overwrite=overwrite, inputs=(model_spec,))
     return {**info, "out": str(out), **size_account(model)}
+
+
+def resolve_reference(meta: dict) -> tuple[str | None, nn.Module | None]:
+    """The reference a quantized folder records (``meta`` from :func:`load`): ``(spec, model)``,
+    ``(None, None)`` when it records none. The stored base model is loaded only after its weights
+    fingerprint matches the one saved with the folder; a missing, changed or unrecorded reference
+    is a one-line :class:`LowbitError` naming it and the fix (``--reference MODEL``)."""
+    info = meta.get("info") or {}
+    spec = info.get("base_model")
+    if not spec:
+        return None, None
+    fix = "pass --reference MODEL (or --no-reference)"
+    stored = info.get("base_model_fingerprint")
+    if stored is None:
+        raise LowbitError(f"the folder records its reference {spec} without a fingerprint, so it cannot be checked: {fix}")
+    if spec not in NAMED_MODELS and not os.path.exists(spec):
+        raise LowbitError(f"the stored reference {spec} (the model this folder was quantized from) is missing: {fix}")
+    try:
+        files = weight_files(spec)
+        found = sampled_sha256(files) if files else None
+    except (LowbitError, OSError) as exc:
+        raise LowbitError(f"the stored reference {spec} cannot be read ({exc}): {fix}") from exc
+    if found != stored:
+        raise LowbitError(
+            f"the stored reference {spec} has changed since this folder was made (its weights differ): {fix}"
+        )
+    return spec, load(spec)[0]
 
 
 def eval_model(

@@ -2,14 +2,19 @@
 
 Quantized layers are stored as packed codes at their true width (:mod:`lowbit.packing`),
 fp16 steps and (min-max only) uint8 zero points; every other tensor in ``hp_dtype``.
-``lowbit.json`` records the quantization config, each layer's layout, the library version and
-the SHA-256 of the weights file; loading checks all of it and refuses a corrupted file.
+``lowbit.json`` (the manifest) records the quantization config, each layer's layout, the library
+version, the base model's identity and every file of the folder with its size and SHA-256;
+``lowbit.sha256`` holds the SHA-256 of ``lowbit.json`` itself (``sha256sum -c`` reads it).
+Loading checks all of it and refuses, with one line, a folder that is incomplete, edited or
+corrupted, or that only looks like a lowbit output (a weights file marked lowbit, a temporary
+folder of an interrupted save): such a folder is never loaded as something else.
 Folders are written to a temporary sibling and renamed into place, so a killed save never
-leaves a half-written model behind.
+leaves a half-written model behind, and only where :func:`lowbit.fsio.prepare_out` allows.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -22,15 +27,17 @@ from torch import nn
 
 from lowbit import __version__
 from lowbit.errors import LowbitError
-from lowbit.fsio import atomic_dir, sha256_file
+from lowbit.fsio import OutputKind, atomic_dir, is_tmp_name, prepare_out, sampled_sha256, sha256_file
 from lowbit.packing import default_layout, pack_codes, unpack_codes
 from lowbit.quantizers import QuantizedWeight, alpha_for_step
 from lowbit.surgery import HP_DTYPES, QuantConfig, quantize_model, quantized_modules
 
 FORMAT = "lowbit-quantized"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: whole-folder manifest, lowbit.sha256, base model fingerprint
 WEIGHTS = "model.safetensors"
 META = "lowbit.json"
+META_HASH = "lowbit.sha256"
+_META_KEYS = ("quant_config", "layers", "files", "weights_file", "weights_bytes", "info")
 
 
 def build_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
@@ -86,48 +93,172 @@ def _persistent_buffers(model: nn.Module):
                 yield (f"{mname}.{bname}" if mname else bname), buf
 
 
-def save_quantized(model: nn.Module, tokenizer, out_dir: str | os.PathLike, info: dict | None = None) -> Path:
-    """Write the quantized model folder atomically; returns its path."""
+def save_quantized(
+    model: nn.Module,
+    tokenizer,
+    out_dir: str | os.PathLike,
+    info: dict | None = None,
+    overwrite: bool = False,
+    inputs: tuple = (),
+) -> Path:
+    """Write the quantized model folder atomically; returns its path. An existing ``out_dir`` is
+    refused unless ``overwrite`` and it is a previous lowbit quantized folder; ``inputs`` (model
+    paths) must not overlap it (:func:`lowbit.fsio.prepare_out`)."""
     config: QuantConfig | None = getattr(model, "lowbit_config", None)
     if config is None:
         raise LowbitError("save_quantized needs a quantized model (run quantize_model, rtn or gptq first)")
-    tensors, layers = build_state(model)
-    with atomic_dir(out_dir) as tmp:
-        hf_config = model.config.to_dict()
-        hf_config.pop("quantization_config", None)
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, default=str))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        save_file(tensors, tmp / WEIGHTS, metadata={"format": FORMAT, "lowbit_version": __version__})
-        meta = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "lowbit_version": __version__,
-            "quant_config": config.to_dict(),
-            "layers": layers,
-            "weights_file": WEIGHTS,
-            "weights_bytes": (tmp / WEIGHTS).stat().st_size,
-            "weights_sha256": sha256_file(tmp / WEIGHTS),
-            "info": info or {},
-        }
-        (tmp / META).write_text(json.dumps(meta, indent=2))
+    target = prepare_out(out_dir, QUANTIZED_OUT, overwrite, inputs)
+    with atomic_dir(target) as tmp:
+        write_quantized(model, tokenizer, tmp, info)
     return Path(out_dir)
 
 
+def write_quantized(model: nn.Module, tokenizer, folder: Path, info: dict | None = None) -> None:
+    """Write the folder's files into the existing folder ``folder``, the manifest last (not atomic:
+    :func:`save_quantized` writes into a temporary folder)."""
+    config: QuantConfig = model.lowbit_config
+    tensors, layers = build_state(model)
+    hf_config = model.config.to_dict()
+    hf_config.pop("quantization_config", None)
+    (folder / "config.json").write_text(json.dumps(hf_config, indent=2, default=str))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    save_file(tensors, folder / WEIGHTS, metadata={"format": FORMAT, "lowbit_version": __version__})
+    files = {
+        p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name not in (META, META_HASH)
+    }
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "lowbit_version": __version__,
+        "quant_config": config.to_dict(),
+        "layers": layers,
+        "weights_file": WEIGHTS,
+        "weights_bytes": files[WEIGHTS]["bytes"],
+        "weights_sha256": files[WEIGHTS]["sha256"],
+        "files": files,
+        "info": info or {},
+    }
+    text = json.dumps(meta, indent=2).encode("utf-8")
+    (folder / META).write_bytes(text)
+    (folder / META_HASH).write_text(f"{hashlib.sha256(text).hexdigest()}  {META}\n")
+
+
+def _weights_format(path: Path) -> str | None:
+    """The ``format`` in the safetensors header metadata of ``path/model.safetensors``, if any."""
+    try:
+        with open(path / WEIGHTS, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n)) if 0 < n < (1 << 26) else {}
+        return (header.get("__metadata__") or {}).get("format")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def is_quantized_dir(path: str | os.PathLike) -> bool:
-    return (Path(path) / META).is_file()
+    """Whether ``path`` is, or looks like, a lowbit quantized folder (manifest, manifest hash, a
+    weights file marked lowbit, or the temporary folder of a save): such a folder is opened by
+    :func:`open_folder`, which refuses it if it is not whole, never by a full-precision loader."""
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    if (path / META).is_file() or (path / META_HASH).is_file() or is_tmp_name(path.name):
+        return True
+    return _weights_format(path) == FORMAT
+
+
+def _not_whole(path: Path) -> str:
+    if is_tmp_name(path.name):
+        return (
+            f"{path} is the temporary folder of an interrupted lowbit save, not a model: run the "
+            "command that wrote it again with the same --out (that removes it)"
+        )
+    return f"{path} is an incomplete lowbit folder (no {META}: its save was interrupted): re-run lowbit quantize"
 
 
 def read_meta(path: str | os.PathLike) -> dict:
+    """``lowbit.json``, checked against ``lowbit.sha256`` (an edited or damaged manifest is refused)."""
+    path = Path(path)
+    if is_tmp_name(path.name) or not (path / META).is_file():
+        raise LowbitError(_not_whole(path))
+    raw = (path / META).read_bytes()
     try:
-        meta = json.loads((Path(path) / META).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise LowbitError(f"{path}/{META} is missing or not valid JSON: re-run lowbit quantize") from exc
-    if meta.get("format") != FORMAT:
-        raise LowbitError(f"{path} is not a lowbit quantized model folder (format {meta.get('format')!r})")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
+        meta = json.loads(raw)
+    except ValueError as exc:
+        raise LowbitError(f"{path}/{META} is not valid JSON: re-run lowbit quantize") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise LowbitError(f"{path} is not a lowbit quantized model folder ({META} format {found!r})")
+    version = meta.get("format_version", 0)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
         raise LowbitError(f"{path} was written by a newer lowbit ({meta.get('lowbit_version')}): upgrade lowbit")
+    if version < FORMAT_VERSION:
+        raise LowbitError(
+            f"{path} was written by lowbit {meta.get('lowbit_version')} (format {version}, without a whole-folder "
+            "manifest): re-run lowbit quantize (or train) to write it in the current format"
+        )
+    try:
+        stored = (path / META_HASH).read_text().split()[0]
+    except (OSError, IndexError) as exc:
+        raise LowbitError(f"{path} has no {META_HASH} (its save was interrupted): re-run lowbit quantize") from exc
+    if hashlib.sha256(raw).hexdigest() != stored:
+        raise LowbitError(
+            f"{path}/{META} fails its SHA-256 check in {META_HASH}: it was edited or damaged after lowbit wrote it; "
+            "re-run lowbit quantize with the settings you want instead of editing it"
+        )
+    missing = [k for k in _META_KEYS if k not in meta]
+    if missing or not isinstance(meta["files"], dict):
+        raise LowbitError(f"{path}/{META} lacks {', '.join(missing) or 'its file list'}: re-run lowbit quantize")
     return meta
+
+
+def check_files(path: Path, meta: dict, verify: bool = True) -> None:
+    """Every file the manifest lists is present, of its size and (``verify``) its SHA-256."""
+    for name, entry in meta["files"].items():
+        file = path / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise LowbitError(f"{path}/{META} lists {name!r}, a path outside the folder: re-run lowbit quantize")
+        if not file.is_file():
+            raise LowbitError(f"{file} is missing: the folder is incomplete, re-run lowbit quantize")
+        size = file.stat().st_size
+        if size != entry["bytes"]:
+            raise LowbitError(f"{file} is {size} bytes, expected {entry['bytes']}: the file is truncated or corrupted")
+        if verify and sha256_file(file) != entry["sha256"]:
+            raise LowbitError(f"{file} fails its SHA-256 check: the file is corrupted, re-run lowbit quantize")
+
+
+def _previous_output(path: Path) -> bool:
+    """A folder lowbit wrote: its manifest holds, and it has no file the manifest does not list."""
+    try:
+        meta = read_meta(path)
+    except LowbitError:
+        return False
+    listed = set(meta["files"]) | {META, META_HASH}
+    return all(p.relative_to(path).as_posix() in listed for p in path.rglob("*") if not p.is_dir())
+
+
+QUANTIZED_OUT = OutputKind("quantized model folder", _previous_output)
+
+
+def weight_files(spec: str) -> list[Path]:
+    """The weight files of a model: a GGUF file, or the safetensors (else .bin) files of its folder."""
+    from lowbit.models import NAMED_MODELS, cached_model_dir
+
+    path = cached_model_dir(spec) if spec in NAMED_MODELS else Path(spec)
+    if path.is_file():
+        return [path]
+    return sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+
+
+def reference_identity(spec: str) -> dict:
+    """How a folder records its base model: the built-in name or the absolute path, and a
+    fingerprint of its weights (:func:`lowbit.fsio.sampled_sha256`) checked before it is used."""
+    from lowbit.models import NAMED_MODELS
+
+    name = spec if spec in NAMED_MODELS else os.path.abspath(spec)
+    return {"base_model": name, "base_model_fingerprint": sampled_sha256(weight_files(spec))}
 
 
 @dataclass
@@ -191,18 +322,14 @@ class QuantizedFolder:
 
 
 def open_folder(path: str | os.PathLike, verify: bool = True) -> QuantizedFolder:
-    """Read ``lowbit.json`` and the weights file, refusing a missing, truncated or (``verify``:
-    SHA-256) corrupted file. The one reader of quantized folders."""
+    """Read ``lowbit.json`` and the weights file, refusing an edited manifest and a missing,
+    truncated or (``verify``: SHA-256) corrupted file. The one reader of quantized folders."""
     path = Path(path)
     meta = read_meta(path)
+    check_files(path, meta, verify)
     weights = path / meta["weights_file"]
-    if not weights.is_file():
-        raise LowbitError(f"{weights} is missing: the folder is incomplete, re-run lowbit quantize")
-    size = weights.stat().st_size
-    if size != meta["weights_bytes"]:
-        raise LowbitError(f"{weights} is {size} bytes, expected {meta['weights_bytes']}: the file is truncated or corrupted")
-    if verify and sha256_file(weights) != meta["weights_sha256"]:
-        raise LowbitError(f"{weights} fails its SHA-256 check: the file is corrupted, re-run lowbit quantize")
+    if meta["weights_file"] not in meta["files"]:
+        raise LowbitError(f"{path}/{META} does not list its weights file: re-run lowbit quantize")
     try:
         return QuantizedFolder(path, meta, load_file(weights))
     except SafetensorError as exc:

@@ -306,6 +306,11 @@ class BinaryQuantizer(Quantizer):
     step_per_alpha = 2.0
     grid_zero = 0.5
 
+    def __init__(self, bits: float = 1.0, group_size: int | None = None):
+        if bits != 1:
+            raise LowbitError(f"the binary quantizer is 1-bit, not {bits:g}: use --bits 1, or another quantizer")
+        super().__init__(bits, group_size)
+
     def init_alpha(self, wg, mask):
         alpha = _masked_abs_mean(wg, mask)
         return alpha, torch.full_like(alpha, self.grid_zero)

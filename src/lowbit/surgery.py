@@ -75,6 +75,14 @@ class QuantConfig:
                 raise LowbitError(f"override {pattern!r} has unknown keys {sorted(unknown)}: use bits, quantizer, group_size")
             if "bits" in spec:
                 spec["bits"] = parse_bits(spec["bits"])
+        self._check_quantizers()
+
+    def _check_quantizers(self) -> None:
+        """Refuse, before any work, a quantizer that cannot give the bit-width asked for (the default
+        spec and each override on top of it); make_quantizer raises the one-line error."""
+        base = LayerSpec(self.bits, self.quantizer, self.group_size)
+        for spec in [base] + [LayerSpec(**{**asdict(base), **fields}) for fields in self.overrides.values()]:
+            make_quantizer(spec.bits, spec.quantizer, spec.group_size)
 
     def spec_for(self, name: str) -> LayerSpec | None:
         """The LayerSpec for module ``name``, or None if it stays in high precision."""

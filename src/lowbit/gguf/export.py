@@ -39,7 +39,7 @@ import torch
 
 from lowbit import __version__
 from lowbit.errors import LowbitError
-from lowbit.fsio import atomic_path
+from lowbit.fsio import OutputKind, atomic_path, prepare_out
 from lowbit.gguf.quants import dequantize_tensor, ggml_type, hp_array, pack_fallback, plan_exact
 from lowbit.gguf.tokenizer import tokenizer_metadata
 from lowbit.io import META, QuantizedFolder, is_quantized_dir, open_folder, quantized_model
@@ -89,7 +89,20 @@ class GGUFTensor(NamedTuple):
     report: TensorReport
 
 
-def _check_inputs(path: Path, out: Path, fallback: str, ternary: str) -> dict:
+def is_lowbit_gguf(path: Path) -> bool:
+    """Whether ``path`` is a GGUF file that lowbit wrote (it carries ``lowbit.version``)."""
+    try:
+        import gguf
+
+        return "lowbit.version" in gguf.GGUFReader(path).fields
+    except Exception:  # noqa: BLE001  (any unreadable file is simply not ours)
+        return False
+
+
+GGUF_OUT = OutputKind("GGUF file", is_lowbit_gguf, file=True, example="model.gguf")
+
+
+def _check_inputs(path: Path, fallback: str, ternary: str) -> dict:
     if fallback not in FALLBACK_TYPES:
         raise LowbitError(f"unknown fallback type {fallback!r}: choose one of {', '.join(FALLBACK_TYPES)}")
     if ternary not in TERNARY_TYPES:
@@ -100,10 +113,6 @@ def _check_inputs(path: Path, out: Path, fallback: str, ternary: str) -> dict:
         raise LowbitError(
             f"{path} is not a lowbit quantized folder (no {META}): quantize it first with lowbit quantize --out DIR"
         )
-    if out.is_dir():
-        raise LowbitError(f"--out {out} is a folder: give a file name such as {out / 'model.gguf'}")
-    if not out.parent.is_dir():
-        raise LowbitError(f"the folder of --out {out} does not exist: create {out.parent} first")
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -250,12 +259,18 @@ def export_gguf(
     fallback: str = "f16",
     ternary: str = "tq2_0",
     tokenizer_pre: str = "auto",
+    overwrite: bool = False,
 ) -> dict:
-    """Write ``out`` (GGUF) from the lowbit quantized folder ``path``; returns the export report."""
+    """Write ``out`` (GGUF) from the lowbit quantized folder ``path``; returns the export report.
+
+    ``out`` is checked first (:func:`lowbit.fsio.prepare_out`): an existing file is replaced only
+    with ``overwrite`` and only when lowbit wrote it; ``out`` must not lie inside ``path``.
+    """
     import gguf  # noqa: F401  (fail before any work when the gguf package is missing)
 
     path, out = Path(path), Path(out)
-    _check_inputs(path, out, fallback, ternary)
+    _check_inputs(path, fallback, ternary)
+    prepare_out(out, GGUF_OUT, overwrite, inputs=(path,))
     folder = open_folder(path)
     model = quantized_model(replace(folder, tensors=dict(folder.tensors)))  # ``folder`` keeps every stored tensor
     tokenizer = folder.tokenizer()

@@ -9,10 +9,18 @@ import sys
 from pathlib import Path
 
 from lowbit.errors import LowbitError
-from lowbit.fsio import fsync_dir
+from lowbit.fsio import OutputKind, fsync_dir, prepare_out
 
 RESULTS_FILE = "results.jsonl"
 LOCK_FILE = ".pareto.lock"
+
+
+def is_store(path: Path) -> bool:
+    """Whether ``path`` is a sweep folder lowbit made (it holds the store or its lock)."""
+    return (path / RESULTS_FILE).is_file() or (path / LOCK_FILE).is_file()
+
+
+PARETO_OUT = OutputKind("pareto sweep folder", is_store)
 
 
 class ResultStore:
@@ -22,14 +30,20 @@ class ResultStore:
     line without its newline (a kill during the write) is ignored by :meth:`read` and cut off by
     :meth:`repair` before new lines are appended. Use as a context manager: it holds an exclusive
     lock on ``DIR`` so that two sweeps never write the same store.
+
+    Entering checks ``DIR`` first (:func:`lowbit.fsio.prepare_out`): an existing store is resumed,
+    never replaced; a file, a non-empty folder that is not a store, an unwritable place or one
+    overlapping ``inputs`` (the swept models) is refused before any work.
     """
 
-    def __init__(self, folder: str | os.PathLike[str]):
+    def __init__(self, folder: str | os.PathLike[str], inputs: tuple = ()):
         self.folder = Path(folder)
         self.path = self.folder / RESULTS_FILE
+        self.inputs = inputs
         self._lock_fd: int | None = None
 
     def __enter__(self) -> ResultStore:
+        prepare_out(self.folder, PARETO_OUT, overwrite=True, inputs=self.inputs)  # a store is resumed
         self.folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         try:

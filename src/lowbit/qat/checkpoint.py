@@ -21,8 +21,9 @@ from torch import nn
 
 from lowbit import __version__
 from lowbit.errors import LowbitError
-from lowbit.fsio import atomic_write, fsync_dir
-from lowbit.io import save_quantized
+from lowbit.fsio import OutputKind, atomic_write, fsync_dir
+from lowbit.fsio import prepare_out as prepare_out_path
+from lowbit.io import META, META_HASH, reference_identity, write_quantized
 from lowbit.qat.config import config_differences
 
 if TYPE_CHECKING:
@@ -153,12 +154,21 @@ def plot_loss(metrics: list[dict], path: Path, title: str = "") -> None:
     plt.close(fig)
 
 
+def is_run_folder(path: Path) -> bool:
+    return (path / RUN_CONFIG).is_file()
+
+
+TRAIN_OUT = OutputKind("training run", is_run_folder)
+
+
 def prepare_out(out: Path, cfg: TrainConfig, resume: bool) -> dict | None:
-    """Check the run folder; returns the saved config dict when resuming an existing run."""
+    """Check the run folder (:func:`lowbit.fsio.prepare_out`: writable, not overlapping the model,
+    empty or new unless resuming a run); returns the saved config dict when resuming."""
     config_path = out / RUN_CONFIG
+    if config_path.is_file() and not resume:
+        raise LowbitError(f"{out} holds a training run: pass --resume to continue it, or choose another --out")
+    prepare_out_path(out, TRAIN_OUT, overwrite=resume, inputs=(cfg.model, cfg.init))
     if config_path.is_file():
-        if not resume:
-            raise LowbitError(f"{out} holds a training run: pass --resume to continue it, or choose another --out")
         saved = json.loads(config_path.read_text())
         diff = config_differences(saved["config"], cfg.to_dict())
         if diff:
@@ -168,8 +178,6 @@ def prepare_out(out: Path, cfg: TrainConfig, resume: bool) -> dict | None:
                 "pass the original settings or choose another --out"
             )
         return saved
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise LowbitError(f"--out {out} exists and is not a lowbit training run: choose a new or empty folder")
     return None
 
 
@@ -195,12 +203,21 @@ def write_result(out: Path, result: dict) -> None:
 
 
 def publish_model(model: nn.Module, tokenizer, out: Path, info: dict) -> None:
-    """save_quantized into a staging folder inside ``out``, then move its files up, lowbit.json
-    last: ``out`` becomes loadable by ``lowbit eval --model out`` only once complete."""
+    """Write the quantized folder's files into a staging folder inside ``out``, then move them up,
+    the manifest and its hash last (those of an earlier publish are removed first): ``out`` is
+    loadable by ``lowbit eval --model out`` only once complete, and refused until then."""
+    info = {**info, **reference_identity(info["base_model"])} if info.get("base_model") else info
     staging = out / STAGING
-    save_quantized(model, tokenizer, staging, info=info)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    write_quantized(model, tokenizer, staging, info=info)
+    for name in (META_HASH, META):
+        (out / name).unlink(missing_ok=True)
+    fsync_dir(out)
     names = sorted(p.name for p in staging.iterdir())
-    for name in [n for n in names if n != "lowbit.json"] + ["lowbit.json"]:
+    for name in [n for n in names if n not in (META, META_HASH)] + [META, META_HASH]:
+        with open(staging / name, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(staging / name, out / name)
     fsync_dir(out)
     shutil.rmtree(staging, ignore_errors=True)
