@@ -2,9 +2,8 @@
 problem, the right exit code, no traceback, and nothing at ``--out`` created or changed (issue 14).
 
 The rows run ``lowbit.cli.main(argv)`` in-process on a tiny model built once for the module; a few
-checks (Ctrl-C during import, the entry point) run a subprocess. Rows marked ``OUT`` belong to the
-output-safety half of the issue (``--out`` protection, manifest checks) and are expected to pass
-once that half is merged.
+checks (Ctrl-C during import, the entry point) run a subprocess. ``out_row`` rows cover output
+safety (``--out`` protection, manifest checks).
 """
 
 from __future__ import annotations
@@ -25,12 +24,10 @@ import torch
 from conftest import SAMPLE_TEXT, tiny_llama, tiny_tokenizer
 from lowbit.cli import main
 
-OUT = pytest.mark.xfail(reason="out helper", strict=False)
-
 
 def out_row(name: str, argv: list[str], needle: str):
-    """A row of the output-safety half (``--out`` protection, manifests): exit 2 once it is merged."""
-    return pytest.param(name, argv, 2, needle, marks=OUT, id=name)
+    """A row of output safety (``--out`` protection, manifests): exit 2 and the needle."""
+    return pytest.param(name, argv, 2, needle, id=name)
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -39,7 +36,7 @@ def out_row(name: str, argv: list[str], needle: str):
 def _write_inputs(root: Path) -> dict[str, Path]:
     """The module's inputs: a tiny model, a quantized copy, texts, configs and broken folders."""
     from lowbit.api import load, quantize
-    from lowbit.io import save_quantized
+    from lowbit.io import reference_identity, save_quantized
     from lowbit.surgery import QuantConfig
 
     tokenizer = tiny_tokenizer()
@@ -49,7 +46,7 @@ def _write_inputs(root: Path) -> dict[str, Path]:
     model, tok, _ = load(str(tiny))
     quantize(model, QuantConfig(bits=4, group_size=32), "rtn", progress=False)
     q4 = root / "q4"
-    save_quantized(model, tok, q4, info={"base_model": str(tiny), "method": "rtn"})
+    save_quantized(model, tok, q4, info={**reference_identity(str(tiny)), "method": "rtn"})
     p = {"T": tiny, "Q": q4}
     files = {
         "S": SAMPLE_TEXT,
@@ -191,7 +188,7 @@ ROWS = [
     ("eval-nan-model", ["eval", "--model", "{INF}", "--data", S, "--seq-len", "32", "--json"], 2, "non-finite"),
     ("eval-nan-reference", [*EVAL, "--reference", "{INF}"], 2, "non-finite KL"),
     ("eval-reference-missing", [*EVAL, "--reference", "{MISSING}"], 2, "not found"),
-    ("eval-no-tokenizer", ["eval", "--model", "{QNOTOK}", "--data", S, "--seq-len", "32"], 2, "no tokenizer"),
+    ("eval-no-tokenizer", ["eval", "--model", "{QNOTOK}", "--data", S, "--seq-len", "32"], 2, "tokenizer.json is missing"),
     out_row("eval-lowbit-json-list", ["eval", "--model", "{QLIST}", "--data", S, "--seq-len", "32"], "lowbit.json"),
     out_row("eval-without-manifest", ["eval", "--model", "{QNOMETA}", "--data", S, "--seq-len", "32"], "lowbit.json"),
     ("info-lowbit-json-lacks-keys", ["info", "{QKEYS}"], 2, "qkeys"),
@@ -215,7 +212,7 @@ ROWS = [
     ("train-init-unknown", [*TRAIN, "--init", "awq"], 2, "--init must be rtn, gptq"),
     ("train-eval-tokens-0", [*TRAIN, "--eval-tokens", "0"], 2, "--eval-tokens"),
     ("train-text-nul-bytes", [*TRAIN, "--data", "{NUL}"], 2, "NUL bytes"),
-    ("train-out-not-empty", [*drop(TRAIN, "--out"), "--out", "{K}"], 2, "choose a new or empty folder"),
+    ("train-out-not-empty", [*drop(TRAIN, "--out"), "--out", "{K}"], 2, "choose an empty or new folder"),
     # pareto
     ("pareto-bits-1.6", [*PARETO, "--bits", "1.6"], 2, "--bits: unsupported bit-width '1.6'"),
     ("pareto-bits-5", [*PARETO, "--bits", "5"], 2, "--bits"),
@@ -248,7 +245,7 @@ ROWS = [
     ("generate-beyond-positions", [*GEN, "--max-new-tokens", "1000"], 2, "more than the model's 256 positions"),
     ("generate-not-quantized", ["generate", "--model", T, "--prompt", "hi"], 2, "lowbit.json"),
     ("generate-missing", ["generate", "--model", "{MISSING}", "--prompt", "hi"], 2, "missing"),
-    ("generate-no-tokenizer", ["generate", "--model", "{QNOTOK}", "--prompt", "hi"], 2, "no tokenizer"),
+    ("generate-no-tokenizer", ["generate", "--model", "{QNOTOK}", "--prompt", "hi"], 2, "tokenizer.json is missing"),
     ("generate-sample-lowbit-loop", [*GEN, "--sample", "--engine", "lowbit"], 2, "greedy only"),
     ("generate-engine-unknown", [*GEN, "--engine", "vllm"], 2, "--engine: invalid choice"),
     ("bench-repeats-0", [*BENCH, "--repeats", "0"], 2, "--repeats: expected a positive integer"),
@@ -394,7 +391,6 @@ def test_overwrite_is_passed_to_the_library(command, target, monkeypatch, inputs
     assert calls[0].get("overwrite", False) is False and calls[1]["overwrite"] is True
 
 
-@OUT
 def test_overwrite_replaces_only_with_the_flag(inputs, tmp_path, capsys):
     out = tmp_path / "q"
     argv = ["quantize", "--model", str(inputs["T"]), "--bits", "4", "--out", str(out), "--json"]

@@ -81,13 +81,19 @@ def quantize_to_dir(
 
 def resolve_reference(meta: dict) -> tuple[str | None, nn.Module | None]:
     """The reference a quantized folder records (``meta`` from :func:`load`): ``(spec, model)``,
-    ``(None, None)`` when it records none. The stored base model is loaded only after its weights
-    fingerprint matches the one saved with the folder; a missing, changed or unrecorded reference
-    is a one-line :class:`LowbitError` naming it and the fix (``--reference MODEL``)."""
+    ``(None, None)`` when it records none; loaded only once :func:`check_reference` passes."""
+    spec = check_reference(meta)
+    return (spec, load(spec)[0]) if spec else (None, None)
+
+
+def check_reference(meta: dict) -> str | None:
+    """The reference model a quantized folder records, checked: its spec once the stored base model's
+    weights fingerprint matches the one saved with the folder, None when the folder records none; a
+    missing, changed or unrecorded reference is a one-line :class:`LowbitError` naming it and the fix."""
     info = meta.get("info") or {}
     spec = info.get("base_model")
     if not spec:
-        return None, None
+        return None
     fix = "pass --reference MODEL (or --no-reference)"
     stored = info.get("base_model_fingerprint")
     if stored is None:
@@ -103,7 +109,7 @@ def resolve_reference(meta: dict) -> tuple[str | None, nn.Module | None]:
         raise LowbitError(
             f"the stored reference {spec} has changed since this folder was made (its weights differ): {fix}"
         )
-    return spec, load(spec)[0]
+    return spec
 
 
 def eval_model(

@@ -19,7 +19,6 @@ import sys
 from lowbit.errors import LowbitError
 from lowbit.options import (
     add_options,
-    check_bits,
     given_options,
     known_fields,
     options_from_args,
@@ -89,7 +88,6 @@ def quant_config_from_args(args) -> QuantConfig:  # noqa: F821
     fields = options_from_args(QuantConfig, args, base)
     if fields.get("bits") is None:
         raise LowbitError("--bits is required (1, 1.58/ternary, 2, 3, 4 or 8)")
-    fields["bits"] = check_bits(fields["bits"])
     return QuantConfig(**fields)
 
 
@@ -109,17 +107,18 @@ def cmd_quantize(args) -> dict:
 
 
 def cmd_eval(args) -> dict:
-    from lowbit.api import eval_model, load
+    from lowbit.api import eval_model, load, resolve_reference
     from lowbit.data import get_text
     from lowbit.models import check_seq_len
 
     get_text(args.data)  # a missing, empty or binary text fails before any model is loaded
     model, tokenizer, meta = load(args.model)
     check_seq_len(model, args.seq_len, "--seq-len")
-    ref_spec = args.reference
-    if ref_spec is None and meta is not None and not args.no_reference:
-        ref_spec = meta.get("info", {}).get("base_model")
-    reference = load(ref_spec)[0] if ref_spec else None
+    ref_spec, reference = args.reference, None
+    if ref_spec is not None:
+        reference = load(ref_spec)[0]
+    elif meta is not None and not args.no_reference:
+        ref_spec, reference = resolve_reference(meta)
     result = eval_model(
         model,
         tokenizer,

@@ -41,20 +41,12 @@ def parse_group_size(text: str) -> int | None:
     return value
 
 
-def check_bits(value) -> float:
-    """A bit-width as :func:`lowbit.quantizers.parse_bits` reads it, refusing the near-ternary
-    spellings 1.5 and 1.6 that it would silently read as 1.58."""
-    from lowbit.quantizers import parse_bits
-
-    if str(value).strip() in ("1.5", "1.6"):
-        raise LowbitError(f"unsupported bit-width {value!r}: write 1.58 or 'ternary' for ternary weights")
-    return parse_bits(value)
-
-
 def parse_bits_option(text: str) -> float:
     """``--bits``: 1, 1.58 (or ternary), 2, 3, 4 or 8, checked when the command line is read."""
+    from lowbit.quantizers import parse_bits
+
     try:
-        return check_bits(text)
+        return parse_bits(text)
     except LowbitError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 

@@ -35,7 +35,7 @@ SEQ_CLIP = 0.99
 def parse_bits(value: str | float | int) -> float:
     """Parse a bit-width given as 1, 1.58, "ternary", 2, 3, 4 or 8."""
     text = str(value).strip().lower()
-    if text in ("ternary", "1.58", "1.6", "1.5"):
+    if text in ("ternary", "1.58"):
         return 1.58
     if text in ("binary",):
         return 1.0
@@ -44,8 +44,9 @@ def parse_bits(value: str | float | int) -> float:
     except ValueError:
         bits = math.nan
     if bits not in SUPPORTED_BITS:
+        hint = " (write 1.58 or 'ternary' for ternary weights)" if 1.4 < bits < 1.7 else ""
         raise LowbitError(
-            f"unsupported bit-width {value!r}: choose one of 1, 1.58 (or 'ternary'), 2, 3, 4, 8"
+            f"unsupported bit-width {value!r}: choose one of 1, 1.58 (or 'ternary'), 2, 3, 4, 8{hint}"
         )
     return bits
 

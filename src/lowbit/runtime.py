@@ -315,7 +315,11 @@ def bench(packed_dir: str, reference: str | None = None, prompt_tokens: int = 12
         result["resident_bytes"] = mem["resident_bytes_after_decode"]
         result["resident_bytes_after_load"] = mem["resident_bytes"]
         result["resident_over_account"] = result["resident_bytes"] / meta["weights_bytes"]
-    ref_spec = reference or meta.get("info", {}).get("base_model")
+    if reference is None:
+        from lowbit.api import check_reference
+
+        reference = check_reference(meta)
+    ref_spec = reference
     if ref_spec:
         ref, _ = load_model(ref_spec)
         r = time_decode(ref, ids, new_tokens, repeats)

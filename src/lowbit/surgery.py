@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.options import parse_group_size, parse_override
+from lowbit.options import parse_bits_option, parse_group_size, parse_override
 from lowbit.quantizers import Quantizer, check_group_size, make_quantizer, parse_bits
 
 HP_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -38,7 +38,7 @@ class QuantConfig:
     High-precision tensors are stored (and evaluated) in ``hp_dtype``.
     """
 
-    bits: float = field(metadata={"help": "1, 1.58 (or ternary), 2, 3, 4 or 8", "parse": str})
+    bits: float = field(metadata={"help": "1, 1.58 (or ternary), 2, 3, 4 or 8", "parse": parse_bits_option})
     quantizer: str = field(
         default="auto", metadata={"help": "auto (ParetoQ family), binary, seq, lsq, absmean, minmax, absmax"}
     )

@@ -16,7 +16,6 @@ from pathlib import Path
 from lowbit.errors import LowbitError
 from lowbit.methods import method_names
 from lowbit.options import (
-    check_bits,
     known_fields,
     parse_bits_option,
     parse_count,
@@ -24,7 +23,7 @@ from lowbit.options import (
     parse_positive_int,
 )
 from lowbit.peers import PEER_NAMES
-from lowbit.quantizers import QUANTIZERS, paretoq_quantizer_name
+from lowbit.quantizers import QUANTIZERS, paretoq_quantizer_name, parse_bits
 
 KEY_VERSION = 1
 # Chosen so that the default sweep (FP + RTN and GPTQ at 4/3/2 bits, per-channel and g128) of the
@@ -114,7 +113,7 @@ class SweepSpec:
         self.models = list(dict.fromkeys(self.models))
         if not self.models:
             raise LowbitError("a sweep needs at least one model")
-        self.bits = sorted({check_bits(b) for b in self.bits}, reverse=True)
+        self.bits = sorted({parse_bits(b) for b in self.bits}, reverse=True)
         if not self.bits:
             raise LowbitError("a sweep needs at least one bit-width")
         known = method_names()

@@ -307,7 +307,7 @@ def run_sweep(
     peers = sweep_peers(spec)
     fingerprints = text_fingerprints(spec)
     t_sweep = time.perf_counter()
-    with ResultStore(out) as store:
+    with ResultStore(out, inputs=tuple(spec.models)) as store:
         run = _Run(spec, store, store.read(), methods, peers, uuid.uuid4().hex[:12], progress, log)
         planned: list[dict] = []
         for model_spec in spec.models:
