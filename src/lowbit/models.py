@@ -6,7 +6,6 @@ GGUF files are de-quantized by transformers once and cached as a plain Hugging F
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
 import json
@@ -104,9 +103,12 @@ def _assemble_gemma3(target_dir: Path) -> Path:
 
 
 def _gguf_cache_key(path: Path) -> str:
+    """Cache entry of a GGUF file's conversion: keyed by its content (size and sampled SHA-256), so a
+    file replaced in place (same path, any mtime) is converted again and a copy elsewhere is not."""
+    from lowbit.fsio import sampled_sha256
+
     resolved = path.resolve()
-    digest = hashlib.sha1(f"{resolved}:{resolved.stat().st_mtime_ns}".encode()).hexdigest()[:12]
-    return f"{resolved.stem}-{digest}"
+    return f"{resolved.stem}-{sampled_sha256([resolved])[:12]}"
 
 
 def _is_causal_architecture(name: str) -> bool:
