@@ -246,6 +246,13 @@ def _oriented(module: nn.Module, fisher: torch.Tensor) -> tuple[torch.Tensor, to
 
 def make_plan(method: Budget, model: nn.Module, config: QuantConfig, tokenizer, progress: bool = True) -> Plan:
     """Sensitivities of every planned item, then the allocation within ``method``'s budget."""
+    tables, emb_table = sensitivity_tables(method, model, config, tokenizer, progress)
+    return plan_from_tables(method, model, config, tables, emb_table)
+
+
+def sensitivity_tables(method: Budget, model: nn.Module, config: QuantConfig, tokenizer, progress: bool = True):
+    """(one :class:`LayerTable` per planned decoder linear, the embedding's table or None without a file
+    budget), from the Fisher diagonal on ``method.fisher_tokens`` calibration tokens."""
     targets = planned_linears(model, config)
     if not targets:
         raise LowbitError("no linear layer matched the include/exclude patterns: nothing to plan")
@@ -259,22 +266,27 @@ def make_plan(method: Budget, model: nn.Module, config: QuantConfig, tokenizer, 
         layer_table(name, [_oriented(m, fisher.pop(name))], candidates, config.scale_search)
         for name, m in tqdm(targets.items(), desc="sensitivities", disable=not progress, unit="layer")
     ]
+    if not embeddings:
+        return tables, None
+    emb_tensors = [(m.weight, fisher[name]) for name, m in embeddings.items()]
+    emb_candidates = [Setting.parse(c) for c in EMBEDDING_CANDIDATES]
+    return tables, layer_table("embeddings", emb_tensors, emb_candidates, config.scale_search)
+
+
+def plan_from_tables(method: Budget, model, config: QuantConfig, tables: list[LayerTable], emb_table) -> Plan:
+    """The allocation of ``method``'s budget over ``tables`` (and the embedding's, for a file budget)."""
     params = sum(t.params for t in tables)
     bpw_bytes = None if method.budget_bpw is None else int(method.budget_bpw * params / 8)
-    if method.budget_mb is None:
-        knapsack = Knapsack([t.nbytes for t in tables], [t.loss for t in tables], bpw_bytes)
-        if not knapsack.feasible(bpw_bytes):
-            raise LowbitError(
-                f"a budget of {method.budget_bpw:g} bits per weight is below the smallest plan "
-                f"({8 * min_bytes(knapsack.costs) / params:.3f}): add cheaper candidates or raise --budget-bpw"
-            )
-        alloc = knapsack.solve(bpw_bytes)
-        return Plan(tables, alloc.choice, bpw_bytes, alloc.lower_bound)
-    emb_tensors = [(m.weight, fisher[name]) for name, m in embeddings.items()]
-    emb_table = layer_table(
-        "embeddings", emb_tensors, [Setting.parse(c) for c in EMBEDDING_CANDIDATES], config.scale_search
-    )
-    return _plan_file(method, model, config, tables, emb_table, bpw_bytes)
+    if method.budget_mb is not None:
+        return _plan_file(method, model, config, tables, emb_table, bpw_bytes)
+    knapsack = Knapsack([t.nbytes for t in tables], [t.loss for t in tables], bpw_bytes)
+    if not knapsack.feasible(bpw_bytes):
+        raise LowbitError(
+            f"a budget of {method.budget_bpw:g} bits per weight is below the smallest plan "
+            f"({8 * min_bytes(knapsack.costs) / params:.3f}): add cheaper candidates or raise --budget-bpw"
+        )
+    alloc = knapsack.solve(bpw_bytes)
+    return Plan(tables, alloc.choice, bpw_bytes, alloc.lower_bound)
 
 
 def _embedding_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -310,7 +322,8 @@ def _fixed_bytes(model: nn.Module, config: QuantConfig, planned: list[nn.Paramet
 
 def _plan_file(method: Budget, model, config, tables: list[LayerTable], emb: LayerTable, bpw_bytes) -> Plan:
     """Plan for a whole-file budget: the linears' knapsack solved once, read off at the budget each
-    embedding option (high precision, 8 or 4 bits) leaves them; the best sum wins."""
+    embedding option (high precision, 8 or 4 bits) leaves them. The embedding stays in high precision
+    if the linears then fit; otherwise the quantized option with the least total predicted loss wins."""
     embeddings = _embedding_modules(model)
     hp_emb = emb.params * _hp_bytes(config)
     planned = [m.weight for m in planned_linears(model, config).values()] + [m.weight for m in embeddings.values()]
@@ -339,7 +352,9 @@ def _plan_file(method: Budget, model, config, tables: list[LayerTable], emb: Lay
             + (f" within {method.budget_bpw:g} bits per weight" if bpw_bytes is not None else "")
             + ")"
         )
-    _, best = min(scored)
+    # high precision whenever it fits: the Fisher of embedding rows the calibration text never reads is
+    # zero, so their predicted loss is too low to trade against the linears'
+    _, best = scored[0] if scored[0][1] == 0 else min(scored)
     alloc = knapsack.solve(limits[best])
     return Plan(
         tables, alloc.choice, limits[best], alloc.lower_bound + options[best][2],

@@ -10,7 +10,9 @@ layer's weights move by the rounding error ``dW = W - Q_s(W)``: ``0.5 * sum(F * 
 Fisher-weighted error of SqueezeLLM, Kim et al. 2023, arXiv:2306.07629; a diagonal stand-in for the
 Hessian sensitivity of HAWQ-V2, Dong et al. 2020, arXiv:1911.03852). ``Q_s`` is round-to-nearest at
 setting ``s`` with the scales lowbit would choose (``QuantConfig.scale_search``), so the estimates of
-different layers and settings are in the same unit (nats per token) and can be added.
+different layers and settings are in the same unit (nats per token) and can be added. Rows are
+quantized independently (every grid here has its scales per row or per group within a row), so the
+sum is estimated on evenly spaced rows and scaled up: the same rows for every setting of a layer.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from lowbit.options import parse_group_size
 from lowbit.packing import default_layout, packed_nbytes
 from lowbit.quantizers import QUANTIZERS, check_group_size, make_quantizer, parse_bits
 
+SAMPLE_ROWS = 128  # rows per layer the rounding error is measured on (at least 1/8 of them; all if fewer)
 STEP_BYTES = 2  # steps are stored as fp16 (quantizers round them so that fp16 is exact)
 ZERO_BYTES = 1  # min-max zero points are stored as uint8
 
@@ -49,6 +52,8 @@ class Setting:
         except Exception as exc:  # argparse.ArgumentTypeError: one line for the user
             raise LowbitError(f"candidate {text!r}: {exc}") from exc
         grid = parts[2] if len(parts) == 3 else "auto"
+        if grid == "absmean":
+            raise LowbitError(f"candidate {text!r}: absmean has one scale per tensor, which the planner does not offer")
         if grid != "auto" and grid not in QUANTIZERS:
             raise LowbitError(f"candidate {text!r}: grid must be auto or one of {', '.join(QUANTIZERS)}")
         setting = cls(parse_bits(parts[0]), group, grid)
@@ -118,6 +123,14 @@ def predicted_increase(weight: torch.Tensor, fisher: torch.Tensor, setting: Sett
     return 0.5 * float((fisher * (w - q(w)).square()).sum())
 
 
+def _sample_rows(weight: torch.Tensor, fisher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Evenly spaced rows of (weight, Fisher) and the factor that scales their sum to the whole layer."""
+    rows = weight.shape[0]
+    keep = min(rows, max(SAMPLE_ROWS, rows // 8))
+    idx = torch.linspace(0, rows - 1, keep).round().long().unique()
+    return weight.detach()[idx], fisher[idx], rows / len(idx)
+
+
 @dataclass
 class LayerTable:
     """One planned item (a decoder linear, or the embedding with its head): its candidates' bytes and
@@ -134,12 +147,14 @@ def layer_table(
     name: str, tensors: list[tuple[torch.Tensor, torch.Tensor]], candidates: list[Setting], scale_search: str
 ) -> LayerTable:
     """The table of one item stored as ``tensors`` ((weight, fisher) pairs sharing one setting: the
-    untied embedding and head), over the candidates its row length allows."""
+    untied embedding and head), over the candidates its row length allows. Per-tensor grids (group
+    size 0) are not row-separable and are not offered (``Setting.parse`` accepts no group 0)."""
     cols = tensors[0][0].shape[1]
     fitting = [s for s in candidates if s.fits(cols)]
     if not fitting:
         raise LowbitError(f"no candidate setting fits {name} (rows of {cols}): add a smaller group size")
     nbytes = [sum(s.nbytes(*w.shape) for w, _ in tensors) for s in fitting]
-    loss = [sum(predicted_increase(w, f, s, scale_search) for w, f in tensors) for s in fitting]
+    samples = [_sample_rows(w, f) for w, f in tensors]
+    loss = [sum(scale * predicted_increase(w, f, s, scale_search) for w, f, scale in samples) for s in fitting]
     params = sum(w.numel() for w, _ in tensors)
     return LayerTable(name, params, fitting, nbytes, loss)
