@@ -157,3 +157,4 @@ class GPTQ:
 
 
 register_lazy("qat", "lowbit.qat:QAT", kind="training")
+register_lazy("budget", "lowbit.planner:Budget", kind="post-training")
