@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import SAMPLE_TEXT, tiny_llama, tiny_tokenizer
-from lowbit.cli import build_parser
+from lowbit.cli import UsageError, build_parser
 from lowbit.commands.pareto import sweep_spec
 from lowbit.errors import LowbitError
 from lowbit.evaluation import compare_logits, evaluate
@@ -55,7 +55,7 @@ def lines(out: Path) -> list[dict]:
 def test_cli_generates_peers_option():
     args = build_parser().parse_args(["pareto", "--out", "x", "--peers", "llama.cpp", "llmcompressor"])
     assert sweep_spec(args).peers == ["llama.cpp", "llmcompressor"]
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError, match="--peers: invalid choice: 'nonesuch'"):
         build_parser().parse_args(["pareto", "--out", "x", "--peers", "nonesuch"])
 
 

@@ -223,11 +223,18 @@ def test_cli_quantize_with_a_budget(tiny_model_dir, calib_file, tmp_path, capsys
     from lowbit.cli import main
 
     out = tmp_path / "q"
-    argv = ["quantize", "--model", str(tiny_model_dir), "--out", str(out), "--bits", "4", "--method", "budget"]
+    # a budget needs neither --bits nor --method: the planner chooses every layer's setting
+    argv = ["quantize", "--model", str(tiny_model_dir), "--out", str(out)]
     argv += ["--budget-bpw", "4.5", "--then-method", "rtn", "--calib", calib_file, "--fisher-tokens", "256"]
     argv += ["--seq-len", "32", "--candidates", "4:64:auto", "2:32:minmax", "8:channel:auto", "--json"]
     assert main(argv) == 0
     meta = json.loads((out / "lowbit.json").read_text())
     assert meta["info"]["settings"]["calib"] == calib_file and meta["info"]["settings"]["seq_len"] == 32
+    assert meta["info"]["method"] == "budget"
     assert {s["bits"] for s in meta["quant_config"]["overrides"].values()} <= {4.0, 2.0, 8.0}
-    assert json.loads(capsys.readouterr().out)["bits_per_weight_linear"] <= 4.5
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["bits_per_weight_linear"] <= 4.5
+    # the plan is recorded with the folder, and it is the plan that was stored
+    report = meta["info"]["report"]
+    assert report["bits_per_weight_linear"] == pytest.approx(printed["bits_per_weight_linear"])
+    assert len(report["plan"]) == len(meta["quant_config"]["overrides"])

@@ -66,7 +66,7 @@ def quantize_to_dir(
     if meta is not None:
         raise LowbitError(f"{model_spec} is already quantized: quantize the full-precision model instead")
     t0 = time.time()
-    method.apply(model, config, tokenizer=tokenizer, progress=progress)
+    report = method.apply(model, config, tokenizer=tokenizer, progress=progress)
     seconds = time.time() - t0
     info = {
         **reference_identity(model_spec),
@@ -75,6 +75,8 @@ def quantize_to_dir(
         "quantize_seconds": round(seconds, 2),
         "settings": method_settings(method),
     }
+    if report:  # what the method reports (a byte budget's plan), recorded in lowbit.json
+        info["report"] = report
     save_quantized(model, tokenizer, out, info=info, overwrite=overwrite, inputs=(model_spec,))
     return {**info, "out": str(out), **size_account(model)}
 

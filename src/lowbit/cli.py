@@ -80,14 +80,17 @@ def overwrite_kwargs(args) -> dict:
     return {"overwrite": True} if getattr(args, "overwrite", False) else {}
 
 
-def quant_config_from_args(args) -> QuantConfig:  # noqa: F821
-    """The QuantConfig of ``--config FILE`` (if any) overlaid with the quantization flags given."""
+def quant_config_from_args(args, bits_planned: bool = False) -> QuantConfig:  # noqa: F821
+    """The QuantConfig of ``--config FILE`` (if any) overlaid with the quantization flags given.
+    ``bits_planned``: the method (a byte budget) chooses every layer's bits, so ``--bits`` is not needed."""
     from lowbit.surgery import QuantConfig
 
     base = known_fields(QuantConfig, read_json_config(getattr(args, "config", None), "config"), "quantization")
     fields = options_from_args(QuantConfig, args, base)
     if fields.get("bits") is None:
-        raise LowbitError("--bits is required (1, 1.58/ternary, 2, 3, 4 or 8)")
+        if not bits_planned:
+            raise LowbitError("--bits is required (1, 1.58/ternary, 2, 3, 4 or 8)")
+        fields["bits"] = 4  # a placeholder: the plan overrides every layer (recorded in lowbit.json)
     return QuantConfig(**fields)
 
 
@@ -95,6 +98,9 @@ def cmd_quantize(args) -> dict:
     from lowbit.api import quantize_to_dir
     from lowbit.methods import make_method, method_class, method_names
 
+    if args.method is None:  # a byte budget picks the planner, otherwise round-to-nearest
+        budget = getattr(args, "budget_bpw", None) is not None or getattr(args, "budget_mb", None) is not None
+        args.method = "budget" if budget else "rtn"
     chosen = method_class(args.method)
     own = {f.name for f in dataclasses.fields(chosen)}
     for other in method_names("post-training"):
@@ -102,7 +108,7 @@ def cmd_quantize(args) -> dict:
         if stray:
             raise LowbitError(f"{', '.join(stray)} only applies to --method {other}: drop it or add --method {other}")
     method = make_method(chosen.name, **options_from_args(chosen, args))
-    config = quant_config_from_args(args)
+    config = quant_config_from_args(args, bits_planned=getattr(chosen, "plans_bits", False))
     return quantize_to_dir(args.model, args.out, config, method=method, progress=not args.json, **overwrite_kwargs(args))
 
 
@@ -166,11 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="post-training quantization (RTN or GPTQ) to a model folder")
     q.add_argument("--model", default=DEFAULT_MODEL, help=f"default name ({DEFAULT_MODEL}), HF folder or .gguf")
-    q.add_argument("--method", choices=method_names("post-training"), default="rtn")
+    q.add_argument("--method", choices=method_names("post-training"), default=None,
+                   help="rtn, gptq, or budget (the default when --budget-bpw or --budget-mb is given; else rtn)")
     add_options(q, QuantConfig)
     q.add_argument("--config", help="JSON file with QuantConfig fields (flags win)")
-    for name in method_names("post-training"):
-        add_options(q.add_argument_group(f"--method {name}"), method_class(name))
+    seen = {f.name for f in dataclasses.fields(QuantConfig)}
+    for name in method_names("post-training"):  # a field two methods share (--calib) is one option
+        cls = method_class(name)
+        add_options(q.add_argument_group(f"--method {name}"), cls, skip=seen)
+        seen |= {f.name for f in dataclasses.fields(cls)}
     q.add_argument("--out", required=True, help="output folder")
     q.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     q.add_argument("--json", action="store_true")

@@ -66,25 +66,9 @@ class Budget:
         },
     )
     then_method: str = field(default="gptq", metadata={"help": "post-training method run on the plan: gptq or rtn"})
-    calib: str = field(
-        default="wiki-calib", metadata={"help": "calibration text (as --calib)", "flag": "--budget-calib"}
-    )
-    calib_tokens: int = field(
-        default=16384,
-        metadata={
-            "help": "calibration tokens (as --calib-tokens)",
-            "parse": parse_positive_int,
-            "flag": "--budget-calib-tokens",
-        },
-    )
-    seq_len: int = field(
-        default=512,
-        metadata={
-            "help": "calibration window length (as --seq-len)",
-            "parse": parse_positive_int,
-            "flag": "--budget-seq-len",
-        },
-    )
+    calib: str = field(default="wiki-calib", metadata={"help": "calibration text: wiki-calib, news or a text file"})
+    calib_tokens: int = field(default=16384, metadata={"help": "calibration tokens", "parse": parse_positive_int})
+    seq_len: int = field(default=512, metadata={"help": "calibration window length", "parse": parse_positive_int})
     fisher_tokens: int = field(
         default=8192, metadata={"help": "calibration tokens for the Fisher sensitivities", "parse": parse_positive_int}
     )

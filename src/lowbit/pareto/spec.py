@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lowbit.errors import LowbitError
-from lowbit.methods import method_names
+from lowbit.methods import SWEEPABLE
 from lowbit.options import (
     known_fields,
     parse_bits_option,
@@ -62,7 +62,7 @@ class SweepSpec:
     )
     methods: list[str] = field(
         default_factory=lambda: ["rtn", "gptq"],
-        metadata=_opt("default rtn gptq; qat runs only with --qat-steps N > 0", choices=tuple(method_names())),
+        metadata=_opt("default rtn gptq; qat runs only with --qat-steps N > 0", choices=SWEEPABLE),
     )
     group_sizes: list[int | None] = field(
         default_factory=lambda: [None, 128],
@@ -116,7 +116,7 @@ class SweepSpec:
         self.bits = sorted({parse_bits(b) for b in self.bits}, reverse=True)
         if not self.bits:
             raise LowbitError("a sweep needs at least one bit-width")
-        known = method_names()
+        known = SWEEPABLE
         unknown = [m for m in self.methods if m not in known]
         if unknown or not self.methods:
             raise LowbitError(f"unknown method(s) {unknown}: choose from {', '.join(known)}")
