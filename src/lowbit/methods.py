@@ -133,7 +133,10 @@ class GPTQ:
     calib: str = field(default="wiki-calib", metadata={"help": "calibration text: wiki-calib, news or a text file"})
     calib_tokens: int = field(default=16384, metadata={"help": "calibration tokens", "parse": parse_positive_int})
     seq_len: int = field(default=512, metadata={"help": "calibration window length", "parse": parse_positive_int})
-    act_order: bool = field(default=False, metadata={"help": "quantize columns by decreasing Hessian diagonal"})
+    act_order: bool = field(
+        default=True,
+        metadata={"help": "quantize columns by decreasing Hessian diagonal, group scales fixed first (static groups)"},
+    )
     damp: float = field(default=0.01, metadata={"help": "diagonal damping, fraction of mean diag(H)"})
     sequential: bool = field(
         default=False, metadata={"help": "true sequential: quantize a block's linears stage by stage (q/k/v, o, ...)"}

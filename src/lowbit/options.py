@@ -121,8 +121,8 @@ def add_options(parser, cls, only=None, skip=(), help_overrides: dict | None = N
             kwargs["required"] = True
         help_text = (help_overrides or {}).get(f.name, meta.get("help"))
         annotation = str(f.type)
-        if annotation == "bool" and "parse" not in meta:
-            kwargs["action"] = "store_true"
+        if annotation == "bool" and "parse" not in meta:  # on by default: --x / --no-x
+            kwargs["action"] = argparse.BooleanOptionalAction if f.default is True else "store_true"
         else:
             kwargs["type"] = meta.get("parse") or _scalar_type(annotation.removeprefix("list[").removesuffix("]")) or str
             if "choices" in meta:
@@ -145,7 +145,7 @@ def options_from_args(cls, args: argparse.Namespace, base: dict | None = None, o
     values = dict(base or {})
     for f in _cli_fields(cls, only, skip):
         value = getattr(args, f.name, None)
-        if value is None or value is False:
+        if value is None:
             continue
         if f.metadata.get("collect") is dict:
             value = {**values.get(f.name, {}), **dict(value)}

@@ -92,6 +92,8 @@ class SweepSpec:
     hp_dtype: str = field(default="float16", metadata=_OFF_CLI)
     damp: float = field(default=0.01, metadata=_OFF_CLI)
     act_order: bool = field(default=False, metadata=_OFF_CLI)
+    # further GPTQ fields (lowbit.methods.GPTQ: sequential, sample, ...); in a point's key only when given
+    gptq_settings: dict = field(default_factory=dict, metadata=_OFF_CLI)
     qat_steps: int = field(
         default=0, metadata=_opt("QAT training steps; QAT points run only when > 0", parse=parse_count, metavar="N")
     )
@@ -203,6 +205,7 @@ def _method_settings(spec: SweepSpec, method: str, fingerprints: dict[str, str])
             "calib_tokens": spec.calib_tokens,
             "damp": spec.damp,
             "act_order": spec.act_order,
+            **({"gptq_settings": spec.gptq_settings} if spec.gptq_settings else {}),
         }
     if method == "qat":
         return {

@@ -54,6 +54,7 @@ def _method_settings(spec: SweepSpec, name: str) -> dict:
         "seq_len": spec.seq_len,
         "act_order": spec.act_order,
         "damp": spec.damp,
+        **spec.gptq_settings,
     }
 
 
