@@ -115,7 +115,8 @@ class LLMCompressorPeer:
         return points
 
     def version(self) -> str:
-        return _run_python(self.interpreter(), ["-c", "import llmcompressor; print(llmcompressor.__version__)"]).strip()
+        out = _run_python(self.interpreter(), ["-c", "import llmcompressor; print(llmcompressor.__version__)"])
+        return out.strip().splitlines()[-1]  # the last line: llmcompressor logs warnings to stdout on import
 
     def measure(self, ctx, todo: list[dict], progress: bool, log: Callable[[str], None]) -> Iterator[tuple[dict, dict]]:
         python = self.interpreter()
