@@ -416,6 +416,9 @@ def test_sigint_during_import_is_one_line(tmp_path):
     script = textwrap.dedent(
         """
         import os, signal, sys
+        # Python's own Ctrl-C handler, whatever disposition the test process passed down (a parent that
+        # ignores SIGINT makes a child start with it ignored, and then the kill below would do nothing)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         class Hook:
             def find_spec(self, name, path=None, target=None):
                 if name == "torch":
