@@ -119,8 +119,9 @@ def main() -> None:
     for bpw in args.budgets:
         point = run_budget(bpw, args, fp, tokenizer)
         print(json.dumps(point))
-        keep = [q for q in results["points"] if q["budget_bpw"] != bpw or q.get("data", args.data) != args.data]
-        results["points"] = keep + [{**point, "data": args.data, "date": results["date"]}]
+        key = (bpw, args.data, args.model)
+        keep = [q for q in results["points"] if (q["budget_bpw"], q.get("data"), q.get("model", args.model)) != key]
+        results["points"] = keep + [{**point, "data": args.data, "model": args.model, "date": results["date"]}]
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2))
         write_markdown(Path(args.md), results)

@@ -549,3 +549,15 @@ def test_cli_reports_user_errors(tmp_path, capsys):
     assert "cannot read sweep config" in capsys.readouterr().err
     assert main(["pareto", "--bits", "5", "--out", str(tmp_path)]) == 2
     assert "unsupported bit-width" in capsys.readouterr().err
+
+
+def test_report_states_gptq_calibration_sampling():
+    from lowbit.pareto.report import eval_description
+
+    first = SweepSpec(methods=["gptq"], calib="wiki-train", calib_tokens=8192)
+    rnd = SweepSpec(methods=["gptq"], calib="wiki-train", calib_tokens=65536,
+                    gptq_settings={"sample": "random", "sequential": True})  # fmt: skip
+    line = [t for t in eval_description([], first) if t.startswith("GPTQ calibration")][0]
+    assert "first 8,192 tokens in windows of 512" in line
+    line = [t for t in eval_description([], rnd) if t.startswith("GPTQ calibration")][0]
+    assert "128 random windows of 512 tokens (seed 0)" in line and '"sequential": true' in line

@@ -77,6 +77,8 @@ def quantize_to_dir(
     }
     if report:  # what the method reports (a byte budget's plan), recorded in lowbit.json
         info["report"] = report
+    if getattr(model, "lowbit_rotation", None):
+        info["rotation"] = model.lowbit_rotation
     save_quantized(model, tokenizer, out, info=info, overwrite=overwrite, inputs=(model_spec,))
     return {**info, "out": str(out), **size_account(model)}
 

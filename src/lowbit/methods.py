@@ -151,8 +151,10 @@ class GPTQ:
     def apply(self, model: nn.Module, config: QuantConfig, tokenizer=None, progress: bool = True) -> dict:
         from lowbit.models import check_seq_len
         from lowbit.ptq import gptq
+        from lowbit.rotation import rotate_for_
 
         check_seq_len(model, self.seq_len, "--seq-len")
+        rotate_for_(model, config)
         ids = calibration_windows(tokenizer, self.calib, self.calib_tokens, self.seq_len, self.sample, self.seed)
         gptq(model, config, ids, act_order=self.act_order, damp=self.damp, progress=progress,
              sequential=self.sequential)

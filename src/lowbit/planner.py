@@ -88,6 +88,9 @@ class Budget:
         object.__setattr__(self, "candidates", tuple(str(Setting.parse(c)) for c in self.candidates))
 
     def apply(self, model: nn.Module, config: QuantConfig, tokenizer=None, progress: bool = True) -> dict:
+        from lowbit.rotation import rotate_for_
+
+        rotate_for_(model, config)
         plan = make_plan(self, model, config, tokenizer, progress)
         if progress:
             print(plan.table())

@@ -63,6 +63,11 @@ class QuantConfig:
     scale_search: str = field(
         default="mse", metadata={"help": "MSE clip search for scales (default mse)", "choices": ("mse", "none")}
     )
+    rotate: bool = field(
+        default=False,
+        metadata={"help": "fold a random Hadamard rotation of the residual stream and of each head into the weights "
+                  "first (QuaRot-style incoherence; Llama-style RMSNorm models; unties the output head)"},
+    )
     hp_dtype: str = field(default="float16", metadata={"cli": False})
 
     def __post_init__(self):
@@ -183,6 +188,10 @@ def quantize_model(model: nn.Module, config: QuantConfig, initialize: bool = Tru
     """
     if getattr(model, "lowbit_config", None) is not None:
         raise LowbitError("this model is already quantized: load the full-precision model instead")
+    if initialize and config.rotate:
+        from lowbit.rotation import rotate_for_
+
+        rotate_for_(model, config)
     heads = output_head_names(model)
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     in_emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None

@@ -44,7 +44,7 @@ def register(subparsers) -> None:
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     groups = {name: t.add_argument_group(name) for name in (DATA, QUANT, OPTIM, GENERATION, RUN)}
     add_options(groups[DATA], TrainConfig, only=by_group[DATA], required=REQUIRED)
-    add_options(groups[QUANT], QuantConfig, required=REQUIRED)
+    add_options(groups[QUANT], QuantConfig, skip=("rotate",), required=REQUIRED)  # rotate: quantize, then --init
     for name in (QUANT, OPTIM, GENERATION, RUN):
         add_options(groups[name], TrainConfig, only=by_group[name], required=REQUIRED)
     r = groups[RUN]

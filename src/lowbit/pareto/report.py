@@ -283,9 +283,16 @@ def eval_description(records: list[dict], spec: SweepSpec) -> list[str]:
         )
     text = [f"Eval text: {spec.data} - {describe(spec.data)}.", *lines]
     if "gptq" in spec.quantized_methods():
+        g = spec.gptq_settings
+        sampled = (
+            f"{spec.calib_tokens // spec.seq_len} random windows of {spec.seq_len} tokens (seed {g.get('seed', 0)})"
+            if g.get("sample") == "random"
+            else f"first {spec.calib_tokens:,} tokens in windows of {spec.seq_len}"
+        )
+        extra = {k: v for k, v in g.items() if k not in ("sample", "seed")}
         text.append(
-            f"GPTQ calibration text: {spec.calib} - {describe(spec.calib)}; first {spec.calib_tokens:,} tokens "
-            f"in windows of {spec.seq_len}."
+            f"GPTQ calibration text: {spec.calib} - {describe(spec.calib)}; {sampled}"
+            f"{f' (further settings: {json.dumps(extra)})' if extra else ''}."
         )
     if "qat" in spec.quantized_methods():
         text.append(

@@ -129,6 +129,11 @@ class TrainConfig:
             self.quant = QuantConfig.from_dict(self.quant)
         if not isinstance(self.quant, QuantConfig):
             raise LowbitError(f"quant must be a QuantConfig (or a dict of its fields), got {type(self.quant).__name__}")
+        if self.quant.rotate:
+            raise LowbitError(
+                "lowbit train does not rotate the model itself: run lowbit quantize --rotate first and pass "
+                "that folder as --init"
+            )
         if self.lr is None:
             self.lr = default_lr(self.quant.bits)
         if self.scale_lr is None:
