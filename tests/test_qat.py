@@ -572,3 +572,20 @@ def test_compiled_fake_quant_trains_and_saves_the_eager_model(tiny_model_dir, sa
     ids = torch.randint(0, 100, (2, 32))
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, result.model(input_ids=ids).logits)
+
+
+def test_train_params_scales_trains_only_step_sizes(tiny_model_dir, sample_text_file, tmp_path):
+    import copy
+
+    from lowbit.surgery import quantize_model
+
+    teacher, _ = qat.load_teacher(str(tiny_model_dir))
+    start = quantize_model(copy.deepcopy(teacher), QuantConfig(bits=2)).state_dict()
+    qat.run(_cfg(tiny_model_dir, sample_text_file, tmp_path / "run", train_params="scales", steps=3), progress=False)
+    state = _checkpoint_model(tmp_path / "run")
+    alphas = [k for k in state if k.endswith("quantizer.alpha")]
+    assert alphas and any(not torch.equal(state[k], start[k]) for k in alphas)
+    frozen = [k for k in state if k not in alphas and state[k].is_floating_point() and ".quantizer." not in k]
+    assert frozen and all(torch.equal(state[k], start[k]) for k in frozen)
+    with pytest.raises(LowbitError, match="train-params"):
+        _cfg(tiny_model_dir, sample_text_file, tmp_path / "r2", train_params="weights")

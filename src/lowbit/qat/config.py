@@ -86,6 +86,11 @@ class TrainConfig:
     weight_decay: float = field(
         default=0.0, metadata=_opt("AdamW weight decay of the weight matrices", OPTIM, show_default=True)
     )
+    train_params: str = field(
+        default="all",
+        metadata=_opt("what trains: all (latent weights, norms, scales) or scales (step sizes only: EfficientQAT's "
+                      "E2E-QP, cheap after a block-wise or GPTQ start)", OPTIM, choices=("all", "scales")),
+    )  # fmt: skip
     batch_size: int = field(default=8, metadata=_positive("sequences per micro-step, over all processes", OPTIM))
     seq_len: int = field(default=256, metadata=_positive("tokens per training window", OPTIM))
     grad_accum: int = field(default=1, metadata=_positive("micro-steps per optimizer step", OPTIM))
@@ -160,6 +165,10 @@ class TrainConfig:
             raise LowbitError("lr must be > 0; scale-lr, weight-decay and grad-clip >= 0")
         if self.greedy_tokens < 0:
             raise LowbitError(f"greedy-tokens must be >= 0, got {self.greedy_tokens}")
+        if self.train_params not in ("all", "scales"):
+            raise LowbitError(f"train-params must be all or scales, not {self.train_params!r}")
+        if self.train_params == "scales" and self.scale_lr == 0:
+            raise LowbitError("train-params scales with scale-lr 0 trains nothing: give --scale-lr > 0")
         if self.dtype not in DTYPES:
             raise LowbitError(f"unknown dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
         if self.first_token not in FIRST_TOKENS:

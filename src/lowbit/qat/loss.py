@@ -92,7 +92,12 @@ def param_groups(model: nn.Module, lr: float, scale_lr: float, weight_decay: flo
 
 
 def make_optimizer(student: nn.Module, cfg: TrainConfig):
-    """AdamW over :func:`param_groups` and its warm-up + cosine schedule (per optimizer step)."""
+    """AdamW over :func:`param_groups` and its warm-up + cosine schedule (per optimizer step). With
+    ``cfg.train_params == "scales"`` everything but the quantizers' step sizes is frozen first."""
+    if cfg.train_params == "scales":
+        for name, p in student.named_parameters():
+            if not name.endswith("quantizer.alpha"):
+                p.requires_grad_(False)
     optimizer = torch.optim.AdamW(param_groups(student, cfg.lr, cfg.scale_lr, cfg.weight_decay), betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, cfg.warmup, cfg.steps))
     return optimizer, scheduler
