@@ -589,3 +589,39 @@ def test_train_params_scales_trains_only_step_sizes(tiny_model_dir, sample_text_
     assert frozen and all(torch.equal(state[k], start[k]) for k in frozen)
     with pytest.raises(LowbitError, match="train-params"):
         _cfg(tiny_model_dir, sample_text_file, tmp_path / "r2", train_params="weights")
+
+
+def test_train_from_a_rotated_mixed_folder_without_bits_resumes_exactly(sample_text_file, tmp_path, monkeypatch):
+    from conftest import tiny_llama, tiny_tokenizer
+    from lowbit.cli import main
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_llama(vocab_size=len(tokenizer))
+    model.model.norm.weight.data.uniform_(0.5, 1.5)  # so that the rotated head differs from the embedding
+    tiny_model_dir = tmp_path / "base"
+    model.save_pretrained(tiny_model_dir)
+    tokenizer.save_pretrained(tiny_model_dir)
+    folder = tmp_path / "rot"
+    assert main(["quantize", "--model", str(tiny_model_dir), "--bits", "2", "--group-size", "32", "--rotate",
+                 "--override", "*.mlp.down_proj=4:32", "--out", str(folder), "--json"]) == 0  # fmt: skip
+    common = ["train", "--model", str(tiny_model_dir), "--init", str(folder), "--data", str(sample_text_file),
+              "--steps", "6", "--batch-size", "4", "--seq-len", "32", "--save-every", "2", "--keep-checkpoint",
+              "--train-params", "scales", "--lr", "1e-3", "--json"]  # fmt: skip
+    assert main([*common, "--out", str(tmp_path / "unbroken")]) == 0
+    saved = json.loads((tmp_path / "unbroken" / "lowbit.json").read_text())["quant_config"]
+    assert saved["overrides"] == {"*.mlp.down_proj": {"bits": 4.0, "group_size": 32}} and saved["bits"] == 2.0
+
+    save = qat.loop.save_checkpoint
+
+    def save_then_die(path, *args, **kwargs):
+        save(path, *args, **kwargs)
+        if args[3] == 4:  # step
+            raise _Killed
+
+    monkeypatch.setattr(qat.loop, "save_checkpoint", save_then_die)
+    assert main([*common, "--out", str(tmp_path / "broken")]) == 1  # the one-line internal error
+    monkeypatch.setattr(qat.loop, "save_checkpoint", save)
+    assert main([*common, "--out", str(tmp_path / "broken"), "--resume"]) == 0
+    a, b = _checkpoint_model(tmp_path / "unbroken"), _checkpoint_model(tmp_path / "broken")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["lm_head.weight"], a["model.embed_tokens.weight"])  # the rotated head stays untied

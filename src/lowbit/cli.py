@@ -86,6 +86,7 @@ def quant_config_from_args(args, bits_planned: bool = False) -> QuantConfig:  # 
     from lowbit.surgery import QuantConfig
 
     base = known_fields(QuantConfig, read_json_config(getattr(args, "config", None), "config"), "quantization")
+    base = {**(getattr(args, "quant_base", None) or {}), **base}
     fields = options_from_args(QuantConfig, args, base)
     if fields.get("bits") is None:
         if not bits_planned:

@@ -24,7 +24,7 @@ SIZE_KEYS = (
     "params",
     "linear_params",
 )
-REQUIRED = ("bits", "steps", "out")
+REQUIRED = ("steps", "out")  # and --bits, unless --init is a quantized folder (its settings are the default)
 
 
 def register(subparsers) -> None:
@@ -60,12 +60,17 @@ def config_from_args(args) -> TrainConfig:
     given take the dataclass defaults."""
     from lowbit.cli import quant_config_from_args
     from lowbit.errors import LowbitError
+    from lowbit.io import is_quantized_dir, read_meta
     from lowbit.options import given_options, options_from_args
     from lowbit.qat import TrainConfig
 
     stray = given_options(TrainConfig, args, only=("calib", "calib_tokens", "calib_seq_len"))
     if stray and args.init != "gptq":
         raise LowbitError(f"{', '.join(stray)} only applies to --init gptq: drop it or add --init gptq")
+    if args.init is not None and is_quantized_dir(args.init):  # the folder's settings, mixed precision included
+        args.quant_base = {k: v for k, v in read_meta(args.init)["quant_config"].items() if k != "rotate"}
+    elif getattr(args, "bits", None) is None:
+        raise LowbitError("--bits is required (1, 1.58/ternary, 2, 3, 4 or 8), unless --init is a quantized folder")
     return TrainConfig(quant=quant_config_from_args(args), **options_from_args(TrainConfig, args))
 
 

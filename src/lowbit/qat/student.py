@@ -77,10 +77,25 @@ def build_student(teacher: nn.Module, tokenizer, cfg: TrainConfig, progress: boo
 
 def student_skeleton(teacher: nn.Module, qconfig: QuantConfig, state: dict[str, torch.Tensor]) -> nn.Module:
     """A quantized copy of the teacher whose scales have the shapes stored in ``state``."""
-    student = quantize_model(copy.deepcopy(teacher), qconfig, initialize=False)
+    student = copy.deepcopy(teacher)
+    _untie_if_stored_apart(student, state)
+    student = quantize_model(student, qconfig, initialize=False)
     for name, module in quantized_modules(student):
         module.quantizer.set_scales(state[f"{name}.quantizer.alpha"], state[f"{name}.quantizer.zero"])
     return student
+
+
+def _untie_if_stored_apart(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """A student whose embedding and head were stored as two different tensors (a rotated --init
+    folder unties them) gets an untied head, so that loading ``state`` keeps both."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if emb is None or head is None or head.weight is not emb.weight:
+        return
+    names = {id(m): n for n, m in model.named_modules()}
+    e, h = state.get(f"{names[id(emb)]}.weight"), state.get(f"{names[id(head)]}.weight")
+    if e is not None and h is not None and not torch.equal(e, h):
+        head.weight = nn.Parameter(head.weight.detach().clone())
+        model.config.tie_word_embeddings = False
 
 
 def compile_quantizers_(model: nn.Module) -> None:
