@@ -212,7 +212,9 @@ def test_alpha_for_step_inverts_ternary_step():
     assert torch.equal(alpha * (2.0 / 3.0), step)
 
 
-@pytest.mark.parametrize("text,bits", [("1", 1.0), ("ternary", 1.58), ("1.58", 1.58), ("2", 2.0), ("6", 6.0), ("8", 8.0)])
+@pytest.mark.parametrize(
+    "text,bits", [("1", 1.0), ("ternary", 1.58), ("1.58", 1.58), ("2", 2.0), ("6", 6.0), ("8", 8.0)]
+)
 def test_parse_bits(text, bits):
     assert parse_bits(text) == bits
 

@@ -310,8 +310,9 @@ def _fixed_bytes(model: nn.Module, config: QuantConfig, planned: list[nn.Paramet
 
 def _plan_file(method: Budget, model, config, tables: list[LayerTable], emb: LayerTable, bpw_bytes) -> Plan:
     """Plan for a whole-file budget: the linears' knapsack solved once, read off at the budget each
-    embedding option (high precision, or one of :data:`EMBEDDING_CANDIDATES`: 8, 6 or 4 bits) leaves them. The embedding stays in high precision
-    if the linears then fit; otherwise the quantized option with the least total predicted loss wins."""
+    embedding option (high precision, or one of :data:`EMBEDDING_CANDIDATES`: 8, 6 or 4 bits) leaves them.
+    The embedding stays in high precision if the linears then fit; otherwise the quantized option with the
+    least total predicted loss wins."""
     embeddings = _embedding_modules(model)
     hp_emb = emb.params * _hp_bytes(config)
     planned = [m.weight for m in planned_linears(model, config).values()] + [m.weight for m in embeddings.values()]
