@@ -139,6 +139,8 @@ ROWS = [
     ("quantize-no-out", ["quantize", "--model", T, "--bits", "4"], 2, "required: --out"),
     ("quantize-no-bits", QUANT, 2, "--bits is required"),
     ("bits-5", [*QUANT, "--bits", "5"], 2, "unsupported bit-width"),
+    ("bits-7", [*QUANT, "--bits", "7"], 2, "choose one of 1, 1.58 (or 'ternary'), 2, 3, 4, 6, 8"),
+    ("override-bits-5", [*QUANT, "--bits", "4", "--override", "embeddings=5:64"], 2, "unsupported bit-width"),
     ("bits-1.5", [*QUANT, "--bits", "1.5"], 2, "write 1.58 or 'ternary'"),
     ("bits-1.6", [*QUANT, "--bits", "1.6"], 2, "write 1.58 or 'ternary'"),
     ("bits-word", [*QUANT, "--bits", "sixteen"], 2, "unsupported bit-width"),

@@ -107,6 +107,13 @@ def _read(path: Path):
         (4, "auto", 64, "tq2_0", "Q4_0"),  # two Q4_0 blocks share one lowbit scale
         (3, "auto", 32, "tq2_0", "Q4_0"),  # 3-bit LSQ levels -4..3 fit Q4_0's -8..7
         (8, "auto", 32, "tq2_0", "Q8_0"),
+        (6, "auto", None, "tq2_0", "Q6_K"),  # 6-bit LSQ levels -32..31, one step per row of 256 / 512
+        (6, "auto", 256, "tq2_0", "Q6_K"),
+        (6, "absmax", None, "tq2_0", "Q6_K"),  # levels -31..31
+        (6, "auto", 32, "tq2_0", "Q8_0"),  # a step per 32 or 64: Q6_K's 256-block would span several
+        (6, "auto", 64, "tq2_0", "Q8_0"),
+        (6, "minmax", 64, "tq2_0", "Q8_0"),  # u - zero in -63..63
+        (4, "minmax", None, "tq2_0", "Q6_K"),  # per-row zero points: u - zero in -15..15, not Q4_0's -8..7
         ("ternary", "auto", 256, "tq2_0", "TQ2_0"),  # SEQ ternary
         ("ternary", "auto", None, "tq1_0", "TQ1_0"),  # per-channel, rows of 256 / 512
         ("ternary", "absmean", 0, "tq1_0", "TQ1_0"),  # BitNet absmean, one scale per tensor
@@ -134,7 +141,7 @@ def test_exact_types_round_trip(tmp_path, bits, quantizer, group, ternary, expec
     assert result["linear_types"] == {expect.lower(): 14}
     assert result["file_bytes"] == out.stat().st_size
     assert result["bits_per_weight"] == pytest.approx(8 * out.stat().st_size / result["params"], abs=1e-3)
-    per_type = {"Q4_0": 4.5, "Q8_0": 8.5, "TQ2_0": 2.0625, "TQ1_0": 1.6875}[expect]
+    per_type = {"Q4_0": 4.5, "Q6_K": 6.5625, "Q8_0": 8.5, "TQ2_0": 2.0625, "TQ1_0": 1.6875}[expect]
     assert result["bits_per_weight_linear"] == pytest.approx(per_type)
 
 
@@ -184,6 +191,33 @@ def test_untied_and_quantized_embeddings(tmp_path):
     for name in ("token_embd.weight", "output.weight"):
         assert np.array_equal(dequantize_tensor(tensors[name]), expected[name])
     assert result["inexact_tensors"] == 0
+
+
+@pytest.mark.parametrize("group,kind", [(None, "Q6_K"), (64, "Q8_0")])
+def test_six_bit_embedding_and_head_export_exactly(tmp_path, group, kind):
+    """A 6-bit embedding and untied head (what the byte-budget planner may choose) keep their codes."""
+    folder = make_folder(tmp_path, 4, 32, tied=False, quantize_embeddings=True,
+                         overrides={"embeddings": {"bits": 6, "group_size": group}})
+    result = export_gguf(folder, tmp_path / "m.gguf")
+    _, tensors = _read(tmp_path / "m.gguf")
+    expected = _lowbit_weights(folder)
+    for name in ("token_embd.weight", "output.weight"):
+        assert tensors[name].tensor_type.name == kind
+        assert np.array_equal(dequantize_tensor(tensors[name]), expected[name])
+        report = next(r for r in result["tensors"] if r["name"] == name)
+        assert report["lowbit"] == f"lsq 6-bit {'per-channel' if group is None else f'g{group}'}"
+        assert any(n.startswith("q4_0: integer levels -3") and n.endswith("outside -8..7") for n in report["notes"])
+    assert result["linear_types"] == {"q4_0": 14} and result["inexact_tensors"] == 0
+
+
+def test_six_bit_without_an_exact_type_falls_back_with_the_reason(tmp_path):
+    folder = make_folder(tmp_path, 6, 16)  # a step per 16 inputs: every Q6_K / Q8_0 block spans two groups
+    result = export_gguf(folder, tmp_path / "m.gguf")
+    assert result["linear_types"] == {"f16": 14} and result["quantized_fallback"] == 14
+    for r in result["tensors"]:
+        if r["lowbit"] is not None:
+            assert "q6_k: group size 16 is not a multiple of the 256-value block" in r["reason"]
+            assert "q8_0: group size 16 is not a multiple of the 32-value block" in r["reason"]
 
 
 def test_q8_0_keeps_code_minus_128(tmp_path):
@@ -295,6 +329,8 @@ def _lowbit_logits(folder: Path, ids: list[int]) -> np.ndarray:
         (4, 16, "f16", "tq2_0", "f16", 1e-3),
         (8, 32, "f16", "tq2_0", "q8_0", 1e-3),
         (4, 32, "f16", "tq2_0", "q4_0", 5e-3),
+        (6, None, "f16", "tq2_0", "q6_k", 1e-3),
+        (6, 32, "f16", "tq2_0", "q8_0", 1e-3),
         ("ternary", 256, "f16", "tq2_0", "tq2_0", 5e-3),
         ("ternary", 256, "f16", "tq1_0", "tq1_0", 5e-3),
     ],

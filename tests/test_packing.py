@@ -50,7 +50,7 @@ def test_rows_are_packed_independently(layout, rows, cols, seed):
 @given(layout=st.sampled_from(LAYOUTS), cols=st.integers(1, 200))
 def test_size_matches_bits_per_code(layout, cols):
     """Packed rows are never larger than the nominal bits per code allow (plus one padded group)."""
-    per_group = {"u3": 8, "t5": 5}.get(layout, 1)
+    per_group = {"u3": 8, "u6": 4, "t5": 5}.get(layout, 1)
     bound = (cols + per_group) * layout_bits_per_code(layout) / 8 + 1
     assert row_bytes(layout, cols) <= bound
     assert packed_nbytes(layout, 3, cols) == 3 * row_bytes(layout, cols)
@@ -76,10 +76,15 @@ def test_known_bytes():
     assert pack_codes(torch.tensor([[0xA, 0x5]], dtype=torch.uint8), "u4").tolist() == [[0x5A]]
     assert pack_codes(torch.tensor([[1, 0, 2, 1, 2]], dtype=torch.uint8), "t5").tolist() == [[1 + 2 * 9 + 27 + 2 * 81]]
     assert pack_codes(torch.tensor([[1] + [0] * 7], dtype=torch.uint8), "u1").tolist() == [[1]]
+    # u6: 4 codes in a 24-bit little-endian word, code i at bits 6i: 1 | 2 << 6 | 3 << 12 | 63 << 18 = 0xFC3081
+    assert pack_codes(torch.tensor([[1, 2, 3, 63]], dtype=torch.uint8), "u6").tolist() == [[0x81, 0x30, 0xFC]]
+    assert row_bytes("u6", 5) == 6 and row_bytes("u6", 64) == 48  # whole 3-byte groups: 6 bits per code
 
 
 @pytest.mark.parametrize(
-    "levels, layout", [(2, "u1"), (3, "t5"), (4, "u2"), (7, "u3"), (8, "u3"), (16, "u4"), (15, "u4"), (256, "u8")]
+    "levels, layout",
+    [(2, "u1"), (3, "t5"), (4, "u2"), (7, "u3"), (8, "u3"), (16, "u4"), (15, "u4"), (63, "u6"), (64, "u6"), (65, "u8"),
+     (256, "u8")],  # fmt: skip
 )
 def test_default_layout(levels, layout):
     assert default_layout(levels) == layout

@@ -238,3 +238,58 @@ def test_cli_quantize_with_a_budget(tiny_model_dir, calib_file, tmp_path, capsys
     report = meta["info"]["report"]
     assert report["bits_per_weight_linear"] == pytest.approx(printed["bits_per_weight_linear"])
     assert len(report["plan"]) == len(meta["quant_config"]["overrides"])
+
+
+def test_file_budget_picks_a_six_bit_embedding_when_eight_does_not_fit(calib_file, tiny_model_dir, tmp_path,
+                                                                         monkeypatch, capsys):
+    """An embedding 1000x more sensitive than the tiny model's (its predicted losses scaled up), and a
+    file budget that fits every 6-bit embedding option with the smallest linears but no 8-bit one: the DP
+    takes 6 bits (4 would free bytes for the linears but lose more), the plan prints it, the folder records it."""
+    import dataclasses
+
+    from lowbit import planner
+    from lowbit.api import quantize_to_dir
+    from lowbit.models import load_model
+
+    model, tokenizer = load_model(str(tiny_model_dir))
+    config = QuantConfig(bits=4)
+    method = _budget(calib_file, budget_mb=1.0)
+    tables, emb = sensitivity_tables(method, model, config, tokenizer, progress=False)
+    emb = dataclasses.replace(emb, loss=[1000 * x for x in emb.loss])
+    by_bits = {b: [i for i, s in enumerate(emb.settings) if s.bits == b] for b in (8, 6, 4)}
+    assert all(by_bits.values())  # EMBEDDING_CANDIDATES offers all three widths
+    assert max(emb.loss[i] for i in by_bits[6]) < min(emb.loss[i] for i in by_bits[4])
+    planned = [m.weight for m in planner.planned_linears(model, config).values()]
+    planned += [m.weight for m in planner._embedding_modules(model).values()]
+    tensors, header = planner._fixed_bytes(model, config, planned)  # the file beyond the planned weights
+    fixed = tensors + header + sum(min(t.nbytes) for t in tables)
+    mb = (fixed + max(emb.nbytes[i] for i in by_bits[6])) / 1e6
+    assert fixed + min(emb.nbytes[i] for i in by_bits[8]) > mb * 1e6  # no 8-bit embedding fits
+
+    def only(bits):
+        keep = by_bits[bits]
+        return dataclasses.replace(emb, settings=[emb.settings[i] for i in keep],
+                                   nbytes=[emb.nbytes[i] for i in keep], loss=[emb.loss[i] for i in keep])
+
+    plan = plan_from_tables(_budget(calib_file, budget_mb=mb), model, config, tables, emb)
+    chosen = emb.settings[plan.embedding_choice]
+    assert chosen.bits == 6
+    assert plan.predicted_loss < plan_from_tables(_budget(calib_file, budget_mb=mb), model, config, tables,
+                                                  only(4)).predicted_loss
+    with pytest.raises(LowbitError, match="below the smallest file"):
+        plan_from_tables(_budget(calib_file, budget_mb=mb), model, config, tables, only(8))
+    assert f"embedding and head: {chosen}" in plan.table()
+    assert plan.record()["plan_embeddings"]["setting"] == str(chosen)
+
+    monkeypatch.setattr(planner, "sensitivity_tables", lambda *a, **k: (tables, emb))
+    out = tmp_path / "q"
+    quantize_to_dir(str(tiny_model_dir), str(out), config, method=_budget(calib_file, budget_mb=mb, then_method="rtn"),
+                    progress=True)
+    assert f"embedding and head: {chosen}" in capsys.readouterr().out
+    meta = json.loads((out / "lowbit.json").read_text())
+    assert meta["info"]["report"]["plan_embeddings"]["setting"] == str(chosen)
+    assert meta["quant_config"]["quantize_embeddings"] and meta["quant_config"]["overrides"]["embeddings"]["bits"] == 6
+    emb_info = meta["layers"]["model.embed_tokens"]
+    assert (emb_info["bits"], emb_info["layout"], emb_info["group_size"]) == (6.0, "u6", chosen.group_size)
+    assert meta["weights_bytes"] <= mb * 1e6
+    assert meta["info"]["report"]["tensor_bytes"] == meta["info"]["report"]["predicted_tensor_bytes"]

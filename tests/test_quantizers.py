@@ -25,6 +25,7 @@ CASES = [
     (2, "auto"),
     (3, "auto"),
     (4, "auto"),
+    (6, "auto"),
     (8, "auto"),
     (2, "lsq"),
     (1.58, "absmean"),
@@ -32,10 +33,12 @@ CASES = [
     (2, "minmax"),
     (3, "minmax"),
     (4, "minmax"),
+    (6, "minmax"),
     (8, "minmax"),
     (2, "absmax"),
     (3, "absmax"),
     (4, "absmax"),
+    (6, "absmax"),
 ]
 
 
@@ -102,7 +105,7 @@ def test_two_bit_seq_levels(data):
 
 
 @settings(max_examples=30, deadline=None)
-@given(data=weights_and_group(), bits=st.sampled_from([3, 4, 8]))
+@given(data=weights_and_group(), bits=st.sampled_from([3, 4, 6, 8]))
 def test_lsq_integer_range(data, bits):
     w, group = data
     q = _build(bits, "auto", w, group, "none")
@@ -209,7 +212,9 @@ def test_alpha_for_step_inverts_ternary_step():
     assert torch.equal(alpha * (2.0 / 3.0), step)
 
 
-@pytest.mark.parametrize("text,bits", [("1", 1.0), ("ternary", 1.58), ("1.58", 1.58), ("2", 2.0), ("8", 8.0)])
+@pytest.mark.parametrize(
+    "text,bits", [("1", 1.0), ("ternary", 1.58), ("1.58", 1.58), ("2", 2.0), ("6", 6.0), ("8", 8.0)]
+)
 def test_parse_bits(text, bits):
     assert parse_bits(text) == bits
 
@@ -233,6 +238,10 @@ def test_quantizer_bits_mismatch_errors():
         make_quantizer(1.58, "lsq")
     with pytest.raises(LowbitError):
         make_quantizer(4, "nope")
+    with pytest.raises(LowbitError, match="SEQ supports 1.58"):
+        make_quantizer(6, "seq")
+    with pytest.raises(LowbitError, match="binary quantizer is 1-bit"):
+        make_quantizer(6, "binary")
 
 
 def _broadcast_alpha(q, w):

@@ -90,7 +90,7 @@ def quant_config_from_args(args, bits_planned: bool = False) -> QuantConfig:  # 
     fields = options_from_args(QuantConfig, args, base)
     if fields.get("bits") is None:
         if not bits_planned:
-            raise LowbitError("--bits is required (1, 1.58/ternary, 2, 3, 4 or 8)")
+            raise LowbitError("--bits is required (1, 1.58/ternary, 2, 3, 4, 6 or 8)")
         fields["bits"] = 4  # a placeholder: the plan overrides every layer (recorded in lowbit.json)
     return QuantConfig(**fields)
 

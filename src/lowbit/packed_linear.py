@@ -1,6 +1,6 @@
 """``PackedLinear``: a linear layer that keeps its weight packed at the true bit-width and runs on it.
 
-The module holds the codes in a :mod:`lowbit.packing` layout (row-major: u1, u2, u3, u4, u8 or
+The module holds the codes in a :mod:`lowbit.packing` layout (row-major: u1, u2, u3, u4, u6, u8 or
 t5; ``self.layout`` says which), the per-group steps in fp16 (fp32 when fp16 would change a
 value) and the zero points (one value when they are all equal, else per group; uint8 when they
 are small integers), so that ``step * (code - zero)`` reproduces ``QuantizedWeight.dequantize``
@@ -12,7 +12,8 @@ packed bytes directly (no repacking, no float weight in memory): batches up to
 kernel where the layout has one: x rounded to int8 per block of 32 columns, integer dot
 products, as llama.cpp's CPU matvec does; the default "float" is exact); larger batches dequantize a few MB of rows at a
 time into one reused float32 buffer with the C decoder and multiply it with a GEMM. Other devices and dtypes, inputs that need a gradient, a missing compiler or
-``LOWBIT_KERNELS=0`` take the pure-PyTorch reference path: unpack -> dequantize -> ``F.linear``.
+``LOWBIT_KERNELS=0`` take the pure-PyTorch reference path: unpack -> dequantize -> ``F.linear``; so
+do layouts the kernels do not read (u6, 6-bit codes: :func:`lowbit.kernels.has_kernel`).
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ class PackedLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
         self._weight_cache: KernelWeight | None = None
         self._activations = "float"
-        kernels.weight_struct(
+        kernels.check_weight(
             self.packed, layout, self.in_features, group_size, self.step, self.zero, self.bias
         )  # validates shapes and dtypes
 
@@ -296,7 +297,11 @@ class PackedLinear(nn.Module):
         packed, step, zero, bias = buffers["packed"], buffers["step"], buffers["zero"], buffers["bias"]
         cache = self._weight_cache
         if cache is None or not cache.describes(packed, step, zero, bias):
-            usable = packed.device.type == "cpu" and (bias is None or bias.dtype == torch.float32)
+            usable = (
+                packed.device.type == "cpu"
+                and (bias is None or bias.dtype == torch.float32)
+                and kernels.has_kernel(self.layout)
+            )
             struct = (
                 kernels.weight_struct(packed, self.layout, self.in_features, self.group_size, step, zero, bias)
                 if usable

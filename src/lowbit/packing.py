@@ -4,6 +4,7 @@ docs/methods.md, "lowbit packing").
 Layouts (name -> codes per byte):
 - ``u1``: 1-bit, 8 codes per byte;      ``u2``: 2-bit, 4 per byte (also ternary for speed);
 - ``u3``: 3-bit, 8 codes in 3 bytes;    ``u4``: 4-bit, 2 per byte;     ``u8``: 1 per byte;
+- ``u6``: 6-bit, 4 codes in 3 bytes (code i of a group at bits ``6i`` of the 24-bit little-endian word);
 - ``t5``: ternary base-3, 5 trits per byte (3^5 = 243 <= 256), 1.6 bits per code.
 
 Each row is packed on its own (padded with zero codes to whole bytes), so a row's bytes start
@@ -12,31 +13,38 @@ at ``row * row_bytes``: kernels can split work by rows.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from lowbit.errors import LowbitError
 
-LAYOUT_BITS = {"u1": 1, "u2": 2, "u3": 3, "u4": 4, "u8": 8}
-LAYOUT_LEVELS = {"u1": 2, "u2": 4, "u3": 8, "u4": 16, "u8": 256, "t5": 3}
+LAYOUT_BITS = {"u1": 1, "u2": 2, "u3": 3, "u4": 4, "u6": 6, "u8": 8}
+LAYOUT_LEVELS = {"u1": 2, "u2": 4, "u3": 8, "u4": 16, "u6": 64, "u8": 256, "t5": 3}
 
 
 def default_layout(n_levels: int) -> str:
     """The smallest layout that holds ``n_levels`` codes (base-3 for ternary)."""
     if n_levels == 3:
         return "t5"
-    for name in ("u1", "u2", "u3", "u4", "u8"):
+    for name in ("u1", "u2", "u3", "u4", "u6", "u8"):
         if n_levels <= LAYOUT_LEVELS[name]:
             return name
     raise LowbitError(f"cannot pack {n_levels} levels into at most 8 bits")
 
 
+def _group_shape(bits: int) -> tuple[int, int]:
+    """(codes, bytes) of the smallest whole-byte group of ``bits``-bit codes: (8, 3) for u3, (4, 3) for
+    u6, (8 / bits, 1) for u1/u2/u4 and (1, 1) for u8."""
+    per = math.lcm(bits, 8) // bits
+    return per, bits * per // 8
+
+
 def row_bytes(layout: str, cols: int) -> int:
     if layout == "t5":
         return -(-cols // 5)
-    bits = LAYOUT_BITS[layout]
-    if bits == 3:
-        return 3 * -(-cols // 8)
-    return -(-cols * bits // 8)
+    per, n_bytes = _group_shape(LAYOUT_BITS[layout])
+    return n_bytes * -(-cols // per)
 
 
 def layout_bits_per_code(layout: str) -> float:
@@ -58,11 +66,10 @@ def pack_codes(codes: torch.Tensor, layout: str) -> torch.Tensor:
     bits = LAYOUT_BITS[layout]
     if bits == 8:
         return codes.clone()
-    per = 8 if bits == 3 else 8 // bits  # codes per group of bytes
+    per, n_bytes = _group_shape(bits)  # codes per group of n_bytes bytes
     c = _pad_cols(codes, per).reshape(rows, -(-cols // per), per).to(torch.int32)
     shifts = torch.arange(per, dtype=torch.int32) * bits
-    word = (c << shifts).sum(-1)  # up to 24 bits for u3
-    n_bytes = bits * per // 8
+    word = (c << shifts).sum(-1)  # up to 24 bits for u3 and u6
     out = torch.stack([(word >> (8 * i)) & 0xFF for i in range(n_bytes)], -1)
     return out.reshape(rows, row_bytes(layout, cols)).to(torch.uint8)
 
@@ -84,8 +91,7 @@ def unpack_codes(packed: torch.Tensor, layout: str, cols: int) -> torch.Tensor:
     bits = LAYOUT_BITS[layout]
     if bits == 8:
         return packed.clone()
-    per = 8 if bits == 3 else 8 // bits
-    n_bytes = bits * per // 8
+    per, n_bytes = _group_shape(bits)
     b = p.reshape(rows, packed.shape[1] // n_bytes, n_bytes)
     word = sum(b[..., i] << (8 * i) for i in range(n_bytes))
     shifts = torch.arange(per, dtype=torch.int32) * bits

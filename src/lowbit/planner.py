@@ -7,7 +7,8 @@ and quantizes with ``then_method`` (GPTQ by default) under a :class:`~lowbit.sur
 ``overrides`` name each layer's setting (so the folder's ``lowbit.json`` records the plan as its
 ``quant_config``). ``budget_mb`` bounds every byte of the weights file instead (or as well): the
 embedding and output head then join the plan, kept in high precision unless the budget forces them to
-8 or 4 bits (lowbit stores no 6-bit grid).
+8, 6 or 4 bits (:data:`EMBEDDING_CANDIDATES`); the printed plan and the report (``plan_embeddings``, kept in
+``lowbit.json``) say which.
 """
 
 from __future__ import annotations
@@ -34,9 +35,12 @@ from lowbit.surgery import HP_DTYPES, QuantConfig, is_linear, linear_weight, out
 DEFAULT_CANDIDATES = tuple(
     f"{bits}:{group}:{grid}" for bits in (2, 3, 4) for group in ("channel", 128, 64, 32) for grid in ("auto", "minmax")
 ) + ("8:channel:auto", "8:channel:minmax", "8:128:auto", "8:128:minmax")
-# The embedding (and head) when a file budget forces them below high precision: 8 or 4 bits.
-EMBEDDING_CANDIDATES = ("8:channel:auto", "8:channel:minmax") + tuple(
-    f"4:{group}:{grid}" for group in (128, 64, 32) for grid in ("auto", "minmax")
+# The embedding (and head) when a file budget forces them below high precision: 8 bits per channel,
+# 6 bits (packed u6, 4 codes in 3 bytes) per channel or in groups of 128 or 64, 4 bits in groups of 128, 64, 32.
+EMBEDDING_CANDIDATES = (
+    ("8:channel:auto", "8:channel:minmax")
+    + tuple(f"6:{group}:{grid}" for group in ("channel", 128, 64) for grid in ("auto", "minmax"))
+    + tuple(f"4:{group}:{grid}" for group in (128, 64, 32) for grid in ("auto", "minmax"))
 )
 HEADER_BYTES_PER_TENSOR = 128  # safetensors header entry beyond the name: dtype, shape, offsets (upper bound)
 
@@ -309,8 +313,9 @@ def _fixed_bytes(model: nn.Module, config: QuantConfig, planned: list[nn.Paramet
 
 def _plan_file(method: Budget, model, config, tables: list[LayerTable], emb: LayerTable, bpw_bytes) -> Plan:
     """Plan for a whole-file budget: the linears' knapsack solved once, read off at the budget each
-    embedding option (high precision, 8 or 4 bits) leaves them. The embedding stays in high precision
-    if the linears then fit; otherwise the quantized option with the least total predicted loss wins."""
+    embedding option (high precision, or one of :data:`EMBEDDING_CANDIDATES`: 8, 6 or 4 bits) leaves them.
+    The embedding stays in high precision if the linears then fit; otherwise the quantized option with the
+    least total predicted loss wins."""
     embeddings = _embedding_modules(model)
     hp_emb = emb.params * _hp_bytes(config)
     planned = [m.weight for m in planned_linears(model, config).values()] + [m.weight for m in embeddings.values()]

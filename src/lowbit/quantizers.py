@@ -1,4 +1,4 @@
-"""Weight quantizers for 1 to 8 bits: one interface for PTQ, QAT, packing and export.
+"""Weight quantizers for 1 to 8 bits (1, 1.58, 2, 3, 4, 6, 8): one interface for PTQ, QAT, packing and export.
 
 Every quantizer maps a weight matrix ``W`` (out, in) to integer codes ``u`` in
 ``[0, n_levels)`` and back with one affine rule per group::
@@ -26,14 +26,14 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 
-SUPPORTED_BITS = (1.0, 1.58, 2.0, 3.0, 4.0, 8.0)
+SUPPORTED_BITS = (1.0, 1.58, 2.0, 3.0, 4.0, 6.0, 8.0)
 # seq clips just inside +-1 so that the edge level is never rounded past (ParetoQ reference code;
 # docs/methods.md, "SEQ: ternary and 2-bit").
 SEQ_CLIP = 0.99
 
 
 def parse_bits(value: str | float | int) -> float:
-    """Parse a bit-width given as 1, 1.58, "ternary", 2, 3, 4 or 8."""
+    """Parse a bit-width given as 1, 1.58, "ternary", 2, 3, 4, 6 or 8."""
     text = str(value).strip().lower()
     if text in ("ternary", "1.58"):
         return 1.58
@@ -46,7 +46,7 @@ def parse_bits(value: str | float | int) -> float:
     if bits not in SUPPORTED_BITS:
         hint = " (write 1.58 or 'ternary' for ternary weights)" if 1.4 < bits < 1.7 else ""
         raise LowbitError(
-            f"unsupported bit-width {value!r}: choose one of 1, 1.58 (or 'ternary'), 2, 3, 4, 8{hint}"
+            f"unsupported bit-width {value!r}: choose one of 1, 1.58 (or 'ternary'), 2, 3, 4, 6, 8{hint}"
         )
     return bits
 
@@ -354,17 +354,18 @@ class StretchedElasticQuantizer(Quantizer):
 
 
 class LSQQuantizer(Quantizer):
-    """Learned step size (LSQ) for 3/4/8 bits: ``W_q = alpha * clip(round(W/alpha), -2^(b-1), 2^(b-1)-1)``.
+    """Learned step size (LSQ) for 3/4/6/8 bits: ``W_q = alpha * clip(round(W/alpha), -2^(b-1), 2^(b-1)-1)``.
 
-    alpha initialised to max|W| / (2^(b-1) - 1) (ParetoQ reference code; docs/methods.md, "LSQ: 3, 4 and 8-bit").
+    alpha initialised to max|W| / (2^(b-1) - 1) (ParetoQ reference code; docs/methods.md, "LSQ: 3, 4 and 8-bit";
+    6-bit is the same grid with 64 levels).
     """
 
     name = "lsq"
 
     def __init__(self, bits: float, group_size: int | None = None):
         super().__init__(bits, group_size)
-        if bits not in (2, 3, 4, 8):
-            raise LowbitError(f"LSQ supports 2, 3, 4 and 8 bits, not {bits:g}")
+        if bits not in (2, 3, 4, 6, 8):
+            raise LowbitError(f"LSQ supports 2, 3, 4, 6 and 8 bits, not {bits:g}")
         b = int(bits)
         self.n_levels = 2**b
         self.grid_zero = float(2 ** (b - 1))
@@ -410,8 +411,8 @@ class MinMaxQuantizer(Quantizer):
 
     def __init__(self, bits: float, group_size: int | None = None):
         super().__init__(bits, group_size)
-        if bits not in (1, 2, 3, 4, 8):
-            raise LowbitError(f"min-max supports 1, 2, 3, 4 and 8 bits, not {bits:g}")
+        if bits not in (1, 2, 3, 4, 6, 8):
+            raise LowbitError(f"min-max supports 1, 2, 3, 4, 6 and 8 bits, not {bits:g}")
         self.n_levels = 2 ** int(bits)
 
     def init_alpha(self, wg, mask):
@@ -434,8 +435,8 @@ class AbsMaxQuantizer(Quantizer):
 
     def __init__(self, bits: float, group_size: int | None = None):
         super().__init__(bits, group_size)
-        if bits not in (2, 3, 4, 8):
-            raise LowbitError(f"abs-max supports 2, 3, 4 and 8 bits, not {bits:g}")
+        if bits not in (2, 3, 4, 6, 8):
+            raise LowbitError(f"abs-max supports 2, 3, 4, 6 and 8 bits, not {bits:g}")
         self.qmax = 2 ** (int(bits) - 1) - 1
         self.n_levels = 2 * self.qmax + 1
         self.grid_zero = float(self.qmax)
@@ -459,7 +460,7 @@ QUANTIZERS: dict[str, type[Quantizer]] = {
 
 
 def paretoq_quantizer_name(bits: float) -> str:
-    """The ParetoQ choice per bit-width: binary, SEQ for 1.58/2 bits, LSQ for 3/4/8 bits."""
+    """The ParetoQ choice per bit-width: binary, SEQ for 1.58/2 bits, LSQ for 3/4/6/8 bits."""
     return {1.0: "binary", 1.58: "seq", 2.0: "seq"}.get(bits, "lsq")
 
 

@@ -38,7 +38,7 @@ class QuantConfig:
     High-precision tensors are stored (and evaluated) in ``hp_dtype``.
     """
 
-    bits: float = field(metadata={"help": "1, 1.58 (or ternary), 2, 3, 4 or 8", "parse": parse_bits_option})
+    bits: float = field(metadata={"help": "1, 1.58 (or ternary), 2, 3, 4, 6 or 8", "parse": parse_bits_option})
     quantizer: str = field(
         default="auto", metadata={"help": "auto (ParetoQ family), binary, seq, lsq, absmean, minmax, absmax"}
     )

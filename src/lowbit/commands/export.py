@@ -12,7 +12,7 @@ def register(subparsers) -> None:
         help="export a quantized folder to GGUF for llama.cpp (Llama models)",
         description=(
             "Write a lowbit quantized folder of a Llama model as a GGUF file. Quantized codes go straight "
-            "into Q4_0 / Q8_0 / TQ2_0 / TQ1_0 blocks where lowbit's grid is exactly representable there "
+            "into Q4_0 / Q6_K / Q8_0 / TQ2_0 / TQ1_0 blocks where lowbit's grid is exactly representable there "
             "(checked per tensor, then verified by dequantizing the written file); other quantized tensors "
             "fall back to --fallback and their error is reported. Sizes are the bytes actually written."
         ),

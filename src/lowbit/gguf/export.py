@@ -6,15 +6,18 @@ group; with ``c = 1`` when every zero is an integer and ``c = 2`` when every zer
 (binary, 2-bit SEQ), ``W = (step / c) * k`` with integer ``k = c * (u - zero)``. A tensor maps
 exactly onto a GGML type when
 
-- its rows split into whole blocks of the type (32 for Q4_0 / Q8_0, 256 for TQ2_0 / TQ1_0),
+- its rows split into whole blocks of the type (32 for Q4_0 / Q8_0, 256 for Q6_K / TQ2_0 / TQ1_0),
 - every block lies inside one lowbit group (group size a multiple of the block, per-channel rows a
   multiple of the block, or one scale per tensor), so one block scale ``d = step / c`` suffices,
 - ``d`` is exactly representable in fp16 (lowbit rounds steps to fp16 when it saves in fp16), and
 - every ``k`` lies in the type's integer range: TQ2_0 / TQ1_0 ``{-1, 0, 1}``; Q4_0 ``[-8, 7]``;
+  Q6_K ``[-32, 31]`` (written with every 16-value sub-block scale 1, the block scale ``d``);
   Q8_0 ``[-128, 127]`` (its int8 storage holds -128 exactly although llama.cpp's own quantizer
   only emits [-127, 127]; the result reports how many tensors use -128).
 
-The first exact type in the order ternary (TQ2_0 or TQ1_0) -> Q4_0 -> Q8_0 is written; otherwise
+6-bit lowbit grids (levels -32..31 for LSQ, -31..31 for abs-max) are thus exact Q6_K per channel (rows a
+multiple of 256) or in groups that are multiples of 256, and exact Q8_0 in groups of 32, 64 or 128.
+The first exact type in the order ternary (TQ2_0 or TQ1_0) -> Q4_0 -> Q6_K -> Q8_0 is written; otherwise
 the tensor falls back to ``fallback`` (f16, f32 or q8_0) and the error of that fallback against
 lowbit's weight is measured and reported. High-precision tensors are written in the dtype they
 are stored in (fp16 / bf16 / fp32), norms and biases as F32 as llama.cpp expects.
@@ -365,6 +368,7 @@ def _file_type(qtype: str):
         "f16": "MOSTLY_F16",
         "bf16": "MOSTLY_BF16",
         "q4_0": "MOSTLY_Q4_0",
+        "q6_k": "MOSTLY_Q6_K",
         "q8_0": "MOSTLY_Q8_0",
         "tq2_0": "MOSTLY_TQ2_0",
         "tq1_0": "MOSTLY_TQ1_0",

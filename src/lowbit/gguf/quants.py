@@ -1,7 +1,7 @@
 """llama.cpp's block formats in numpy, and the choice of an exact one per tensor.
 
 ``k`` are the signed integer levels of a tensor and ``d`` the fp16 scale of each block; the byte
-layouts follow ggml's ``block_q4_0`` / ``block_q8_0`` / ``block_tq2_0`` / ``block_tq1_0``. A lowbit
+layouts follow ggml's ``block_q4_0`` / ``block_q6_K`` / ``block_q8_0`` / ``block_tq2_0`` / ``block_tq1_0``. A lowbit
 tensor is written in a type only when every weight is exactly representable there (see
 :func:`plan_exact` and the module docstring of :mod:`lowbit.gguf.export`).
 """
@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-BLOCK = {"q4_0": 32, "q8_0": 32, "tq2_0": 256, "tq1_0": 256}
-K_RANGE = {"q4_0": (-8, 7), "q8_0": (-128, 127), "tq2_0": (-1, 1), "tq1_0": (-1, 1)}
+BLOCK = {"q4_0": 32, "q6_k": 256, "q8_0": 32, "tq2_0": 256, "tq1_0": 256}
+K_RANGE = {"q4_0": (-8, 7), "q6_k": (-32, 31), "q8_0": (-128, 127), "tq2_0": (-1, 1), "tq1_0": (-1, 1)}
 
 
 def ggml_type(name: str):
@@ -33,6 +33,24 @@ def pack_q4_0(k: np.ndarray, d: np.ndarray) -> np.ndarray:
     q = (kb + 8).astype(np.uint8)
     qs = q[..., :16] | (q[..., 16:] << np.uint8(4))
     return np.concatenate([db, qs], axis=-1).reshape(rows, nb * 18)
+
+
+def pack_q6_k(k: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Q6_K with every 16-value sub-block scale 1, so that a value is ``d * k`` exactly: per 256 values
+    128 bytes ``ql`` (low 4 bits of q = k + 32), 64 bytes ``qh`` (high 2 bits), 16 int8 scales, an fp16 ``d``.
+
+    Per half of 128 values: value ``v < 64`` in the low nibble of ``ql[v]``, ``v >= 64`` in the high
+    nibble of ``ql[v - 64]``; value ``32 j + m`` has its high bits at bits ``2 j`` of ``qh[m]``.
+    """
+    kb, db, rows, nb = _blocks(k, d, 256)
+    q = (kb + 32).astype(np.uint8).reshape(rows, nb, 2, 128)
+    lo, hi = q & np.uint8(0x0F), q >> np.uint8(4)
+    ql = lo[..., :64] | (lo[..., 64:] << np.uint8(4))
+    qh = hi[..., :32] | (hi[..., 32:64] << 2) | (hi[..., 64:96] << 4) | (hi[..., 96:] << 6)
+    scales = np.ones((rows, nb, 16), dtype=np.uint8)
+    return np.concatenate([ql.reshape(rows, nb, 128), qh.reshape(rows, nb, 64), scales, db], axis=-1).reshape(
+        rows, nb * 210
+    )
 
 
 def pack_q8_0(k: np.ndarray, d: np.ndarray) -> np.ndarray:
@@ -77,7 +95,7 @@ def pack_tq1_0(k: np.ndarray, d: np.ndarray) -> np.ndarray:
     return np.concatenate([qs0, qs1, qh, db], axis=-1).reshape(rows, nb * 54)
 
 
-PACKERS = {"q4_0": pack_q4_0, "q8_0": pack_q8_0, "tq2_0": pack_tq2_0, "tq1_0": pack_tq1_0}
+PACKERS = {"q4_0": pack_q4_0, "q6_k": pack_q6_k, "q8_0": pack_q8_0, "tq2_0": pack_tq2_0, "tq1_0": pack_tq1_0}
 
 
 def quantize_q8_0(w: np.ndarray) -> np.ndarray:
@@ -112,7 +130,7 @@ def _expand(values: torch.Tensor, rows: int, cols: int, group_size: int | None) 
 
 
 def exact_candidates(ternary: str) -> list[str]:
-    return [ternary, "q4_0", "q8_0"]
+    return [ternary, "q4_0", "q6_k", "q8_0"]
 
 
 def plan_exact(

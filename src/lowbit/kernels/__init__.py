@@ -9,7 +9,8 @@ flags. Without a compiler (or with ``LOWBIT_KERNELS=0``) :func:`available` is Fa
 use the pure-PyTorch reference path; a missing compiler is reported by one warning.
 
 The kernels read the row-major layouts of :mod:`lowbit.packing` directly (no repacking): every
-layout decodes in registers (t5 with groups that are not multiples of 40 through a decoded row).
+layout but u6 (6-bit codes; :func:`has_kernel` is False and PackedLinear dequantizes it in PyTorch)
+decodes in registers (t5 with groups that are not multiples of 40 through a decoded row).
 Two matvec families: :func:`linear` keeps the activations in float32 (exact up to summation
 order); :func:`linear_q8` rounds them to int8 per block of 32 (as llama.cpp does) and runs integer
 dot products (AVX-VNNI / AVX512-VNNI ``vpdpbusd`` when the CPU has it, else AVX2 ``vpmaddubsw``)
@@ -44,6 +45,8 @@ from lowbit.kernels.structs import (  # noqa: F401
     _Layer,
     _Weight,
     check_struct_layouts,
+    check_weight,
+    has_kernel,
     weight_struct,
 )
 

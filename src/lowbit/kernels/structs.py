@@ -105,7 +105,12 @@ def _scale_ptr(t: torch.Tensor, what: str) -> tuple[int, int, int, int]:
     return t.data_ptr(), SCALE_TYPES[t.dtype], rs, gs
 
 
-def weight_struct(
+def has_kernel(layout: str) -> bool:
+    """Whether the C kernels read ``layout`` (u6 has none: PackedLinear dequantizes it in PyTorch)."""
+    return layout in FORMAT_IDS
+
+
+def check_weight(
     packed: torch.Tensor,
     layout: str,
     cols: int,
@@ -113,10 +118,9 @@ def weight_struct(
     step: torch.Tensor,
     zero: torch.Tensor,
     bias: torch.Tensor | None = None,
-) -> _Weight:
-    """Describe a packed weight to the C code. The tensors must outlive the struct."""
-    if layout not in FORMAT_IDS:
-        raise LowbitError(f"no kernel for layout {layout!r}")
+) -> int:
+    """Refuse buffers that do not describe a packed (rows, ``cols``) weight in ``layout`` (any layout of
+    :mod:`lowbit.packing`, with or without a kernel); returns the group length."""
     rows = packed.shape[0]
     if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] != row_bytes(layout, cols):
         raise LowbitError(
@@ -127,10 +131,29 @@ def weight_struct(
     group = cols if not group_size else min(group_size, cols)
     n_groups = -(-cols // group)
     for t, what in ((step, "step"), (zero, "zero")):
+        if t.dim() != 2 or t.dtype not in SCALE_TYPES:
+            raise LowbitError(f"{what} must be a 2-d float32, float16 or uint8 tensor, got {t.dtype} {tuple(t.shape)}")
         if t.shape[0] not in (1, rows) or t.shape[1] not in (1, n_groups):
             raise LowbitError(f"{what} of shape {tuple(t.shape)} does not fit {rows} rows x {n_groups} groups")
     if bias is not None and (bias.dtype != torch.float32 or bias.shape != (rows,) or not bias.is_contiguous()):
         raise LowbitError(f"bias must be a contiguous float32 tensor of shape ({rows},)")
+    return group
+
+
+def weight_struct(
+    packed: torch.Tensor,
+    layout: str,
+    cols: int,
+    group_size: int | None,
+    step: torch.Tensor,
+    zero: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> _Weight:
+    """Describe a packed weight to the C code. The tensors must outlive the struct."""
+    if not has_kernel(layout):
+        raise LowbitError(f"no kernel for layout {layout!r}")
+    group = check_weight(packed, layout, cols, group_size, step, zero, bias)
+    rows = packed.shape[0]
     s_ptr, s_type, s_rs, s_gs = _scale_ptr(step, "step")
     z_ptr, z_type, z_rs, z_gs = _scale_ptr(zero, "zero")
     return _Weight(
