@@ -74,8 +74,8 @@ class _Killed(Exception):
     pass
 
 
-def _run_killed(method, fp, tok, kill_at, monkeypatch):
-    """Run ``method`` until its ``kill_at``-th optimizer step raises (a kill between two steps)."""
+def _run_killed(method, model, tok, kill_at, monkeypatch, **kwargs):
+    """Run ``method`` on a copy of ``model`` until its ``kill_at``-th optimizer step raises (a kill between steps)."""
     calls = {"n": 0}
     original = torch.optim.AdamW.step
 
@@ -88,7 +88,7 @@ def _run_killed(method, fp, tok, kill_at, monkeypatch):
     with monkeypatch.context() as patch:
         patch.setattr(torch.optim.AdamW, "step", step)
         with pytest.raises(_Killed):
-            method.apply(copy.deepcopy(fp), CONFIG, tok, progress=False)
+            method.apply(copy.deepcopy(model), CONFIG, tok, progress=False, **kwargs)
 
 
 def _assert_same_state(a: nn.Module, b: nn.Module) -> None:
@@ -183,6 +183,24 @@ def test_a_pre_quantized_mixed_precision_model_keeps_its_settings(setup):
     zero = model.model.layers[1].mlp.down_proj.quantizer.zero  # trained zero points: integers on the grid
     assert torch.equal(zero, zero.round()) and 0 <= zero.min() and zero.max() <= 7
     assert _kl(model, fp, evals) < _kl(start, fp, evals)
+
+
+def test_resume_of_a_pre_quantized_start_is_bit_exact_and_checks_the_start(setup, tmp_path, monkeypatch):
+    tok, calib, fp, _ = setup
+    start = copy.deepcopy(fp)
+    rtn(start, QuantConfig(bits=3, group_size=16, overrides={"*.mlp.*": {"bits": 2, "quantizer": "minmax"}}))
+    reference = copy.deepcopy(start)
+    _method(calib, calib_tokens=1024).apply(reference, CONFIG, tok, progress=False, reference=fp)
+    method = _method(calib, calib_tokens=1024, work_dir=str(tmp_path / "work"), save_every=4)
+    _run_killed(method, start, tok, kill_at=11, monkeypatch=monkeypatch, reference=fp)  # block 0, saved at step 8
+    other = copy.deepcopy(start)
+    with torch.no_grad():
+        other.model.layers[1].mlp.up_proj.quantizer.alpha.mul_(1.01)
+    with pytest.raises(LowbitError, match="start point"):
+        method.apply(other, CONFIG, tok, progress=False, reference=fp)
+    resumed = copy.deepcopy(start)
+    assert method.apply(resumed, CONFIG, tok, progress=False, reference=fp)["resumed_at"] == {"block": 0, "step": 8}
+    _assert_same_state(resumed, reference)
 
 
 @pytest.mark.parametrize(
