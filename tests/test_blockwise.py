@@ -236,3 +236,21 @@ def test_registered_and_on_the_command_line(capsys, tmp_path, tiny_model_dir, sa
     assert main(["quantize", "--model", str(tiny_model_dir), "--method", "blockap", "--bits", "2", "--epochs",
                  "0", "--out", str(tmp_path / "bad")]) != 0  # fmt: skip
     assert "epochs" in capsys.readouterr().err
+
+
+def test_time_budget_cuts_steps_per_block_and_resume_keeps_them(setup, tmp_path, monkeypatch):
+    import lowbit.blockwise as bw
+
+    tok, calib, fp, _ = setup
+    clock = iter(range(0, 10**6))  # a fake clock: every time.time() call advances one "second"
+    monkeypatch.setattr(bw.time, "time", lambda: float(next(clock)))
+    method = _method(calib, epochs=4, time_budget=40.0, work_dir=str(tmp_path / "w"))  # 0.5 fake s per step
+    report = method.apply(copy.deepcopy(fp), CONFIG, tok, progress=False)
+    asked = 4 * 2048 // 32 // 4  # epochs x windows / batch = 64 steps per block
+    fitted = report["steps_per_block"]
+    assert 2 <= fitted < asked, report
+    assert all(b["steps"] == fitted for b in report["blocks"])
+    again = method.apply(copy.deepcopy(fp), CONFIG, tok, progress=False)  # finished run: same plan
+    assert again["steps_per_block"] == fitted
+    with pytest.raises(LowbitError, match="time_budget"):
+        BlockAP(time_budget=0)

@@ -28,13 +28,14 @@ from tqdm.auto import tqdm
 from lowbit.blockwise_state import Streams, WorkDir, clone_state, model_digest
 from lowbit.errors import LowbitError
 from lowbit.methods import calibration_windows, method_settings
-from lowbit.options import parse_positive_int
+from lowbit.options import parse_duration, parse_positive_int
 from lowbit.quantizers import round_ste
 from lowbit.surgery import QuantConfig, QuantizedLinear, quantize_model, quantized_modules
 
 MIN_LR_FACTOR = 20  # the cosine schedule ends at lr / 20, as EfficientQAT's Block-AP code does
 # settings that change where or how often state is kept, not the result
 _NOT_IN_FINGERPRINT = ("work_dir", "save_every", "cache_dir", "max_cache_gb")
+PROBE_STEPS = 2  # steps timed on the first block to fit a time budget
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,11 @@ class BlockAP:
     cache_dir: str | None = field(
         default=None, metadata={"help": "keep the activation streams in files here instead of RAM"}
     )
+    time_budget: float | None = field(
+        default=None,
+        metadata={"help": "wall-clock for the training (e.g. 45m, 1h): steps per block are cut to fit, measured on the "
+                  "first block's first steps and kept for the run (a resumed run keeps them)", "parse": parse_duration},
+    )
     max_cache_gb: float = field(
         default=4.0, metadata={"help": "streams larger than this go to files (cache_dir, else work_dir or the temp folder)"}
     )
@@ -98,6 +104,7 @@ class BlockAP:
             (self.max_cache_gb > 0, f"max_cache_gb {self.max_cache_gb}: use a positive size"),
             (self.schedule in ("cosine", "constant"), f"schedule {self.schedule!r}: use cosine or constant"),
             (self.sample in ("first", "random"), f"sample {self.sample!r}: use first or random"),
+            (self.time_budget is None or self.time_budget > 0, f"time_budget {self.time_budget}: use a positive time"),
         ]
         for ok, message in checks:
             if not ok:
@@ -279,7 +286,8 @@ class _Run:
         if current is not None and current["block"] == i:
             trainer.load(current["trainer"])
         per_epoch = len(self._batches())
-        total = self.m.epochs * per_epoch
+        total = self.state.get("steps_per_block") or self.m.epochs * per_epoch
+        probing = self.m.time_budget is not None and "steps_per_block" not in self.state
         bar = tqdm(total=total, initial=step, desc=f"Block-AP {i + 1}/{len(self.q_layers)}", unit="step",
                    disable=not self.progress, leave=False)
         try:
@@ -289,6 +297,10 @@ class _Run:
                 kwargs = self.kwargs["q"][len(idx)]
                 loss = trainer.step(self.streams.q[idx], self.streams.fp[idx], kwargs, step, total)
                 step += 1
+                if probing and step == min(PROBE_STEPS, total):
+                    total = self._fit_time_budget(total, per_epoch, (time.time() - t0) / step)
+                    probing = False
+                    bar.total = total
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3g}")
                 if self.work is not None and step % self.m.save_every == 0 and step < total:
@@ -297,6 +309,20 @@ class _Run:
             bar.close()
             trainer.finish()
         self._finish_block(i, initial, init_state, total, spent, t0)
+
+    def _fit_time_budget(self, total: int, per_epoch: int, step_seconds: float) -> int:
+        """Steps per block that fit ``time_budget`` over all blocks: each block also runs ~4 forward passes
+        over the windows (targets, stream, MSE before and after), about 4/3 of an epoch of steps."""
+        blocks = len(self.q_layers)
+        per_block = self.m.time_budget / blocks
+        overhead = 4.0 / 3.0 * per_epoch * step_seconds
+        fitted = max(PROBE_STEPS, min(total, int((per_block - overhead) / step_seconds)))
+        self.state["steps_per_block"] = fitted
+        self.state["step_seconds_measured"] = round(step_seconds, 4)
+        if self.progress:
+            tqdm.write(f"Block-AP: {step_seconds:.2f} s per step, {fitted} steps per block to fit "
+                       f"{self.m.time_budget / 60:.1f} min over {blocks} blocks (asked: {total})")  # fmt: skip
+        return fitted
 
     def _save_current(self, i, step, initial, init_state, trainer, seconds) -> None:
         current = {"block": i, "step": step, "mse_initial": initial, "initial_state": init_state,
@@ -317,7 +343,7 @@ class _Run:
         seconds = spent + time.time() - t0
         record = {"block": i, "mse_initial": initial, "mse_final": final, "steps": steps,
                   "seconds": round(seconds, 2), "reverted": reverted}
-        self.state = {"done": i + 1, "blocks": [*self.state["blocks"], record], "current": None}
+        self.state = {**self.state, "done": i + 1, "blocks": [*self.state["blocks"], record], "current": None}
         if self.work is not None:
             self.work.save_block(i, clone_state(q_block))
             self.work.save(self.state)
@@ -335,9 +361,13 @@ class _Run:
             "windows": int(n),
             "seq_len": int(seq),
             "tokens": int(n * seq),
-            "train_tokens_per_block": int(n * seq * self.m.epochs),
+            "train_tokens_per_block": int((self.state.get("steps_per_block") or 0) * self.m.batch_size * seq)
+            or int(n * seq * self.m.epochs),
             "streams": "RAM" if self.streams is None or self.streams.folder is None else "disk",
             "resumed_at": self.resumed_at,
+            "steps_per_block": self.state.get("steps_per_block"),
+            "step_seconds_measured": self.state.get("step_seconds_measured"),
+            "train_tokens_total": int(sum(b["steps"] for b in self.state["blocks"]) * self.m.batch_size * seq),
         }
 
 

@@ -73,6 +73,20 @@ def _parse_int(text: str, minimum: int, what: str) -> int:
     return int(value)
 
 
+def parse_duration(text: str) -> float:
+    """Seconds from ``90``, ``90s``, ``45m``, ``1h`` or ``1.5h``."""
+    raw = str(text).strip().lower()
+    unit = {"s": 1.0, "m": 60.0, "h": 3600.0}.get(raw[-1:], None)
+    number = raw[:-1] if unit else raw
+    try:
+        seconds = float(number) * (unit or 1.0)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise argparse.ArgumentTypeError(f"time {text!r}: give a positive duration such as 90s, 45m or 1h")
+    return seconds
+
+
 def parse_positive_int(text: str) -> int:
     """A positive integer, also written as 1e5."""
     return _parse_int(text, 1, "a positive integer")

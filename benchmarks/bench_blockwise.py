@@ -1,0 +1,219 @@
+"""Below 3.5 bits: byte-budget PTQ, then block-wise distillation (Block-AP), then end-to-end step sizes.
+
+Three stages, each saved as a lowbit folder under ``--work`` and scored on held-out text (``--data``,
+not the calibration or training text) in windows of 512 against the full-precision model (KL per
+token): (1) ``Budget(budget_bpw=B)`` (Fisher-planned bits/group/grid per layer, GPTQ); (2)
+``BlockAP`` on that start point (each decoder block trained to reproduce the full-precision block);
+(3) EfficientQAT's E2E-QP: ``lowbit train --init <stage 2> --train-params scales`` (KL distillation
+from the full-precision model, step sizes only). A killed run continues where it stopped (stage
+folders are reused, Block-AP resumes from its work folder, training from its checkpoint). Writes
+``blockwise.json`` (one record per budget: every stage's KL, perplexity, top-1, bits, tokens and
+seconds, and the per-block MSE curve) and ``blockwise.md``::
+
+    python benchmarks/bench_blockwise.py --budget-bpw 3.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_budget import cpu_model  # noqa: E402
+
+
+def cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                keep = ("avx2", "avx512f", "avx512_vnni", "amx_tile", "amx_int8")
+                return " ".join(f for f in line.split(":")[1].split() if f in keep)
+    except OSError:
+        pass
+    return platform.machine()
+
+
+class Scorer:
+    """Held-out windows and the full-precision model's cached log-probs, scored once per stage."""
+
+    def __init__(self, fp, tokenizer, data: str, tokens: int):
+        import torch
+
+        from lowbit.data import get_text, tokenize_windows, tokenizer_adds_bos
+        from lowbit.evaluation import cache_reference
+
+        self.windows = tokenize_windows(tokenizer, get_text(data), 512, max_tokens=tokens,
+                                        bos=tokenizer_adds_bos(tokenizer))  # fmt: skip
+        with torch.inference_mode():
+            self.reference = cache_reference(fp, self.windows, batch_size=4, progress=False)
+
+    def __call__(self, model) -> dict:
+        import torch
+
+        from lowbit.evaluation import evaluate, size_account
+
+        with torch.inference_mode():
+            q = evaluate(model, self.windows, reference=self.reference, batch_size=4, progress=False)
+        size = size_account(model)
+        return {"kl_to_reference": q["kl_to_reference"], "perplexity": q["perplexity"],
+                "top1_agreement": q["top1_agreement"], "eval_tokens": q["tokens"],
+                "bits_per_weight_linear": size["bits_per_weight_linear"], "total_bytes": size["total_bytes"]}  # fmt: skip
+
+
+def stage_budget(args, work: Path, score) -> dict:
+    from lowbit.api import load, quantize_to_dir
+    from lowbit.planner import Budget
+    from lowbit.surgery import QuantConfig
+
+    folder = work / "budget"
+    t0 = time.time()
+    if not (folder / "lowbit.json").exists():
+        quantize_to_dir(args.model, str(folder), QuantConfig(bits=4, rotate=args.rotate),
+                        method=Budget(budget_bpw=args.budget_bpw, calib="wiki-train"), progress=False)  # fmt: skip
+    meta = json.loads((folder / "lowbit.json").read_text())
+    model = load(str(folder))[0]
+    return {"stage": "budget", **score(model), "seconds": meta["info"]["quantize_seconds"],
+            "tokens": meta["info"]["settings"]["calib_tokens"] + meta["info"]["settings"]["fisher_tokens"],
+            "wall_seconds_this_run": round(time.time() - t0, 1)}  # fmt: skip
+
+
+def stage_blockap(args, work: Path, fp, score) -> tuple[dict, list]:
+    from lowbit.api import load
+    from lowbit.blockwise import BlockAP
+    from lowbit.io import reference_identity, save_quantized
+
+    folder = work / "blockap"
+    method = BlockAP(calib_tokens=args.blockap_tokens, epochs=args.epochs, work_dir=str(work / "blockap-work"),
+                     time_budget=args.blockap_minutes * 60 if args.blockap_minutes else None)
+    if not (folder / "lowbit.json").exists():
+        model, tokenizer, _ = load(str(work / "budget"))
+        t0 = time.time()
+        report = method.apply(model, model.lowbit_config, tokenizer, progress=not args.quiet, reference=fp)
+        seconds = sum(b["seconds"] for b in report["blocks"])
+        save_quantized(model, tokenizer, folder, info={**reference_identity(args.model), "method": "budget+blockap",
+                       "quantize_seconds": round(seconds, 1), "report": report,
+                       "wall_seconds_last_run": round(time.time() - t0, 1)})  # fmt: skip
+    meta = json.loads((folder / "lowbit.json").read_text())
+    report = meta["info"]["report"]
+    model = load(str(folder))[0]
+    record = {"stage": "blockap", **score(model), "seconds": meta["info"]["quantize_seconds"],
+              "tokens": report.get("train_tokens_total", report["train_tokens_per_block"]), "windows": report["windows"],
+              "epochs": args.epochs, "steps_per_block": report.get("steps_per_block")}  # fmt: skip
+    return record, report["blocks"]
+
+
+def stage_e2e(args, work: Path, score) -> tuple[dict, list]:
+    from lowbit.api import load
+    from lowbit.io import read_meta
+    from lowbit.qat import TrainConfig, run
+    from lowbit.surgery import QuantConfig
+
+    init = work / "blockap"
+    quant = {k: v for k, v in read_meta(init)["quant_config"].items() if k != "rotate"}
+    cfg = TrainConfig(out=str(work / "e2e"), quant=QuantConfig(**quant), steps=args.e2e_steps, model=args.model,
+                      data="wiki-train", init=str(init), train_params="scales", lr=args.e2e_lr,
+                      scale_lr=args.e2e_lr, batch_size=8, seq_len=256, warmup=min(10, args.e2e_steps - 1))  # fmt: skip
+    resume = (work / "e2e" / "checkpoint.pt").exists() or (work / "e2e" / "lowbit.json").exists()
+    result = run(cfg, resume=resume, progress=not args.quiet).result
+    model = load(str(work / "e2e"))[0]
+    curve = [{"step": r["step"], "loss": r["loss"]} for r in _metrics(work / "e2e")]
+    return {"stage": "e2e", **score(model), "seconds": result.get("train_seconds"),
+            "tokens": result.get("train_tokens"), "steps": args.e2e_steps, "lr": args.e2e_lr}, curve  # fmt: skip
+
+
+def _metrics(folder: Path) -> list[dict]:
+    from lowbit.qat import METRICS, read_metrics
+
+    return read_metrics(folder / METRICS) if (folder / METRICS).exists() else []
+
+
+def write_markdown(path: Path, results: dict) -> None:
+    lines = ["# Block-wise distillation below 3.5 bits (`bench_blockwise.py`)", ""]
+    for key, rec in sorted(results["runs"].items(), key=lambda kv: -float(kv[0].split("-")[0])):
+        lines += [
+            f"## Budget {key} bits/weight",
+            "",
+            f"`{rec['command']}` on {rec['cpu']} ({rec['cpu_flags']}), {rec['threads']} torch threads, {rec['date']}; "
+            f"model {rec['model']}, held-out text {rec['data']} ({rec['stages'][0]['eval_tokens']} tokens, windows of "
+            "512; calibration and training on wiki-train), KL to the full-precision model per token.",
+            "",
+            "| stage | bits/weight (linears) | KL | perplexity | top-1 | tokens | seconds | cumulative minutes |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        total = 0.0
+        for s in rec["stages"]:
+            total += s["seconds"] or 0
+            lines.append(
+                f"| {s['stage']} | {s['bits_per_weight_linear']:.3f} | {s['kl_to_reference']:.4f} | {s['perplexity']:.2f} "
+                f"| {s['top1_agreement']:.4f} | {s['tokens']} | {s['seconds']:.0f} | {total / 60:.1f} |"
+            )
+        curve = rec.get("blocks", [])
+        if curve:
+            lines += ["", "Block-AP relative MSE per block (before -> after): " + ", ".join(
+                f"{b['block']}: {b['mse_initial']:.3g}->{b['mse_final']:.3g}" for b in curve)]  # fmt: skip
+        lines.append("")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--budget-bpw", type=float, required=True)
+    p.add_argument("--rotate", action="store_true", help="rotate before planning (QuaRot-style)")
+    p.add_argument("--blockap-tokens", type=int, default=65536, help="Block-AP calibration tokens")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--blockap-minutes", type=float, default=None, help="Block-AP time budget (steps cut to fit)")
+    p.add_argument("--e2e-steps", type=int, default=0, help="end-to-end step-size training steps (0: skip)")
+    p.add_argument("--e2e-lr", type=float, default=5e-5)
+    p.add_argument("--data", default="wiki-eval")
+    p.add_argument("--eval-tokens", type=int, default=16384)
+    p.add_argument("--work", default=None, help="stage folders (default runs/blockwise-B)")
+    p.add_argument("--out", default="benchmarks/results/blockwise.json")
+    p.add_argument("--md", default="benchmarks/results/blockwise.md")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    from lowbit.api import load
+
+    key = f"{args.budget_bpw:g}{'-rot' if args.rotate else ''}"
+    work = Path(args.work or f"runs/blockwise-{key}")
+    work.mkdir(parents=True, exist_ok=True)
+    fp, tokenizer, _ = load(args.model)
+    score = Scorer(fp, tokenizer, args.data, args.eval_tokens)
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.is_file() else {"runs": {}}
+    commit = os.popen("git rev-parse --short HEAD 2>/dev/null").read().strip()
+    rec = {"command": shlex.join(["python", *sys.argv]), "commit": commit, "cpu": cpu_model(), "cpu_flags": cpu_flags(),
+           "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"), "model": args.model,
+           "data": args.data, "stages": []}  # fmt: skip
+
+    def save():
+        results["runs"][key] = rec
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2))
+        write_markdown(Path(args.md), results)
+
+    rec["stages"].append(stage_budget(args, work, score))
+    print(json.dumps(rec["stages"][-1]), flush=True)
+    save()
+    stage, rec["blocks"] = stage_blockap(args, work, fp, score)
+    rec["stages"].append(stage)
+    print(json.dumps(stage), flush=True)
+    save()
+    if args.e2e_steps:
+        stage, rec["e2e_curve"] = stage_e2e(args, work, score)
+        rec["stages"].append(stage)
+        print(json.dumps(stage), flush=True)
+        save()
+
+
+if __name__ == "__main__":
+    main()
