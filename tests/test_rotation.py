@@ -58,8 +58,9 @@ def test_rotation_preserves_the_function(tied):
     model = _with_norm_scales(tiny_llama(tied=tied))
     rotated = copy.deepcopy(model)
     record = rotate_model_(rotated, seed=0)
-    assert record["untied_head"] is tied and rotated.config.tie_word_embeddings is False
-    assert rotated.lm_head.weight is not rotated.model.embed_tokens.weight
+    assert record["head"] == ("tied, final-norm mix" if tied else "untied, folded")
+    assert (rotated.lm_head.weight is rotated.model.embed_tokens.weight) is tied
+    assert rotated.config.tie_word_embeddings is tied
     ids = _ids()
     with torch.no_grad():
         a, b = model(ids).logits, rotated(ids).logits
@@ -131,7 +132,8 @@ def test_rotate_gptq_lowers_error_on_outlier_model_and_round_trips(tmp_path):
             assert model.lowbit_rotation["kind"] == "randomized-hadamard"
             save_quantized(model, tok, tmp_path / "rot")
             loaded, _, meta = load_quantized(tmp_path / "rot")
-            assert meta["quant_config"]["rotate"] is True and loaded.config.tie_word_embeddings is False
+            assert meta["quant_config"]["rotate"] is True and loaded.config.tie_word_embeddings is True
+            assert loaded.lm_head.weight is loaded.model.embed_tokens.weight and hasattr(loaded.model.norm, "mix")
             with torch.no_grad():
                 assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-4)
     assert kl[True] < kl[False], kl
@@ -173,3 +175,30 @@ def test_rotated_model_exports_to_llamacpp(tmp_path):
         ours = loaded(torch.tensor([ids])).logits[0].float().numpy()
     cmp = compare_logits(ours, llamacpp_logits(tmp_path / "rot.gguf", ids, n_threads=1, extra_bufts=False))
     assert cmp["mean_kl"] < 5e-3 and cmp["top1_agreement"] >= 0.95, cmp
+
+
+@pytest.mark.parametrize("split", [1, 20])
+def test_rotated_tied_model_packed_and_decoded_like_the_fake_quant_model(tmp_path, split):
+    from lowbit.decoder import Decoder
+    from lowbit.evaluation import size_account
+    from lowbit.runtime import load_packed
+
+    tok = tiny_tokenizer()
+    base = _with_norm_scales(tiny_llama(vocab_size=len(tok)))
+    plain, model = copy.deepcopy(base), copy.deepcopy(base)
+    RTN().apply(plain, QuantConfig(bits=4, group_size=32))
+    RTN().apply(model, QuantConfig(bits=4, group_size=32, rotate=True))
+    hidden = model.config.hidden_size
+    assert size_account(model)["total_bytes"] == size_account(plain)["total_bytes"] + hidden * hidden * 2  # + fp16 mix
+    save_quantized(model, tok, tmp_path / "rot")
+    loaded, _, _ = load_quantized(tmp_path / "rot")
+    packed, _, _ = load_packed(tmp_path / "rot", activations="float")  # int8 activations add ~5e-3
+    ids = torch.randint(0, len(tok), (24,), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        ref = loaded(ids[None]).logits[0]
+        got = packed(ids[None]).logits[0]
+        decoder = Decoder(packed, max_len=32)
+        decoder.reset()
+        steps = [decoder.forward(ids[:split])] + [decoder.forward(ids[j : j + 1]) for j in range(split, 24)]
+    assert torch.allclose(got, ref, atol=1e-3), (got - ref).abs().max()
+    assert torch.allclose(torch.stack(steps), ref[split - 1 :], atol=1e-3)

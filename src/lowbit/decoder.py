@@ -67,7 +67,9 @@ def resolve_engine(model: nn.Module, engine: str) -> str:
 
 
 def _rms(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-    return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
+    out = F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
+    mix = getattr(norm, "mix", None)  # a rotated model's final norm (lowbit.rotation.MixedRMSNorm)
+    return out if mix is None else out @ mix.to(out.dtype)
 
 
 @dataclass(frozen=True)

@@ -347,6 +347,8 @@ def quantized_model(folder: QuantizedFolder) -> nn.Module:
     """The fake-quant float32 model of an opened folder (consumes ``folder.tensors``)."""
     from transformers import AutoModelForCausalLM
 
+    from lowbit.rotation import install_saved_mixes_
+
     model = AutoModelForCausalLM.from_config(folder.hf_config(), dtype=torch.float32)
     model.eval()
     quantize_model(model, QuantConfig.from_dict(folder.meta["quant_config"]), initialize=False)
@@ -363,6 +365,7 @@ def quantized_model(folder: QuantizedFolder) -> nn.Module:
             if layer.bias is not None:
                 module.bias.copy_(layer.bias.float())
         rest = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+        install_saved_mixes_(model, rest)
         missing, unexpected = model.load_state_dict(rest, strict=False)
     missing = [k for k in missing if ".quantizer." not in k and not _is_covered(k, modules)]
     if unexpected or _really_missing(model, missing):

@@ -14,9 +14,12 @@ sizes that are not powers of two (576 = 12 x 12 x 4, 1536 = 12 x 128, 640 = 20 x
 from Paley's construction and Kronecker products; a size with no such factorisation gets a random
 orthogonal matrix (QR of a Gaussian, Haar-distributed).
 
-The output head cannot stay tied to a rotated embedding exactly: the final norm's scale ``g`` sits
-between them. :func:`rotate_model_` therefore unties them (the head becomes ``(W diag(g)) Q``), which
-stores one more vocabulary-sized table; lowbit's bytes report counts it. Supported: Llama-style
+A tied output head stays tied: the shared table becomes ``E Q`` and the final norm's scale ``g``,
+which sits between the rotated stream and the table, becomes a ``hidden x hidden`` mix
+``Q^T diag(g) Q`` applied after the (unit) final RMSNorm (:class:`MixedRMSNorm`; 0.3% of
+SmolLM2-135M's embedding bytes instead of a second vocabulary-sized table). An untied head takes the
+fold exactly: ``W diag(g) Q``. GGUF has no such mix, so the export writes the tied model with a
+separate output table ``E Q M`` in its fallback type. Supported: Llama-style
 decoders (Llama, Mistral, Qwen2/3, SmolLM, Phi-3-like split projections) with RMSNorm; refused with a
 clear error: LayerNorm models (mean subtraction does not commute) and Gemma's sandwich norms.
 """
@@ -181,17 +184,50 @@ def rotate_model_(model: nn.Module, seed: int = 0) -> dict:
         _write_(mlp.down_proj, r1)
         _rotate_heads_(attn, r2, parts.head_dim)
     g = parts.norm.weight.detach().double()
-    new_head = (head_weight.double() * g.view(1, -1)) @ r1
-    parts.norm.weight.fill_(1.0)
-    if was_tied:
-        parts.head.weight = nn.Parameter(new_head.to(head_weight.dtype))
-        model.config.tie_word_embeddings = False
-        if hasattr(model, "_tied_weights_keys"):
-            model._tied_weights_keys = None
+    if was_tied:  # the table is E Q already; g moves into a mix after the unit final norm
+        mix = r1.T @ (g.view(-1, 1) * r1)
+        model.model.norm = MixedRMSNorm(hidden, _eps(parts.norm), mix.to(parts.norm.weight.dtype))
     else:
-        parts.head.weight.data = new_head.to(head_weight.dtype)
+        parts.head.weight.data = ((head_weight.double() * g.view(1, -1)) @ r1).to(head_weight.dtype)
+        parts.norm.weight.fill_(1.0)
     return {"kind": "randomized-hadamard", "seed": seed, "residual": hidden, "head_dim": parts.head_dim,
-            "untied_head": was_tied}  # fmt: skip
+            "head": "tied, final-norm mix" if was_tied else "untied, folded"}  # fmt: skip
+
+
+def _eps(norm: nn.Module) -> float:
+    return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+
+
+class MixedRMSNorm(nn.Module):
+    """RMSNorm with unit scale followed by a ``hidden x hidden`` matrix: the final norm of a rotated
+    model whose head is tied to the embedding (``y = RMSNorm(x) @ mix``, ``mix = Q^T diag(g) Q``)."""
+
+    def __init__(self, hidden: int, eps: float, mix: torch.Tensor | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden))
+        self.variance_epsilon = eps
+        self.mix = nn.Parameter(mix.clone() if mix is not None else torch.eye(hidden))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return (self.weight * h.to(dtype)) @ self.mix.to(dtype)
+
+
+def install_saved_mixes_(model: nn.Module, keys) -> None:
+    """Before loading a saved rotated model: swap each RMSNorm whose ``.mix`` the file holds for a
+    :class:`MixedRMSNorm` (the loader then fills it)."""
+    for key in keys:
+        if not key.endswith(".mix"):
+            continue
+        owner = key[: -len(".mix")]
+        norm = model.get_submodule(owner)
+        if isinstance(norm, MixedRMSNorm):
+            continue
+        parent, _, child = owner.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child,
+                MixedRMSNorm(norm.weight.shape[0], _eps(norm)))  # fmt: skip
 
 
 def _rotate_heads_(attn: nn.Module, r2: torch.Tensor, head_dim: int) -> None:

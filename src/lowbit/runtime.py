@@ -23,6 +23,7 @@ from lowbit.packed_linear import ACTIVATIONS, KERNEL_MAX_BATCH, PackedLinear, ke
 from lowbit.packing import unpack_codes
 from lowbit.quantizers import QuantizedWeight
 from lowbit.resident import measure_resident, trim_heap
+from lowbit.rotation import install_saved_mixes_
 from lowbit.surgery import set_module
 
 
@@ -96,6 +97,7 @@ def load_packed(path: str | os.PathLike, verify: bool = True, activations: str =
     tensors = folder.tensors
     rest = {k: v.float() if v.is_floating_point() and v.dtype != torch.float32 else v.clone() for k, v in tensors.items()}
     tensors.clear()
+    install_saved_mixes_(model, rest)
     missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
     if unexpected or still_meta:

@@ -223,6 +223,21 @@ class _Collector:
             report.notes.append("uses int8 code -128 (llama.cpp's own quantizer stays in -127..127)")
         return qtype, data
 
+    def mixed_head(self, gg_name: str, hf_table: str, mix: torch.Tensor) -> None:
+        """``table @ mix`` (the tied table as lowbit computes with it, times a rotated model's final-norm
+        mix) in the fallback type: logits equal lowbit's up to that type's rounding."""
+        module = self.modules[hf_table]
+        with torch.no_grad():
+            table = module.quantizer(module.weight) if hasattr(module, "quantizer") else module.weight
+            expected = (table.double() @ mix).float().numpy()
+        rows, cols = expected.shape
+        report = TensorReport(gg_name, "lm_head", [rows, cols], "", 0, True)
+        report.reason = "rotated model: the tied head times the final-norm mix has no exact GGUF type"
+        qtype, data, note = pack_fallback(expected, self.fallback)
+        if note:
+            report.notes.append(note)
+        self.add(gg_name, data, qtype, expected, report)
+
     def vector(self, gg_name: str, hf_param: str, perm_heads: int | None = None) -> None:
         owner, _, leaf = hf_param.rpartition(".")
         value = getattr(self.modules[owner], leaf).detach().float().numpy()
@@ -242,7 +257,10 @@ def _collect(folder: QuantizedFolder, model, fallback: str, ternary: str) -> lis
     tied = model.lm_head.weight is model.model.embed_tokens.weight or (
         folder.layers.get("lm_head", {}).get("tied_to") == "model.embed_tokens"
     )
-    if not tied:
+    mix = getattr(model.model.norm, "mix", None)
+    if mix is not None:  # a rotated tied model: GGUF has no final-norm mix, so the head gets its own table
+        c.mixed_head("output.weight", "model.embed_tokens", mix.detach().double())
+    elif not tied:
         c.matrix("output.weight", "lm_head")
     for i in range(cfg.num_hidden_layers):
         base = f"model.layers.{i}"

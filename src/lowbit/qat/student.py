@@ -14,6 +14,7 @@ from lowbit.io import is_quantized_dir, load_quantized
 from lowbit.methods import GPTQ
 from lowbit.models import load_model
 from lowbit.quantizers import Quantizer
+from lowbit.rotation import install_saved_mixes_
 from lowbit.surgery import HP_DTYPES, QuantConfig, quantize_model, quantized_modules, round_high_precision_
 
 if TYPE_CHECKING:
@@ -39,7 +40,7 @@ def load_teacher(spec: str) -> tuple[nn.Module, object]:
 
 
 def _check_same_architecture(student: nn.Module, teacher: nn.Module, where: str) -> None:
-    s = {k: tuple(v.shape) for k, v in student.state_dict().items() if ".quantizer." not in k}
+    s = {k: tuple(v.shape) for k, v in student.state_dict().items() if ".quantizer." not in k and not k.endswith(".mix")}
     t = {k: tuple(v.shape) for k, v in teacher.state_dict().items()}
     if s != t:
         raise LowbitError(f"{where} is not a quantized copy of the teacher model (weights differ in names or shapes)")
@@ -78,24 +79,11 @@ def build_student(teacher: nn.Module, tokenizer, cfg: TrainConfig, progress: boo
 def student_skeleton(teacher: nn.Module, qconfig: QuantConfig, state: dict[str, torch.Tensor]) -> nn.Module:
     """A quantized copy of the teacher whose scales have the shapes stored in ``state``."""
     student = copy.deepcopy(teacher)
-    _untie_if_stored_apart(student, state)
+    install_saved_mixes_(student, state)  # a rotated --init folder's final norm
     student = quantize_model(student, qconfig, initialize=False)
     for name, module in quantized_modules(student):
         module.quantizer.set_scales(state[f"{name}.quantizer.alpha"], state[f"{name}.quantizer.zero"])
     return student
-
-
-def _untie_if_stored_apart(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """A student whose embedding and head were stored as two different tensors (a rotated --init
-    folder unties them) gets an untied head, so that loading ``state`` keeps both."""
-    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-    if emb is None or head is None or head.weight is not emb.weight:
-        return
-    names = {id(m): n for n, m in model.named_modules()}
-    e, h = state.get(f"{names[id(emb)]}.weight"), state.get(f"{names[id(head)]}.weight")
-    if e is not None and h is not None and not torch.equal(e, h):
-        head.weight = nn.Parameter(head.weight.detach().clone())
-        model.config.tie_word_embeddings = False
 
 
 def compile_quantizers_(model: nn.Module) -> None:
