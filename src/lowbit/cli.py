@@ -99,9 +99,9 @@ def cmd_quantize(args) -> dict:
     from lowbit.api import quantize_to_dir
     from lowbit.methods import make_method, method_class, method_names
 
-    if args.method is None:  # a byte budget picks the planner, otherwise round-to-nearest
+    if args.method is None:  # a byte budget picks the auto pipeline, otherwise round-to-nearest
         budget = getattr(args, "budget_bpw", None) is not None or getattr(args, "budget_mb", None) is not None
-        args.method = "budget" if budget else "rtn"
+        args.method = "auto" if budget else "rtn"
     chosen = method_class(args.method)
     own = {f.name for f in dataclasses.fields(chosen)}
     for other in method_names("post-training"):
@@ -174,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="post-training quantization (RTN or GPTQ) to a model folder")
     q.add_argument("--model", default=DEFAULT_MODEL, help=f"default name ({DEFAULT_MODEL}), HF folder or .gguf")
     q.add_argument("--method", choices=method_names("post-training"), default=None,
-                   help="rtn, gptq, or budget (the default when --budget-bpw or --budget-mb is given; else rtn)")
+                   help="rtn (the default without a budget), gptq, budget, blockap, or auto (the default with "
+                   "--budget-bpw/--budget-mb: rotation where it applies, the plan with GPTQ, Block-AP in --time-budget)")
     add_options(q, QuantConfig)
     q.add_argument("--config", help="JSON file with QuantConfig fields (flags win)")
     seen = {f.name for f in dataclasses.fields(QuantConfig)}

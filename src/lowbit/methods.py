@@ -164,4 +164,5 @@ class GPTQ:
 register_lazy("qat", "lowbit.qat:QAT", kind="training")
 SWEEPABLE = ("rtn", "gptq", "qat")  # methods a bits x group sweep can run (a byte budget chooses its own bits)
 register_lazy("budget", "lowbit.planner:Budget", kind="post-training")
+register_lazy("auto", "lowbit.auto:Auto", kind="post-training")
 register_lazy("blockap", "lowbit.blockwise:BlockAP", kind="post-training")

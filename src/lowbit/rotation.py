@@ -133,6 +133,15 @@ def _parts(model: nn.Module) -> _Parts:
     return _Parts(inner.embed_tokens, layers, inner.norm, head, head_dim)
 
 
+def rotation_unsupported(model: nn.Module) -> str | None:
+    """Why :func:`rotate_model_` would refuse ``model`` (one line), or None when it can rotate it."""
+    try:
+        _parts(model)
+    except LowbitError as exc:
+        return str(exc).split(":")[0]
+    return None
+
+
 def _check_rmsnorm(norm: nn.Module, kind: str) -> None:
     if "RMSNorm" not in type(norm).__name__ or getattr(norm, "bias", None) is not None:
         raise LowbitError(
