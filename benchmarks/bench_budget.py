@@ -44,13 +44,14 @@ def run_budget(bpw: float, args, fp, tokenizer) -> dict:
     )
     model = copy.deepcopy(fp)
     t0 = time.time()
-    report = method.apply(model, QuantConfig(bits=4), tokenizer=tokenizer, progress=not args.quiet)
+    report = method.apply(model, QuantConfig(bits=4, rotate=args.rotate), tokenizer=tokenizer, progress=not args.quiet)
     seconds = time.time() - t0
     t0 = time.time()
     quality = eval_model(model, tokenizer, data=args.data, reference=fp, seq_len=512, max_tokens=args.eval_tokens,
                          progress=not args.quiet)  # fmt: skip
     return {
         "budget_bpw": bpw,
+        "rotate": args.rotate,
         "bits_per_weight_linear": report["bits_per_weight_linear"],
         "predicted_bits_per_weight_linear": report["predicted_bits_per_weight_linear"],
         "total_bytes": quality["total_bytes"],
@@ -76,14 +77,14 @@ def write_markdown(path: Path, results: dict) -> None:
         f"{results['date']}; model {results['model']}, text {results['data']} (held out; calibration on "
         "wiki-calib), windows of 512, KL to the full-precision model per token.",
         "",
-        "| budget (bits/weight) | stored bits/weight (linears) | file MB | KL | perplexity | top-1 | tokens "
+        "| budget (bits/weight) | rotated | stored bits/weight (linears) | file MB | KL | perplexity | top-1 | tokens "
         "| quantize s | plan (layers per setting BITS:GROUP:GRID) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for p in sorted(results["points"], key=lambda q: -q["budget_bpw"]):
+    for p in sorted(results["points"], key=lambda q: (-q["budget_bpw"], q.get("rotate", False))):
         plan = ", ".join(f"{k} x{v}" for k, v in p["plan_summary"].items())
         lines.append(
-            f"| {p['budget_bpw']:g} | {p['bits_per_weight_linear']:.3f} | {p['total_bytes'] / 1e6:.2f} "
+            f"| {p['budget_bpw']:g} | {'yes' if p.get('rotate') else 'no'} | {p['bits_per_weight_linear']:.3f} | {p['total_bytes'] / 1e6:.2f} "
             f"| {p['kl_to_reference']:.4f} | {p['perplexity']:.2f} | {p['top1_agreement']:.4f} | {p['tokens']} "
             f"| {p['quantize_seconds']:.0f} | {plan} |"
         )
@@ -97,6 +98,7 @@ def main() -> None:
     p.add_argument("--data", default="wiki-eval", help="held-out eval text")
     p.add_argument("--eval-tokens", type=int, default=16384)
     p.add_argument("--then-method", default="gptq", choices=("gptq", "rtn"))
+    p.add_argument("--rotate", action="store_true", help="rotate first (QuaRot-style, lowbit.rotation)")
     p.add_argument("--calib-tokens", type=int, default=16384, help="GPTQ calibration tokens")
     p.add_argument("--fisher-tokens", type=int, default=8192, help="Fisher sensitivity tokens")
     p.add_argument("--out", default="benchmarks/results/budget.json")
@@ -119,8 +121,9 @@ def main() -> None:
     for bpw in args.budgets:
         point = run_budget(bpw, args, fp, tokenizer)
         print(json.dumps(point))
-        key = (bpw, args.data, args.model)
-        keep = [q for q in results["points"] if (q["budget_bpw"], q.get("data"), q.get("model", args.model)) != key]
+        key = (bpw, args.data, args.model, args.rotate)
+        keep = [q for q in results["points"]
+                if (q["budget_bpw"], q.get("data"), q.get("model", args.model), q.get("rotate", False)) != key]
         results["points"] = keep + [{**point, "data": args.data, "model": args.model, "date": results["date"]}]
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2))
