@@ -170,7 +170,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--blockap-minutes", type=float, default=None, help="Block-AP time budget (steps cut to fit)")
     p.add_argument("--e2e-steps", type=int, default=0, help="end-to-end step-size training steps (0: skip)")
-    p.add_argument("--e2e-lr", type=float, default=5e-5)
+    p.add_argument("--e2e-lr", type=float, default=2e-5, help="step-size lr (EfficientQAT E2E-QP: 1e-5 to 2e-5)")
     p.add_argument("--data", default="wiki-eval")
     p.add_argument("--eval-tokens", type=int, default=16384)
     p.add_argument("--work", default=None, help="stage folders (default runs/blockwise-B)")
