@@ -68,18 +68,26 @@ class Scorer:
 
 def stage_budget(args, work: Path, score) -> dict:
     from lowbit.api import load, quantize_to_dir
+    from lowbit.methods import GPTQ
     from lowbit.planner import Budget
     from lowbit.surgery import QuantConfig
 
     folder = work / "budget"
     t0 = time.time()
+    if args.bits is not None:  # a uniform grid (e.g. ternary) with GPTQ instead of the planner
+        config = QuantConfig(bits=args.bits, group_size=args.group_size, rotate=args.rotate)
+        method = GPTQ(calib="wiki-train", calib_tokens=16384, sample="random")
+    else:
+        config = QuantConfig(bits=4, rotate=args.rotate)
+        method = Budget(budget_bpw=args.budget_bpw, calib="wiki-train")
     if not (folder / "lowbit.json").exists():
-        quantize_to_dir(args.model, str(folder), QuantConfig(bits=4, rotate=args.rotate),
-                        method=Budget(budget_bpw=args.budget_bpw, calib="wiki-train"), progress=False)  # fmt: skip
+        quantize_to_dir(args.model, str(folder), config, method=method, progress=False)
     meta = json.loads((folder / "lowbit.json").read_text())
     model = load(str(folder))[0]
-    return {"stage": "budget", **score(model), "seconds": meta["info"]["quantize_seconds"],
-            "tokens": meta["info"]["settings"]["calib_tokens"] + meta["info"]["settings"]["fisher_tokens"],
+    settings = meta["info"]["settings"]
+    return {"stage": "budget" if args.bits is None else "gptq", **score(model),
+            "seconds": meta["info"]["quantize_seconds"],
+            "tokens": settings["calib_tokens"] + settings.get("fisher_tokens", 0),
             "wall_seconds_this_run": round(time.time() - t0, 1)}  # fmt: skip
 
 
@@ -135,9 +143,9 @@ def _metrics(folder: Path) -> list[dict]:
 
 def write_markdown(path: Path, results: dict) -> None:
     lines = ["# Block-wise distillation below 3.5 bits (`bench_blockwise.py`)", ""]
-    for key, rec in sorted(results["runs"].items(), key=lambda kv: -float(kv[0].split("-")[0])):
+    for key, rec in sorted(results["runs"].items(), key=lambda kv: -float(kv[0].split("-")[0].rstrip("b"))):
         lines += [
-            f"## Budget {key} bits/weight",
+            f"## {'Budget ' + key + ' bits/weight' if 'b-g' not in key else key}",
             "",
             f"`{rec['command']}` on {rec['cpu']} ({rec['cpu_flags']}), {rec['threads']} torch threads, {rec['date']}; "
             f"model {rec['model']}, held-out text {rec['data']} ({rec['stages'][0]['eval_tokens']} tokens, windows of "
@@ -164,7 +172,10 @@ def write_markdown(path: Path, results: dict) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--budget-bpw", type=float, required=True)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--budget-bpw", type=float, help="start from the byte-budget planner + GPTQ")
+    what.add_argument("--bits", help="start from GPTQ on one grid instead (e.g. ternary)")
+    p.add_argument("--group-size", type=int, default=None, help="with --bits: inputs per scale (default per channel)")
     p.add_argument("--rotate", action="store_true", help="rotate before planning (QuaRot-style)")
     p.add_argument("--blockap-tokens", type=int, default=65536, help="Block-AP calibration tokens")
     p.add_argument("--epochs", type=int, default=2)
@@ -183,7 +194,12 @@ def main() -> None:
 
     from lowbit.api import load
 
-    key = f"{args.budget_bpw:g}{'-rot' if args.rotate else ''}"
+    if args.bits is not None:
+        from lowbit.quantizers import parse_bits
+
+        args.bits = parse_bits(args.bits)
+    name = f"{args.budget_bpw:g}" if args.bits is None else f"{args.bits:g}b-g{args.group_size or 'channel'}"
+    key = f"{name}{'-rot' if args.rotate else ''}"
     work = Path(args.work or f"runs/blockwise-{key}")
     work.mkdir(parents=True, exist_ok=True)
     fp, tokenizer, _ = load(args.model)
