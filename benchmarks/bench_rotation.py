@@ -40,8 +40,9 @@ def run_point(fp, tokenizer, windows, reference, bits: float, group: int | None,
     with torch.inference_mode():
         quality = evaluate(model, windows, reference=reference, batch_size=4, progress=not args.quiet)
     size = size_account(model)
+    head = (getattr(model, "lowbit_rotation", None) or {}).get("head", "as the model has it")
     return {
-        "bits": bits, "group_size": group, "rotate": rotate,
+        "bits": bits, "group_size": group, "rotate": rotate, "head": head,
         "bits_per_weight_linear": size["bits_per_weight_linear"], "total_bytes": size["total_bytes"],
         "kl_to_reference": quality["kl_to_reference"], "perplexity": quality["perplexity"],
         "top1_agreement": quality["top1_agreement"], "tokens": quality["tokens"],
@@ -57,18 +58,41 @@ def write_markdown(path: Path, results: dict) -> None:
         f"{results['date']}; model {results['model']}, text {results['data']} (held out; GPTQ calibration: "
         f"{results['calib_tokens']} tokens of {results['calib']} in random windows of 512, act-order, "
         "true-sequential), windows of 512, KL to the full-precision model per token. File MB counts every "
-        "stored byte: a rotated model stores its output head apart from the embedding (untied).",
+        "stored byte; the head column says how a rotated model's tied head was stored (points measured before "
+        "the final-norm mix stored a second, untied 56.6 MB table). Rows marked ptq_peers are the same GPTQ "
+        "settings and windows without rotation, read from benchmarks/results/ptq_peers.jsonl.",
         "",
-        "| bits | group | rotate | bits/weight (linears) | file MB | KL | perplexity | top-1 | quantize s |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| bits | group | rotate | head | bits/weight (linears) | file MB | KL | perplexity | top-1 | quantize s |",
+        "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for p in sorted(results["points"], key=lambda q: (-q["bits"], str(q["group_size"]), q["rotate"])):
+    points = results["points"] + _baselines(results["points"])
+    for p in sorted(points, key=lambda q: (-q["bits"], str(q["group_size"]), q["rotate"])):
+        head = p.get("head", "untied (before the mix)" if p["rotate"] else "tied")
         lines.append(
-            f"| {p['bits']:g} | {p['group_size'] or 'channel'} | {'yes' if p['rotate'] else 'no'} "
+            f"| {p['bits']:g} | {p['group_size'] or 'channel'} | {'yes' if p['rotate'] else 'no'} | {head} "
             f"| {p['bits_per_weight_linear']:.3f} | {p['total_bytes'] / 1e6:.2f} | {p['kl_to_reference']:.4f} "
             f"| {p['perplexity']:.2f} | {p['top1_agreement']:.4f} | {p['quantize_seconds']:.0f} |"
         )
     path.write_text("\n".join(lines) + "\n")
+
+
+def _baselines(points: list[dict]) -> list[dict]:
+    """Unrotated GPTQ points of the PTQ-beside-peers run with the same settings, where measured here."""
+    source = Path(__file__).resolve().parent / "results" / "ptq_peers.jsonl"
+    if not source.is_file():
+        return []
+    wanted = {(p["bits"], p["group_size"]) for p in points}
+    have = {(p["bits"], p["group_size"]) for p in points if not p["rotate"]}
+    rows = []
+    for line in source.read_text().splitlines():
+        r = json.loads(line)
+        key = (r.get("bits"), r.get("group_size"))
+        if r.get("method") == "gptq" and not r.get("peer") and key in wanted and key not in have:
+            rows.append({"bits": r["bits"], "group_size": r["group_size"], "rotate": False, "head": "tied (ptq_peers)",
+                         "bits_per_weight_linear": r["bits_per_weight_linear"], "total_bytes": r["total_bytes"],
+                         "kl_to_reference": r["kl_to_reference"], "perplexity": r["perplexity"],
+                         "top1_agreement": r["top1_agreement"], "quantize_seconds": r["quantize_seconds"]})  # fmt: skip
+    return rows
 
 
 def main() -> None:
