@@ -138,6 +138,7 @@ def _skeleton(folder: Path):
     _check_causal_config(hf_config, f"model folder {folder}")
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    model.tie_weights()  # init_empty_weights re-creates each parameter, which unties a tied head
     model.eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
