@@ -121,15 +121,19 @@ def test_at_most_one_block_is_materialised(tmp_path, calib, monkeypatch, method)
     """Instrumented _materialize: when a block is loaded no other block holds a real tensor, the block
     really holds its float32 weights after it, every block is loaded once, and the rest (embedding,
     norm, head) only after every block is released; at the end nothing is materialised."""
-    model_dir = _bf16_model(tmp_path, layers=3, tied=False)
+    model_dir = _bf16_model(tmp_path, layers=3, tied=False, shard="60KB")
     blocks, events = [], []
     original = streaming._materialize
 
     def live(module):
         return any(not t.is_meta for t in list(module.parameters()) + list(module.buffers()))
 
+    def mapped_shards():
+        return [line for line in Path("/proc/self/maps").read_text().splitlines() if str(model_dir) in line]
+
     def spy(root, prefix, ckpt):
         events.append((prefix, sum(live(b) for b in blocks)))
+        assert mapped_shards() == []  # the checkpoint pages read for earlier blocks are unmapped
         original(root, prefix, ckpt)
         if prefix:
             blocks.append(root)

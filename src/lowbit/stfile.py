@@ -127,6 +127,12 @@ class Checkpoint:
     def get(self, key: str) -> torch.Tensor:
         return self.where[key].get(key)
 
+    def unmap(self) -> None:
+        """Drop the files' mappings (each is unmapped once no tensor read from it is alive), so that
+        pages already read stop counting in this process's resident set; :meth:`get` maps again."""
+        for f in self.files.values():
+            f._map = None
+
     def dtype(self, key: str) -> torch.dtype:
         return self.where[key].entries[key][0]
 

@@ -304,6 +304,7 @@ def _capture(model: nn.Module, layers: nn.ModuleList, ckpt: Checkpoint, ids: tor
         captured = _capture_block_inputs(model, layers, list(torch.split(ids, GPTQ_BATCH)))
     finally:
         emb._parameters["weight"] = old  # the meta parameter again (ties intact)
+        ckpt.unmap()
     return HiddenStore(captured, limit, work / "hidden.f32")
 
 
@@ -413,6 +414,7 @@ def _quantize_blocks(model, ckpt, config, method, tokenizer, out: _Output, work:
             _hp_only(scope, block_config)
         out.emit(scope)
         _release(block)
+        ckpt.unmap()  # the block's pages of the checkpoint leave the resident set
         bar.update(1)
         bar.set_postfix(s=f"{time.time() - t0:.0f}")
     bar.close()
