@@ -190,20 +190,29 @@ def check_checkpoint(model: nn.Module, ckpt: Checkpoint) -> None:
             )
 
 
-def _materialize(root: nn.Module, prefix: str, ckpt: Checkpoint) -> None:
+def _materialize(root: nn.Module, prefix: str, ckpt: Checkpoint, skip=lambda names, tensor: False) -> list:
     """Load every meta parameter (and stored persistent buffer) under ``root`` from the checkpoint,
-    floating tensors in float32 (tied parameters stay one tensor)."""
+    floating tensors in float32 (tied parameters stay one tensor), except those ``skip`` names.
+    Returns what was replaced, ``[(module, attr, is_param, old)]`` (:func:`_restore` puts it back)."""
+    replaced = []
     for names, where in _tensor_slots(root, prefix).values():
         module, attr, is_param = where[0]
         old = getattr(module, attr)
         key = _stored(names, ckpt)
-        if key is None:
+        if key is None or skip(names, old):
             continue  # a computed buffer (checked by check_checkpoint for parameters)
         t = ckpt.get(key)
         t = t.to(torch.float32) if t.is_floating_point() else t.clone()
         new = nn.Parameter(t, requires_grad=old.requires_grad) if is_param else t
         for module, attr, is_param in where:
+            replaced.append((module, attr, is_param, old))
             (module._parameters if is_param else module._buffers)[attr] = new
+    return replaced
+
+
+def _restore(replaced: list) -> None:
+    for module, attr, is_param, old in replaced:
+        (module._parameters if is_param else module._buffers)[attr] = old
 
 
 def _release(root: nn.Module) -> None:
@@ -291,19 +300,22 @@ class HiddenStore(Sequence):
 
 def _capture(model: nn.Module, layers: nn.ModuleList, ckpt: Checkpoint, ids: torch.Tensor, limit: int, work: Path):
     """Block 0's inputs for every calibration batch (:func:`lowbit.ptq._capture_block_inputs`), with
-    only the embedding table materialised (in float32) for the pass."""
+    what runs before the blocks (embeddings, position embeddings) materialised for the pass only:
+    not the blocks, nor an output head of its own."""
     from lowbit.ptq import _capture_block_inputs
 
-    emb = model.get_input_embeddings()
-    names = {m: n for n, m in model.named_modules()}
-    old = emb.weight
-    key = _stored([f"{names[emb]}.weight"] + [n for n, p in model.named_parameters(remove_duplicate=False)
-                                             if p is old], ckpt)  # fmt: skip
-    emb._parameters["weight"] = nn.Parameter(ckpt.get(key).to(torch.float32), requires_grad=old.requires_grad)
+    prefix = _layers_parent(model, layers)[0] + "."
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    head_only = {id(p) for p in head.parameters()} - {id(p) for p in emb.parameters()} if head is not None else set()
+
+    def skip(names, tensor):
+        return not tensor.is_meta or id(tensor) in head_only or any(n.startswith(prefix) for n in names)
+
+    replaced = _materialize(model, "", ckpt, skip)
     try:
         captured = _capture_block_inputs(model, layers, list(torch.split(ids, GPTQ_BATCH)))
     finally:
-        emb._parameters["weight"] = old  # the meta parameter again (ties intact)
+        _restore(replaced)  # the meta tensors again (ties intact)
         ckpt.unmap()
     return HiddenStore(captured, limit, work / "hidden.f32")
 
