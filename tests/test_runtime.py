@@ -159,7 +159,8 @@ def test_half_linear_kernel_matches_torch():
 
 def test_measure_resident_counts_the_model(tmp_path, tiny_model_dir):
     """A fresh process's RSS growth covers the packed model's bytes and not much more: at most the
-    stored bytes + 8 MiB after loading and + 16 MiB after decoding (measured: + 2.1 and + 7.7 MB).
+    stored bytes + 8 MiB after loading (the weights file is mapped: its pages come in as they are
+    read) and, once decoding has read every weight, at least the stored bytes and at most + 16 MiB.
     The model (hidden 512) is big enough that a float copy of its weights (24 MB in fp32, 12 MB in
     fp16) would break the bounds."""
     from lowbit.models import load_model
@@ -172,8 +173,8 @@ def test_measure_resident_counts_the_model(tmp_path, tiny_model_dir):
     mem = measure_resident("packed", str(path))
     assert mem["model_bytes"] == module_bytes(load_packed(path)[0]) == _runtime_bytes(path)
     stored = (path / "model.safetensors").stat().st_size
-    assert stored <= mem["resident_bytes"] <= stored + 8 * 2**20
-    assert mem["resident_bytes"] <= mem["resident_bytes_after_decode"] <= stored + 16 * 2**20
+    assert mem["resident_bytes"] <= stored + 8 * 2**20
+    assert stored <= mem["resident_bytes_after_decode"] <= stored + 16 * 2**20
     ref = measure_resident("reference", str(tiny_model_dir))
     reference, _ = load_model(str(tiny_model_dir))
     assert ref["model_bytes"] == module_bytes(reference) == 4 * sum(p.numel() for p in reference.parameters()) + 2 * 4 * 8  # + rotary tables

@@ -16,6 +16,7 @@ _API = {
     "load": "lowbit.api",
     "quantize": "lowbit.api",
     "quantize_to_dir": "lowbit.api",
+    "stream_quantize_to_dir": "lowbit.streaming",
     "eval_model": "lowbit.api",
     "QuantConfig": "lowbit.surgery",
     "RTN": "lowbit.methods",

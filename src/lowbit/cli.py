@@ -110,7 +110,30 @@ def cmd_quantize(args) -> dict:
             raise LowbitError(f"{', '.join(stray)} only applies to --method {other}: drop it or add --method {other}")
     method = make_method(chosen.name, **options_from_args(chosen, args))
     config = quant_config_from_args(args, bits_planned=getattr(chosen, "plans_bits", False))
+    if _streams(args, method.name, config):
+        from lowbit.streaming import stream_quantize_to_dir
+
+        return stream_quantize_to_dir(
+            args.model, args.out, config, method=method, progress=not args.json, **overwrite_kwargs(args)
+        )
     return quantize_to_dir(args.model, args.out, config, method=method, progress=not args.json, **overwrite_kwargs(args))
+
+
+def _streams(args, method: str, config) -> bool:
+    """Whether ``lowbit quantize`` streams: ``--stream`` (refused for a method it cannot stream),
+    ``--no-stream``, or by default when the method allows it and the model's float32 size is more
+    than 80% of the memory available (a note on stderr says so)."""
+    from lowbit.streaming import check_streamable, should_stream
+
+    stream = getattr(args, "stream", "auto")
+    if stream == "on":
+        check_streamable(method, config)
+        return True
+    if stream == "auto" and should_stream(args.model, method, config):
+        print("lowbit: the model does not fit in memory in float32: quantizing it block by block (--stream; "
+              "--no-stream to load it whole)", file=sys.stderr)
+        return True
+    return False
 
 
 def cmd_eval(args) -> dict:
@@ -185,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
         seen |= {f.name for f in dataclasses.fields(cls)}
     q.add_argument("--out", required=True, help="output folder")
     q.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    streaming = q.add_mutually_exclusive_group()
+    streaming.add_argument("--stream", dest="stream", action="store_const", const="on", default="auto",
+                           help="quantize one decoder block at a time from the memory-mapped checkpoint (rtn, gptq; "
+                           "the same folder, bit for bit); the default when the model does not fit in memory in float32")
+    streaming.add_argument("--no-stream", dest="stream", action="store_const", const="off",
+                           help="load the whole model in float32 even when it does not fit in memory")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_quantize)
 

@@ -30,6 +30,7 @@ from lowbit.errors import LowbitError
 from lowbit.fsio import OutputKind, atomic_dir, is_tmp_name, prepare_out, sampled_sha256, sha256_file
 from lowbit.packing import default_layout, pack_codes, unpack_codes
 from lowbit.quantizers import QuantizedWeight, alpha_for_step
+from lowbit.stfile import MappedSafetensors
 from lowbit.surgery import HP_DTYPES, QuantConfig, quantize_model, quantized_modules
 
 FORMAT = "lowbit-quantized"
@@ -118,12 +119,27 @@ def write_quantized(model: nn.Module, tokenizer, folder: Path, info: dict | None
     :func:`save_quantized` writes into a temporary folder)."""
     config: QuantConfig = model.lowbit_config
     tensors, layers = build_state(model)
-    hf_config = model.config.to_dict()
-    hf_config.pop("quantization_config", None)
-    (folder / "config.json").write_text(json.dumps(hf_config, indent=2, default=str))
+    write_config_files(folder, model.config, tokenizer)
+    save_file(tensors, folder / WEIGHTS, metadata=weights_metadata())
+    write_manifest(folder, config, layers, info)
+
+
+def weights_metadata() -> dict[str, str]:
+    """The safetensors header metadata of a quantized folder's weights file."""
+    return {"format": FORMAT, "lowbit_version": __version__}
+
+
+def write_config_files(folder: Path, hf_config, tokenizer) -> None:
+    """``config.json`` (without a quantization_config) and the tokenizer files, if any."""
+    config = hf_config.to_dict()
+    config.pop("quantization_config", None)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, default=str))
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
-    save_file(tensors, folder / WEIGHTS, metadata={"format": FORMAT, "lowbit_version": __version__})
+
+
+def write_manifest(folder: Path, config: QuantConfig, layers: dict[str, dict], info: dict | None = None) -> None:
+    """``lowbit.json`` listing every file already in ``folder`` (size, SHA-256), then ``lowbit.sha256``."""
     files = {
         p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
         for p in sorted(folder.rglob("*"))
@@ -321,15 +337,20 @@ class QuantizedFolder:
         return AutoTokenizer.from_pretrained(self.path) if (self.path / "tokenizer_config.json").exists() else None
 
 
-def open_folder(path: str | os.PathLike, verify: bool = True) -> QuantizedFolder:
+def open_folder(path: str | os.PathLike, verify: bool = True, mmap: bool = False) -> QuantizedFolder:
     """Read ``lowbit.json`` and the weights file, refusing an edited manifest and a missing,
-    truncated or (``verify``: SHA-256) corrupted file. The one reader of quantized folders."""
+    truncated or (``verify``: SHA-256) corrupted file. The one reader of quantized folders.
+    ``mmap``: the tensors are views of the file mapped copy-on-write (:mod:`lowbit.stfile`), read
+    from disk when touched, instead of copies in memory; writing to them never changes the file."""
     path = Path(path)
     meta = read_meta(path)
     check_files(path, meta, verify)
     weights = path / meta["weights_file"]
     if meta["weights_file"] not in meta["files"]:
         raise LowbitError(f"{path}/{META} does not list its weights file: re-run lowbit quantize")
+    if mmap:
+        mapped = MappedSafetensors(weights)
+        return QuantizedFolder(path, meta, {name: mapped.get(name) for name in mapped.keys()})
     try:
         return QuantizedFolder(path, meta, load_file(weights))
     except SafetensorError as exc:

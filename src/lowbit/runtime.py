@@ -83,7 +83,7 @@ def load_packed(path: str | os.PathLike, verify: bool = True, activations: str =
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    folder = open_folder(path, verify)
+    folder = open_folder(path, verify, mmap=True)  # tensors are views of the mapped file: nothing read twice
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(folder.hf_config(), dtype=torch.float32)
     model.eval()
@@ -95,7 +95,7 @@ def load_packed(path: str | os.PathLike, verify: bool = True, activations: str =
         set_module(model, name, PackedEmbedding(target) if model.get_submodule(name) is in_emb else target)
     _half_precision_modules(model, folder, names[in_emb], None if out_emb is None else names[out_emb])
     tensors = folder.tensors
-    rest = {k: v.float() if v.is_floating_point() and v.dtype != torch.float32 else v.clone() for k, v in tensors.items()}
+    rest = {k: v.float() if v.is_floating_point() and v.dtype != torch.float32 else v for k, v in tensors.items()}
     tensors.clear()
     install_saved_mixes_(model, rest)
     missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
@@ -106,22 +106,22 @@ def load_packed(path: str | os.PathLike, verify: bool = True, activations: str =
         )
     tokenizer = folder.tokenizer()
     del tensors, rest
-    trim_heap()  # the file's buffers are gone: give their pages back
+    trim_heap()  # the converted copies are gone: give their pages back
     return model, tokenizer, folder.meta
 
 
 def _packed_linear(folder: QuantizedFolder, name: str, activations: str, ternary_layout: str) -> PackedLinear:
     """Layer ``name`` as a PackedLinear, taking its tensors out of ``folder``: the file's packed
-    bytes as they are when stored in the layout the kernels read, else unpacked and repacked."""
+    bytes as they are when stored in the layout the kernels read (a view of the mapped file: the
+    kernels only read it, and the kernel may page it out and back in), else unpacked and repacked."""
     layer = folder.layer(name, take=True)
     info = layer.info
     layout = ternary_layout if info["n_levels"] == 3 else kernel_layout(info["n_levels"])
     if info["layout"] == layout:  # stored as the kernels read it: no repacking
-        # own copies, not views of the file, which is unmapped once its tensors are gone
-        bias = None if layer.bias is None else layer.bias.clone()
+        bias = None if layer.bias is None else layer.bias.clone()  # scales and bias: small own copies
         zero = info["grid_zero"] if layer.zero is None else layer.zero.clone()
         module = PackedLinear.from_packed(
-            layer.qweight.clone(), layer.step.clone(), zero, info["shape"][1], info["group_size"], info["layout"],
+            layer.qweight, layer.step.clone(), zero, info["shape"][1], info["group_size"], info["layout"],
             info["n_levels"], info["bits"], info["quantizer"], bias,
         )  # fmt: skip
     else:  # e.g. ternary stored in t5 (1.6 bits), run in u2
@@ -136,18 +136,18 @@ def _half_precision_modules(model: nn.Module, folder: QuantizedFolder, emb_name:
     :class:`HalfLinear`); their tensors leave ``folder.tensors``."""
     tensors, layers = folder.tensors, folder.layers
     if f"{emb_name}.weight" in tensors:
-        emb_w = tensors.pop(f"{emb_name}.weight").clone()  # own memory, not a view of the file
+        emb_w = tensors.pop(f"{emb_name}.weight")  # a view of the mapped file (read only)
         set_module(model, emb_name, HalfEmbedding(emb_w, model.get_submodule(emb_name).padding_idx))
         if head_name is not None and head_name not in layers:
             head_key = f"{head_name}.weight"
-            head_w = tensors.pop(head_key).clone() if head_key in tensors else emb_w  # tied head: share the table
+            head_w = tensors.pop(head_key) if head_key in tensors else emb_w  # tied head: share the table
             set_module(model, head_name, HalfLinear(head_w, tensors.pop(f"{head_name}.bias", None)))
     for name, module in list(model.named_modules()):
         key = f"{name}.weight"
         if type(module) is nn.Linear and name not in layers and tensors.get(key) is not None \
                 and tensors[key].dtype == torch.float16:
             bias = tensors.pop(f"{name}.bias", None)
-            set_module(model, name, HalfLinear(tensors.pop(key).clone(), bias))
+            set_module(model, name, HalfLinear(tensors.pop(key), bias))
 
 
 class PackedEmbedding(nn.Module):
