@@ -121,6 +121,16 @@ def quality(folder: str, windows: torch.Tensor, ref_logp: list[torch.Tensor]) ->
     return out
 
 
+def plan_folders(args) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """(every folder to run -> its quantize arguments, the head variants among them)."""
+    if args.runs_dir:  # the default folders, elsewhere (e.g. of a tiny --model)
+        FOLDERS.update({str(Path(args.runs_dir) / Path(f).name): a for f, a in list(FOLDERS.items())})
+        args.folders = [str(Path(args.runs_dir) / Path(f).name) if f in FOLDERS else f for f in args.folders]
+    known = {f: FOLDERS[f] for f in args.folders if f in FOLDERS}
+    variants = head_folders(known, args.head_bits)
+    return {**{f: FOLDERS.get(f, []) for f in args.folders}, **variants}, variants
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -137,12 +147,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/decode.json")
     ap.add_argument("--md", default="benchmarks/results/decode.md")
     args = ap.parse_args()
-    if args.runs_dir:  # the default folders, elsewhere (e.g. of a tiny --model)
-        FOLDERS.update({str(Path(args.runs_dir) / Path(f).name): a for f, a in list(FOLDERS.items())})
-        args.folders = [str(Path(args.runs_dir) / Path(f).name) if f in FOLDERS else f for f in args.folders]
-    known = {f: FOLDERS[f] for f in args.folders if f in FOLDERS}
-    variants = head_folders(known, args.head_bits)
-    folders = {**{f: FOLDERS.get(f, []) for f in args.folders}, **variants}
+    folders, variants = plan_folders(args)
     if args.dry_run:
         for folder, qargs in folders.items():
             cmd = quantize_command(folder, qargs, args.model)
