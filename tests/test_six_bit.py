@@ -1,5 +1,6 @@
 """6-bit weights end to end: parsing, the grids, RTN and GPTQ on a tiny Llama, the folder on disk (u6 codes,
-4 in 3 bytes), load_quantized / load_packed (no C kernel for u6: the PyTorch path) and the CLI."""
+4 in 3 bytes), load_quantized / load_packed (no C kernel for u6: the PyTorch path; a 6-bit embedding / head is repacked in
+u8 at load, see tests/test_packed_head.py) and the CLI."""
 
 from __future__ import annotations
 
@@ -135,10 +136,13 @@ def test_six_bit_folder_round_trips_and_stores_six_bits_per_code(tmp_path, group
         assert isinstance(packed.get_input_embeddings(), PackedEmbedding)
         layers = {n: m for n, m in packed.named_modules() if isinstance(m, PackedLinear)}
         fake = dict(quantized_modules(model))
-        assert layers and all(m.layout == "u6" for m in layers.values())
+        table = packed.get_input_embeddings().table
+        assert table is packed.lm_head and table.layout == "u8"  # the tied head runs u8 codes on the kernels
+        assert layers and all(m.layout == "u6" for m in layers.values() if m is not table)
         for name, m in layers.items():
             assert torch.equal(m.dequantize(), fake[name.removesuffix(".table")].weight.detach()), name
-            assert not m.uses_kernel(torch.zeros(1, m.in_features)) and not m.kernel_runs()
+            if m is not table:
+                assert not m.uses_kernel(torch.zeros(1, m.in_features)) and not m.kernel_runs()
         assert torch.equal(packed(ids).logits, before)
     text = generate(packed, tokenizer, "The quick brown", max_new_tokens=4, stream=False)
     assert text.startswith("The quick brown")

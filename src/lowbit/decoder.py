@@ -137,6 +137,8 @@ class Decoder:
         self.embed = inner.embed_tokens
         self.norm = inner.norm
         self.head = model.lm_head
+        # a quantized head (PackedLinear) called straight on its kernel for one position's logits
+        self._head_fn = _single(self.head)
         self.n_heads = cfg.num_attention_heads
         self.n_kv = cfg.num_key_value_heads
         attn = self.layers[0].self_attn
@@ -226,7 +228,7 @@ class Decoder:
             x = x.reshape(-1).contiguous().clone()
             kernels.decode_layers(self.c_layers, x, p0, self.cos[p0], self.sin[p0], self._scratch)
             self.pos = p1
-            return self.head(_rms(x.view(1, 1, -1), self.norm))[0, -1].float()
+            return self._logits(_rms(x.view(1, -1), self.norm))
         cos, sin = self.cos[p0:p1], self.sin[p0:p1]
         mask = None
         if t > 1:  # new tokens see the cache and causally each other
@@ -261,7 +263,11 @@ class Decoder:
                 h = _rms(x, layer.post_attention_layernorm)
                 x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
         self.pos = p1
-        return self.head(_rms(x[:, -1:], self.norm))[0, -1].float()
+        return self._logits(_rms(x[0, -1:], self.norm))
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The head on one position's normed hidden state ``h`` (1, hidden): float32 logits (vocab,)."""
+        return self._head_fn(h.contiguous())[0].float()
 
     def generate(self, ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None, on_token=None) -> list[int]:
         """Greedy continuation of ``ids``; ``on_token(token_id)`` is called for each new token."""

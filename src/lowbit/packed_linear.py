@@ -234,6 +234,22 @@ class PackedLinear(nn.Module):
             bias = bias.detach().float().cpu()
         return cls(packed.contiguous(), step, zero, in_features, group_size, layout, n_levels, bits, quantizer, bias)
 
+    def with_layout(self, layout: str) -> PackedLinear:
+        """The same weight with its codes repacked in ``layout`` (e.g. 6-bit codes in u8, which the
+        int8 kernels read: exact, 8 bits per code instead of 6). Steps, zeros and bias are shared,
+        the activations setting kept; ``self`` when it already is in ``layout``."""
+        if layout == self.layout:
+            return self
+        if self.n_levels > LAYOUT_LEVELS.get(layout, 0):
+            raise LowbitError(f"{self.n_levels} levels do not fit layout {layout}")
+        codes = unpack_codes(self.packed.cpu(), self.layout, self.in_features)
+        out = type(self)(
+            pack_codes(codes, layout), self.step, self.zero, self.in_features, self.group_size, layout,
+            self.n_levels, self.bits, self.quantizer, self.bias,
+        )  # fmt: skip
+        out.activations = self.activations
+        return out
+
     # --------------------------------------------------------------------- views
     def extra_repr(self) -> str:
         g = {None: "per-channel", 0: "per-tensor"}.get(self.group_size, f"group={self.group_size}")

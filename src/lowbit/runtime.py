@@ -3,7 +3,10 @@ generate text, and benchmark prefill / decode speed and resident memory against 
 
 Quantized layers become :class:`~lowbit.packed_linear.PackedLinear` (compiled kernels on the
 packed bytes); the embedding and an unquantized output head stay in fp16 as stored, read by
-:class:`HalfEmbedding` / :class:`HalfLinear`; norms stay in float32.
+:class:`HalfEmbedding` / :class:`HalfLinear`; norms stay in float32. A quantized embedding / head
+(``quantize_embeddings``) is one PackedLinear (shared when tied): the head runs the matvec kernels
+(6-bit codes repacked in u8 at load, which they read), :class:`PackedEmbedding` dequantizes only
+the rows looked up.
 """
 
 from __future__ import annotations
@@ -90,6 +93,7 @@ def load_packed(path: str | os.PathLike, verify: bool = True, activations: str =
     in_emb, out_emb = model.get_input_embeddings(), model.get_output_embeddings()
     names = {m: n for n, m in model.named_modules()}
     packed = {name: _packed_linear(folder, name, activations, ternary_layout) for name in folder.stored_layers()}
+    _tables_for_kernels(packed, folder, [names[m] for m in (in_emb, out_emb) if m is not None])
     for name, info in folder.layers.items():
         target = packed[info.get("tied_to", name)]
         set_module(model, name, PackedEmbedding(target) if model.get_submodule(name) is in_emb else target)
@@ -150,8 +154,23 @@ def _half_precision_modules(model: nn.Module, folder: QuantizedFolder, emb_name:
             set_module(model, name, HalfLinear(tensors.pop(key), bias))
 
 
+def _tables_for_kernels(packed: dict[str, PackedLinear], folder: QuantizedFolder, table_names: list[str]) -> None:
+    """A quantized embedding / output head (``table_names``, tied or not) stored in a layout the C
+    kernels do not read (u6: 6-bit codes) is repacked in u8 (same steps and zeros: exact, 8 bits
+    per code in memory instead of 6), so that the head runs the (int8) matvec kernels instead of
+    dequantizing the whole table in PyTorch every token. A tied pair keeps its one shared copy."""
+    for name in table_names:
+        info = folder.layers.get(name)
+        if info is None:  # kept in high precision
+            continue
+        owner = info.get("tied_to", name)
+        if not kernels.has_kernel(packed[owner].layout):
+            packed[owner] = packed[owner].with_layout("u8")
+
+
 class PackedEmbedding(nn.Module):
-    """Embedding lookups from a PackedLinear's codes (quantized, tied table): dequantizes the rows asked for."""
+    """Embedding lookups from a PackedLinear's codes (quantized, tied table): dequantizes only the
+    rows asked for (their codes and scales; the C decoder where it reads the layout)."""
 
     def __init__(self, table: PackedLinear):
         super().__init__()
@@ -160,17 +179,21 @@ class PackedEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         t = self.table
         rows = ids.reshape(-1)
-        codes = unpack_codes(t.packed[rows], t.layout, t.in_features)
-
-        def pick(x):
-            return x.float()[rows] if x.shape[0] > 1 else x.float().expand(len(rows), -1)
-
-        if t.group_size == 0:  # one scale for the whole table
-            step, zero = t.step.float(), t.zero.float()
-            vectors = step * (codes.float() - zero)
+        packed = t.packed[rows]
+        step = t.step[rows] if t.step.shape[0] > 1 else t.step
+        zero = t.zero[rows] if t.zero.shape[0] > 1 else t.zero
+        if packed.device.type == "cpu" and kernels.has_kernel(t.layout) and kernels.available():
+            weight = kernels.weight_struct(packed, t.layout, t.in_features, t.group_size, step, zero)
+            vectors = kernels.dequantize(weight)
         else:
-            qw = QuantizedWeight(codes, pick(t.step), pick(t.zero), t.group_size, t.n_levels, t.bits, t.quantizer)
-            vectors = qw.dequantize()
+            codes = unpack_codes(packed, t.layout, t.in_features)
+            n = len(rows)
+            step, zero = step.float().expand(n, -1), zero.float().expand(n, -1)
+            if t.group_size == 0:  # one scale for the whole table
+                vectors = step * (codes.float() - zero)
+            else:
+                qw = QuantizedWeight(codes, step, zero, t.group_size, t.n_levels, t.bits, t.quantizer)
+                vectors = qw.dequantize()
         return vectors.reshape(*ids.shape, t.in_features)
 
 
