@@ -110,7 +110,8 @@ def cmd_quantize(args) -> dict:
             raise LowbitError(f"{', '.join(stray)} only applies to --method {other}: drop it or add --method {other}")
     method = make_method(chosen.name, **options_from_args(chosen, args))
     config = quant_config_from_args(args, bits_planned=getattr(chosen, "plans_bits", False))
-    return quantize_to_dir(args.model, args.out, config, method=method, progress=not args.json, **overwrite_kwargs(args))
+    result = quantize_to_dir(args.model, args.out, config, method=method, progress=not args.json, **overwrite_kwargs(args))
+    return None if "rank" in result else result  # under torchrun, rank 0 reports
 
 
 def cmd_eval(args) -> dict:
