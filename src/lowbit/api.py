@@ -12,7 +12,7 @@ from torch import nn
 from lowbit.data import get_text, tokenize_windows, tokenizer_adds_bos
 from lowbit.distributed import current_context, launched_by_torchrun, setup_distributed, teardown
 from lowbit.errors import LowbitError
-from lowbit.evaluation import evaluate, size_account
+from lowbit.evaluation import evaluate, peak_memory_bytes, size_account
 from lowbit.fsio import prepare_out, sampled_sha256
 from lowbit.io import QUANTIZED_OUT, is_quantized_dir, load_quantized, reference_identity, save_quantized, weight_files
 from lowbit.methods import GPTQ, RTN, Method, make_method, method_settings  # noqa: F401
@@ -153,10 +153,14 @@ def eval_model(
     batch_size: int = 4,
     progress: bool = True,
 ) -> dict:
-    """Perplexity / KL / top-1 on ``data`` plus the size account, as one flat dict."""
+    """Perplexity / KL / top-1 on ``data`` plus the size account, as one flat dict.
+
+    The reference (if any) runs alongside, batch by batch (``reference_mode`` "model-alongside"): only
+    one batch's full-vocabulary log-probs of each model exist at a time, never all windows' at once.
+    ``peak_memory_bytes`` is this process's peak resident memory so far (models included)."""
     windows = tokenize_windows(
         tokenizer, get_text(data), seq_len, max_tokens=max_tokens, bos=tokenizer_adds_bos(tokenizer)
     )
     with torch.inference_mode():
         result = evaluate(model, windows, reference=reference, batch_size=batch_size, progress=progress)
-    return {"data": data, **result, **size_account(model)}
+    return {"data": data, **result, **size_account(model), "peak_memory_bytes": peak_memory_bytes()}
