@@ -69,3 +69,9 @@ def test_torchrun_refusals_are_one_line(tiny_model_dir, sample_text_file, tmp_pa
     assert proc.returncode != 0
     assert "fewer batches than processes" in proc.stderr
     assert not (tmp_path / "few" / "lowbit.json").exists()
+    blockap = ["quantize", "--method", "blockap", "--model", str(tiny_model_dir), "--bits", "2",
+               "--out", str(tmp_path / "bap"), "--json"]
+    proc = _torchrun(*blockap)
+    assert proc.returncode != 0
+    assert "--method blockap runs in one process: launch it without torchrun" in proc.stderr
+    assert not (tmp_path / "bap").exists()

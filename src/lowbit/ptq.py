@@ -244,9 +244,11 @@ def _stages(block: nn.Module, linears: dict[str, nn.Module], first) -> list[list
     """The block's linears in call order, consecutive ones that read the same input tensor merged
     into one stage (q/k/v; gate/up), found with one forward pass on the first calibration batch."""
     order: list[tuple[str, int]] = []
+    alive: list[torch.Tensor] = []  # held so that a freed input's address cannot be reused by a later one
 
     def make_hook(name):
         def hook(_module, args):
+            alive.append(args[0])
             order.append((name, args[0].data_ptr()))
 
         return hook
