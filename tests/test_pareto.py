@@ -270,8 +270,10 @@ def test_cached_evaluation_equals_evaluate_with_a_reference_module():
         direct = evaluate(model, ids, reference=reference, batch_size=4, progress=False)
         cached = evaluate(model, cache.windows, reference=cache, progress=False)
         fp = evaluate(reference, ids, reference=reference, batch_size=4, progress=False)
+    assert (cached.pop("reference_mode"), direct.pop("reference_mode")) == ("cached-full", "model-alongside")
     assert cached == direct
     assert direct["kl_to_reference"] > 0
+    assert (cache.result.pop("reference_mode"), fp.pop("reference_mode")) == ("self", "model-alongside")
     assert cache.result == fp
     assert cache.result["kl_to_reference"] == 0.0 and cache.result["top1_agreement"] == 1.0
 

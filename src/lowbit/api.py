@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from lowbit.data import get_text, tokenize_windows, tokenizer_adds_bos
+from lowbit.distributed import current_context, launched_by_torchrun, setup_distributed, teardown
 from lowbit.errors import LowbitError
-from lowbit.evaluation import evaluate, size_account
+from lowbit.evaluation import evaluate, peak_memory_bytes, size_account
 from lowbit.fsio import prepare_out, sampled_sha256
 from lowbit.io import QUANTIZED_OUT, is_quantized_dir, load_quantized, reference_identity, save_quantized, weight_files
 from lowbit.methods import GPTQ, RTN, Method, make_method, method_settings  # noqa: F401
@@ -59,15 +60,41 @@ def quantize_to_dir(
 
     ``out`` is checked before any work (:func:`lowbit.fsio.prepare_out`): it must not hold
     anything but, with ``overwrite``, a previous quantized folder, nor overlap ``model_spec``.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) every process calls this: a data-parallel method (GPTQ
+    splits its calibration batches over the processes and sums their Hessians; RTN needs no data)
+    gives every rank the same model, rank 0 alone checks and writes ``out`` and returns the record,
+    the others return ``{"rank": r}``.
     """
     method = make_method(method, **settings)
-    prepare_out(out, QUANTIZED_OUT, overwrite, inputs=(model_spec,))
+    owned = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    ctx = setup_distributed() if launched_by_torchrun() else current_context()
+    try:
+        if ctx.active and not getattr(method, "data_parallel", False):
+            raise LowbitError(
+                f"--method {method.name} runs in one process: launch it without torchrun "
+                "(under torchrun: --method gptq or rtn)"
+            )
+        if ctx.is_main:
+            prepare_out(out, QUANTIZED_OUT, overwrite, inputs=(model_spec,))
+        ctx.barrier()
+        record = _quantize_and_save(model_spec, out, config, method, progress and ctx.is_main, overwrite, ctx)
+        ctx.barrier()
+        return record
+    finally:
+        if owned:
+            teardown(ctx)
+
+
+def _quantize_and_save(model_spec, out, config, method, progress, overwrite, ctx) -> dict:
     model, tokenizer, meta = load(model_spec)
     if meta is not None:
         raise LowbitError(f"{model_spec} is already quantized: quantize the full-precision model instead")
     t0 = time.time()
     report = method.apply(model, config, tokenizer=tokenizer, progress=progress)
     seconds = time.time() - t0
+    if not ctx.is_main:
+        return {"rank": ctx.rank}
     info = {
         **reference_identity(model_spec),
         "base_model_id": model_id(model_spec),
@@ -80,7 +107,7 @@ def quantize_to_dir(
     if getattr(model, "lowbit_rotation", None):
         info["rotation"] = model.lowbit_rotation
     save_quantized(model, tokenizer, out, info=info, overwrite=overwrite, inputs=(model_spec,))
-    return {**info, "out": str(out), **size_account(model)}
+    return {**info, "out": str(out), **size_account(model), **({"world_size": ctx.world} if ctx.active else {})}
 
 
 def resolve_reference(meta: dict) -> tuple[str | None, nn.Module | None]:
@@ -126,10 +153,14 @@ def eval_model(
     batch_size: int = 4,
     progress: bool = True,
 ) -> dict:
-    """Perplexity / KL / top-1 on ``data`` plus the size account, as one flat dict."""
+    """Perplexity / KL / top-1 on ``data`` plus the size account, as one flat dict.
+
+    The reference (if any) runs alongside, batch by batch (``reference_mode`` "model-alongside"): only
+    one batch's full-vocabulary log-probs of each model exist at a time, never all windows' at once.
+    ``peak_memory_bytes`` is this process's peak resident memory so far (models included)."""
     windows = tokenize_windows(
         tokenizer, get_text(data), seq_len, max_tokens=max_tokens, bos=tokenizer_adds_bos(tokenizer)
     )
     with torch.inference_mode():
         result = evaluate(model, windows, reference=reference, batch_size=batch_size, progress=progress)
-    return {"data": data, **result, **size_account(model)}
+    return {"data": data, **result, **size_account(model), "peak_memory_bytes": peak_memory_bytes()}

@@ -116,7 +116,8 @@ def cmd_quantize(args) -> dict:
         return stream_quantize_to_dir(
             args.model, args.out, config, method=method, progress=not args.json, **overwrite_kwargs(args)
         )
-    return quantize_to_dir(args.model, args.out, config, method=method, progress=not args.json, **overwrite_kwargs(args))
+    result = quantize_to_dir(args.model, args.out, config, method=method, progress=not args.json, **overwrite_kwargs(args))
+    return None if "rank" in result else result  # under torchrun, rank 0 reports
 
 
 def _streams(args, method: str, config) -> bool:

@@ -12,6 +12,7 @@ a sweep (:class:`CachedReference`), or logits another engine produced (:func:`co
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -38,13 +39,17 @@ def kl_terms(ref_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
 
 
 class ReferenceSource(Protocol):
-    """Where the reference log-probs of batch ``index`` (token ids ``ids``) come from."""
+    """Where the reference log-probs of batch ``index`` (token ids ``ids``) come from. A source may
+    also define ``compare(index, ids, logp) -> (kl_sum, agreeing, kl_error_bound_sum | None)`` (as
+    :class:`CachedReference` with ``top_k`` does) and a ``mode`` string, recorded as ``reference_mode``."""
 
     def log_probs(self, index: int, ids: torch.Tensor) -> torch.Tensor: ...
 
 
 class ModelReference:
-    """The reference model, run on each batch alongside the evaluated model."""
+    """The reference model, run on each batch alongside the evaluated model (nothing is kept)."""
+
+    mode = "model-alongside"
 
     def __init__(self, model: nn.Module):
         self.model = model.eval()
@@ -54,36 +59,106 @@ class ModelReference:
 
 
 @dataclass
+class TopKLogProbs:
+    """One batch of a reference's next-token log-probs reduced to the ``k`` largest per position
+    (``values`` descending, their token ``indices``) and ``log_tail``, the log of the mass of the rest."""
+
+    values: torch.Tensor  # (batch, seq - 1, k) float32
+    indices: torch.Tensor  # (batch, seq - 1, k) int32
+    log_tail: torch.Tensor  # (batch, seq - 1) float32
+
+    @classmethod
+    def of(cls, logp: torch.Tensor, k: int) -> TopKLogProbs:
+        values, indices = logp.topk(min(k, logp.shape[-1]), dim=-1)
+        log_tail = torch.logsumexp(logp.scatter(-1, indices, float("-inf")), dim=-1)
+        return cls(values, indices.int(), log_tail)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.values, self.indices, self.log_tail))
+
+    def kl(self, logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per position: the KL of the model's full ``logp`` against this summary, and a bound on its
+        error (:class:`CachedReference`, ``top_k``)."""
+        idx = self.indices.long()
+        head = (self.values.exp() * (self.values - logp.gather(-1, idx))).sum(-1)
+        rest = logp.scatter(-1, idx, float("-inf"))
+        log_q_tail = torch.logsumexp(rest, dim=-1)
+        log_q_min = logp.scatter(-1, idx, float("inf")).amin(-1)
+        p_tail = self.log_tail.exp()
+        tail = torch.where(p_tail > 0, p_tail * (self.log_tail - log_q_tail), torch.zeros_like(p_tail))
+        log_p_max = torch.clamp(self.values[..., -1] - self.log_tail, max=0.0)  # of the tail, renormalised
+        bound = torch.where(
+            p_tail > 0, p_tail * torch.clamp(log_p_max - (log_q_min - log_q_tail), min=0.0), torch.zeros_like(p_tail)
+        )
+        return head + tail, bound
+
+
+@dataclass
 class CachedReference:
     """The reference's log-probs on fixed windows, computed once and kept in memory.
 
     ``log_probs_[i]`` is batch ``i``'s log-probs in float32 (windows x (seq_len - 1) x vocab x 4 bytes
     in all: ~3.2 GB for 16k tokens and a 49k vocab). ``result`` is the reference's own evaluation
     (KL 0, top-1 agreement 1).
+
+    With ``top_k`` (:func:`cache_reference`) each position keeps only its ``k`` largest log-probs and
+    the log of the remaining mass (:class:`TopKLogProbs`: ``8 k + 4`` bytes instead of ``4 vocab``,
+    516 bytes for k = 64). Top-1 agreement and the model's NLL stay exact; KL becomes the KL of the
+    two distributions coarse-grained to the k reference tokens plus one "rest" bucket,
+    ``KL_k = sum_{v in K} p_v log(p_v / q_v) + P_T log(P_T / Q_T)`` (``P_T``, ``Q_T``: the reference's
+    and the model's mass outside K). Its error, per position, is bounded both ways:
+
+        0 <= KL - KL_k = P_T * KL(p~ || q~) <= P_T * log(max p~ / min q~)
+
+    where ``p~``, ``q~`` are the two distributions restricted to the tokens outside K and
+    renormalised (the log-sum inequality gives the lower end; a mean of log-ratios is at most its
+    largest term the upper). ``max p~ <= p_(k) / P_T`` is known from the cache and ``min q~`` from the
+    evaluated model, so :func:`evaluate` reports the mean of this bound as ``kl_error_bound``: the
+    exact KL lies in ``[kl_to_reference, kl_to_reference + kl_error_bound]``.
     """
 
     windows: torch.Tensor
     batch_size: int
-    log_probs_: list[torch.Tensor]
+    log_probs_: list[torch.Tensor | TopKLogProbs]
     result: dict
+    top_k: int | None = None
+
+    @property
+    def mode(self) -> str:
+        return "cached-full" if self.top_k is None else f"cached-top{self.top_k}"
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.log_probs_)
+        return sum(t.nbytes if isinstance(t, TopKLogProbs) else t.numel() * t.element_size() for t in self.log_probs_)
 
     def log_probs(self, index: int, ids: torch.Tensor) -> torch.Tensor:
+        if self.top_k is not None:
+            raise ValueError("a top-k reference cache keeps no full log-probs: evaluate compares through compare()")
         return self.log_probs_[index]
+
+    def compare(self, index: int, ids: torch.Tensor, logp: torch.Tensor) -> tuple[float, int, float | None]:
+        kept = self.log_probs_[index]
+        if not isinstance(kept, TopKLogProbs):
+            return _compare_full(kept, logp)
+        kl, bound = kept.kl(logp)
+        agree = (kept.indices[..., 0].long() == logp.argmax(-1)).sum().item()
+        return kl.sum().item(), agree, bound.sum().item()
 
 
 @torch.no_grad()
 def cache_reference(
-    reference: nn.Module, windows: torch.Tensor, batch_size: int = 4, progress: bool = True
+    reference: nn.Module, windows: torch.Tensor, batch_size: int = 4, progress: bool = True, top_k: int | None = None
 ) -> CachedReference:
-    """Run ``reference`` once over ``windows`` and keep its log-probs (see :class:`CachedReference`)."""
-    kept: list[torch.Tensor] = []
-    result = _run(reference.eval(), windows, batch_size, None, progress, "reference", keep=kept)
-    result.update(kl_to_reference=0.0, top1_agreement=1.0)
-    return CachedReference(windows, batch_size, kept, result)
+    """Run ``reference`` once over ``windows`` and keep its log-probs (see :class:`CachedReference`):
+    all of them, or with ``top_k`` the ``k`` largest per position and the rest's mass."""
+    if top_k is not None and top_k < 1:
+        raise LowbitError(f"top_k must be a positive number of tokens, not {top_k}")
+    kept: list = []
+    keep = kept.append if top_k is None else (lambda logp: kept.append(TopKLogProbs.of(logp, top_k)))
+    result = _run(reference.eval(), windows, batch_size, None, progress, "reference", keep=keep)
+    result.update(kl_to_reference=0.0, top1_agreement=1.0, reference_mode="self")
+    return CachedReference(windows, batch_size, kept, result, top_k)
 
 
 @torch.no_grad()
@@ -95,7 +170,8 @@ def evaluate(
     progress: bool = True,
 ) -> dict:
     """Perplexity of ``model`` on token ``windows`` (n, seq_len), plus KL/top-1 against ``reference``
-    (a model, or any :class:`ReferenceSource`; a :class:`CachedReference` fixes windows and batches)."""
+    (a model, run batch by batch alongside, or any :class:`ReferenceSource`; a
+    :class:`CachedReference` fixes windows and batches). Only one batch's log-probs are alive at a time."""
     if isinstance(reference, nn.Module):
         reference = ModelReference(reference)
     check_seq_len(model, int(windows.shape[1]), "seq_len")
@@ -107,22 +183,28 @@ def evaluate(
     return _run(model, windows, batch_size, reference, progress, "eval")
 
 
+def _compare_full(ref_logp: torch.Tensor, logp: torch.Tensor) -> tuple[float, int, None]:
+    return kl_terms(ref_logp, logp).sum().item(), (ref_logp.argmax(-1) == logp.argmax(-1)).sum().item(), None
+
+
 def _run(model, windows, batch_size, reference, progress, desc, keep=None) -> dict:
-    nll_sum, kl_sum, agree, count = 0.0, 0.0, 0, 0
+    nll_sum, kl_sum, agree, count, bound_sum = 0.0, 0.0, 0, 0, None
     for i, ids in enumerate(tqdm(torch.split(windows, batch_size), desc=desc, unit="batch", disable=not progress)):
         logp = log_probs(model(input_ids=ids, use_cache=False).logits)
         targets = ids[:, 1:]
         nll_sum += -logp.gather(-1, targets.unsqueeze(-1)).sum().item()
         count += targets.numel()
         if keep is not None:
-            keep.append(logp)
+            keep(logp)
         if reference is not None:
-            ref_logp = reference.log_probs(i, ids)
-            kl_sum += kl_terms(ref_logp, logp).sum().item()
-            agree += (ref_logp.argmax(-1) == logp.argmax(-1)).sum().item()
+            compare = getattr(reference, "compare", None)
+            kl, agreeing, bound = compare(i, ids, logp) if compare else _compare_full(reference.log_probs(i, ids), logp)
+            kl_sum, agree = kl_sum + kl, agree + agreeing
+            bound_sum = None if bound is None else (bound_sum or 0.0) + bound
+        del logp
     kl = kl_sum / count if reference is not None else None
     _check_finite(desc, nll_sum / count, kl)
-    return {
+    result = {
         "perplexity": math.exp(nll_sum / count),
         "nll": nll_sum / count,
         "tokens": count,
@@ -130,7 +212,22 @@ def _run(model, windows, batch_size, reference, progress, desc, keep=None) -> di
         "seq_len": int(windows.shape[1]),
         "kl_to_reference": kl,
         "top1_agreement": agree / count if reference is not None else None,
+        "reference_mode": getattr(reference, "mode", "external") if reference is not None else None,
     }
+    if bound_sum is not None:
+        result["kl_error_bound"] = bound_sum / count
+    return result
+
+
+def peak_memory_bytes() -> int | None:
+    """The most resident memory this process has held so far (``ru_maxrss``; Linux reports KiB,
+    macOS bytes), or None where the OS does not say."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not POSIX
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 def _check_finite(desc: str, nll: float, kl: float | None) -> None:

@@ -114,6 +114,7 @@ class RTN:
 
     name: ClassVar[str] = "rtn"
     kind: ClassVar[str] = "post-training"
+    data_parallel: ClassVar[bool] = True  # under torchrun every rank computes the same, rank 0 writes
 
     def apply(self, model: nn.Module, config: QuantConfig, tokenizer=None, progress: bool = True) -> dict:
         from lowbit.ptq import rtn
@@ -129,6 +130,7 @@ class GPTQ:
 
     name: ClassVar[str] = "gptq"
     kind: ClassVar[str] = "post-training"
+    data_parallel: ClassVar[bool] = True  # under torchrun the ranks split the calibration batches
 
     calib: str = field(default="wiki-calib", metadata={"help": "calibration text: wiki-calib, news or a text file"})
     calib_tokens: int = field(default=16384, metadata={"help": "calibration tokens", "parse": parse_positive_int})

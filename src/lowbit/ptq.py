@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit.distributed import DistContext, current_context
 from lowbit.errors import LowbitError
 from lowbit.quantizers import make_quantizer
 from lowbit.surgery import (
@@ -166,18 +167,25 @@ def gptq(
         raise LowbitError("GPTQ needs at least one calibration window of tokens")
     layers = find_decoder_layers(model)
     heads = output_head_names(model)
-    store = _capture_block_inputs(model, layers, list(torch.split(calib_ids, batch_size)))
+    ctx = current_context()
+    batches = list(torch.split(calib_ids, batch_size))
+    if len(batches) < ctx.world:
+        raise LowbitError(
+            f"GPTQ under torchrun splits its {len(batches)} calibration batches of {batch_size} windows over "
+            f"{ctx.world} processes, fewer batches than processes: use more --calib-tokens or fewer processes"
+        )
+    store = _capture_block_inputs(model, layers, [batches[i] for i in ctx.slice(len(batches))])
     results: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     names = {m: n for n, m in model.named_modules()}
     t0 = time.time()
-    bar = tqdm(total=len(layers), desc="GPTQ blocks", disable=not progress, unit="block")
+    bar = tqdm(total=len(layers), desc="GPTQ blocks", disable=not (progress and ctx.is_main), unit="block")
     for block in layers:
         linears = {
             names[m]: m for m in block.modules() if is_linear(m) and names[m] not in heads and config.spec_for(names[m])
         }
         stages = _stages(block, linears, store[0]) if sequential else [list(linears)]
         for stage in stages:
-            hessians = _block_hessians(block, {n: linears[n] for n in stage}, store)
+            hessians = _block_hessians(block, {n: linears[n] for n in stage}, store, ctx)
             for name in stage:
                 spec = config.spec_for(name)
                 quantizer = make_quantizer(spec.bits, spec.quantizer, spec.group_size)
@@ -196,17 +204,28 @@ def gptq(
     return model
 
 
-def _block_hessians(block: nn.Module, linears: dict[str, nn.Module], store) -> dict[str, torch.Tensor]:
-    """``H = 2 X X^T / n`` of each linear's inputs over the calibration batches in ``store``."""
-    hessians = {n: torch.zeros(linear_weight(m)[0].shape[1], linear_weight(m)[0].shape[1]) for n, m in linears.items()}
+def _block_hessians(
+    block: nn.Module, linears: dict[str, nn.Module], store, ctx: DistContext | None = None
+) -> dict[str, torch.Tensor]:
+    """``H = 2 X X^T / n`` of each linear's inputs over the calibration batches in ``store``, in float32.
+
+    Each batch adds its float32 product ``x^T x`` to a float64 sum (with the token count alongside);
+    under torchrun (``ctx`` active) every rank holds its own batches and the sums and counts are
+    added up over ranks before the division, so all ranks get the same H. A float64 sum of float32
+    terms is exact, hence independent of order and of how the batches are split over ranks, as long
+    as an entry's terms span fewer than about ``2**(29 - log2(batches))`` in magnitude, which
+    calibration batches (terms of one sign on the diagonal, of like size elsewhere) satisfy in practice.
+    """
+    ctx = ctx or DistContext()
+    sums = {n: torch.zeros(linear_weight(m)[0].shape[1], linear_weight(m)[0].shape[1], dtype=torch.float64)
+            for n, m in linears.items()}
     counts = dict.fromkeys(linears, 0)
 
     def make_hook(name):
         def hook(_module, args, _out):
             x = args[0].detach().float().reshape(-1, args[0].shape[-1])
-            n_old, n_new = counts[name], x.shape[0]
-            hessians[name].mul_(n_old / (n_old + n_new)).add_(x.t() @ x, alpha=2.0 / (n_old + n_new))
-            counts[name] = n_old + n_new
+            sums[name].add_(x.t() @ x)
+            counts[name] += x.shape[0]
 
         return hook
 
@@ -217,16 +236,19 @@ def _block_hessians(block: nn.Module, linears: dict[str, nn.Module], store) -> d
     finally:
         for h in handles:
             h.remove()
-    return hessians
+    tokens = ctx.sum(torch.tensor([counts[n] for n in linears], dtype=torch.int64)).tolist()
+    return {n: (ctx.sum(sums.pop(n)) * (2.0 / max(1, tokens[i]))).float() for i, n in enumerate(linears)}
 
 
 def _stages(block: nn.Module, linears: dict[str, nn.Module], first) -> list[list[str]]:
     """The block's linears in call order, consecutive ones that read the same input tensor merged
     into one stage (q/k/v; gate/up), found with one forward pass on the first calibration batch."""
     order: list[tuple[str, int]] = []
+    alive: list[torch.Tensor] = []  # held so that a freed input's address cannot be reused by a later one
 
     def make_hook(name):
         def hook(_module, args):
+            alive.append(args[0])
             order.append((name, args[0].data_ptr()))
 
         return hook
