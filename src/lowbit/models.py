@@ -149,7 +149,7 @@ def _check_causal_config(config: Any, where: str) -> None:
 def _load_hf_folder(folder: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     """Load model and tokenizer from a Hugging Face folder with config.json, offline."""
     _set_offline()
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
@@ -163,15 +163,22 @@ def _load_hf_folder(folder: Path, dtype: torch.dtype) -> tuple[Any, Any]:
             f"cannot load the causal language model in {folder}: {exc}. The folder needs config.json "
             "and the weights (model.safetensors or pytorch_model.bin)"
         ) from exc
+    tokenizer = load_tokenizer(folder)
+    model.eval()
+    return model, tokenizer
+
+
+def load_tokenizer(folder: Path):
+    """The tokenizer saved beside a model's config.json, or a one-line error naming the missing files."""
+    from transformers import AutoTokenizer
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, TypeError, AttributeError) as exc:
         raise LowbitError(
             f"cannot load a tokenizer from {folder}: {exc}. Put the tokenizer files "
             "(tokenizer.json and tokenizer_config.json) next to config.json"
         ) from exc
-    model.eval()
-    return model, tokenizer
 
 
 def max_positions(model) -> int | None:

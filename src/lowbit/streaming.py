@@ -126,9 +126,9 @@ def should_stream(spec: str, method: str, config: QuantConfig) -> bool:
 def _skeleton(folder: Path):
     """(model with meta parameters and real buffers, tokenizer) of a Hugging Face folder, offline."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lowbit.models import _check_causal_config, _set_offline
+    from lowbit.models import _check_causal_config, _set_offline, load_tokenizer
 
     _set_offline()
     try:
@@ -140,14 +140,7 @@ def _skeleton(folder: Path):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
     model.tie_weights()  # init_empty_weights re-creates each parameter, which unties a tied head
     model.eval()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, TypeError, AttributeError) as exc:
-        raise LowbitError(
-            f"cannot load a tokenizer from {folder}: {exc}. Put the tokenizer files "
-            "(tokenizer.json and tokenizer_config.json) next to config.json"
-        ) from exc
-    return model, tokenizer
+    return model, load_tokenizer(folder)
 
 
 def _stored(key_names: list[str], ckpt: Checkpoint) -> str | None:
