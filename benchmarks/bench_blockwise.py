@@ -16,6 +16,7 @@ seconds, and the per-block MSE curve) and ``blockwise.md``::
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -101,8 +102,14 @@ def stage_blockap(args, work: Path, fp, score) -> tuple[dict, list]:
                      time_budget=args.blockap_minutes * 60 if args.blockap_minutes else None)
     if not (folder / "lowbit.json").exists():
         model, tokenizer, _ = load(str(work / "budget"))
+        reference = fp
+        if args.rotate:  # the targets are the rotated full-precision blocks (seed 0, as the start point)
+            from lowbit.rotation import rotate_model_
+
+            reference = copy.deepcopy(fp)
+            rotate_model_(reference)
         t0 = time.time()
-        report = method.apply(model, model.lowbit_config, tokenizer, progress=not args.quiet, reference=fp)
+        report = method.apply(model, model.lowbit_config, tokenizer, progress=not args.quiet, reference=reference)
         seconds = sum(b["seconds"] for b in report["blocks"])
         save_quantized(model, tokenizer, folder, info={**reference_identity(args.model), "method": "budget+blockap",
                        "quantize_seconds": round(seconds, 1), "report": report,
