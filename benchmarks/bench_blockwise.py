@@ -176,6 +176,35 @@ def write_markdown(path: Path, results: dict) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def write_plot(path: Path, results: dict) -> None:
+    """Left: KL per stage for every run; right: Block-AP's relative MSE per block, before and after."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, rec in sorted(results["runs"].items()):
+        stages = rec["stages"]
+        ax1.plot([s["stage"] for s in stages], [s["kl_to_reference"] for s in stages], marker="o",
+                 label=f"{key} ({stages[0]['bits_per_weight_linear']:.2f} b/w)")  # fmt: skip
+        blocks = rec.get("blocks", [])
+        if blocks:
+            x = [b["block"] for b in blocks]
+            line = ax2.plot(x, [b["mse_initial"] for b in blocks], linestyle="--")[0]
+            ax2.plot(x, [b["mse_final"] for b in blocks], color=line.get_color(), label=key)
+    ax1.set_yscale("log")
+    ax1.set_ylabel("KL to full precision (held-out text)")
+    ax1.legend(fontsize=8)
+    ax2.set_yscale("log")
+    ax2.set_xlabel("decoder block")
+    ax2.set_ylabel("relative MSE (dashed: start, solid: after Block-AP)")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
@@ -223,6 +252,7 @@ def main() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2))
         write_markdown(Path(args.md), results)
+        write_plot(Path(args.md).with_suffix(".png"), results)
 
     rec["stages"].append(stage_budget(args, work, score))
     print(json.dumps(rec["stages"][-1]), flush=True)
