@@ -35,7 +35,7 @@ from lowbit.surgery import QuantConfig, QuantizedLinear, quantize_model, quantiz
 MIN_LR_FACTOR = 20  # the cosine schedule ends at lr / 20, as EfficientQAT's Block-AP code does
 # settings that change where or how often state is kept, not the result
 _NOT_IN_FINGERPRINT = ("work_dir", "save_every", "cache_dir", "max_cache_gb")
-PROBE_STEPS = 2  # steps timed on the first block to fit a time budget
+PROBE_STEPS = 3  # steps run on the first block before fitting a time budget (the first, warm-up, is not timed)
 
 
 @dataclass(frozen=True)
@@ -281,7 +281,9 @@ class _Run:
         if current is not None and current["block"] == i:
             initial, init_state, step, spent = current["mse_initial"], current["initial_state"], current["step"], current["seconds"]
         else:
+            t_pass = time.time()
             initial, init_state, step, spent = self._relative_mse(q_block), clone_state(q_block), 0, 0.0
+            self._pass_seconds = time.time() - t_pass  # one forward pass of the block over every window
         trainer = _BlockTrainer(q_block, self.m)
         if current is not None and current["block"] == i:
             trainer.load(current["trainer"])
@@ -297,8 +299,10 @@ class _Run:
                 kwargs = self.kwargs["q"][len(idx)]
                 loss = trainer.step(self.streams.q[idx], self.streams.fp[idx], kwargs, step, total)
                 step += 1
+                if probing and step == 1:
+                    t_steps = time.time()
                 if probing and step == min(PROBE_STEPS, total):
-                    total = self._fit_time_budget(total, per_epoch, (time.time() - t0) / step)
+                    total = self._fit_time_budget(total, (time.time() - t_steps) / max(step - 1, 1))
                     probing = False
                     bar.total = total
                 bar.update(1)
@@ -310,18 +314,21 @@ class _Run:
             trainer.finish()
         self._finish_block(i, initial, init_state, total, spent, t0)
 
-    def _fit_time_budget(self, total: int, per_epoch: int, step_seconds: float) -> int:
-        """Steps per block that fit ``time_budget`` over all blocks: each block also runs ~4 forward passes
-        over the windows (targets, stream, MSE before and after), about 4/3 of an epoch of steps."""
+    def _fit_time_budget(self, total: int, step_seconds: float) -> int:
+        """Steps per block that fit ``time_budget`` over all blocks, from the measured seconds per step and
+        per forward pass over the windows (each block runs four: targets, error before and after, the
+        quantized stream)."""
         blocks = len(self.q_layers)
         per_block = self.m.time_budget / blocks
-        overhead = 4.0 / 3.0 * per_epoch * step_seconds
+        step_seconds = max(step_seconds, 1e-6)
+        overhead = 4.0 * getattr(self, "_pass_seconds", 0.0)
         fitted = max(PROBE_STEPS, min(total, int((per_block - overhead) / step_seconds)))
         self.state["steps_per_block"] = fitted
         self.state["step_seconds_measured"] = round(step_seconds, 4)
+        self.state["pass_seconds_measured"] = round(getattr(self, "_pass_seconds", 0.0), 4)
         if self.progress:
-            tqdm.write(f"Block-AP: {step_seconds:.2f} s per step, {fitted} steps per block to fit "
-                       f"{self.m.time_budget / 60:.1f} min over {blocks} blocks (asked: {total})")  # fmt: skip
+            tqdm.write(f"Block-AP: {step_seconds:.2f} s per step, {overhead:.1f} s of passes per block: {fitted} "
+                       f"steps per block to fit {self.m.time_budget / 60:.1f} min over {blocks} blocks (asked: {total})")  # fmt: skip
         return fitted
 
     def _save_current(self, i, step, initial, init_state, trainer, seconds) -> None:
