@@ -127,10 +127,10 @@ def stage_e2e(args, work: Path, score) -> tuple[dict, list]:
     from lowbit.api import load
     from lowbit.io import read_meta
     from lowbit.qat import TrainConfig, run
-    from lowbit.surgery import QuantConfig
+    from lowbit.surgery import ROTATION_FIELDS, QuantConfig
 
     init = work / "blockap"
-    quant = {k: v for k, v in read_meta(init)["quant_config"].items() if k != "rotate"}
+    quant = {k: v for k, v in read_meta(init)["quant_config"].items() if k not in ROTATION_FIELDS}
     cfg = TrainConfig(out=str(work / "e2e"), quant=QuantConfig(**quant), steps=args.e2e_steps, model=args.model,
                       data="wiki-train", init=str(init), train_params="scales", lr=args.e2e_lr,
                       scale_lr=args.e2e_lr, batch_size=8, seq_len=256, warmup=min(10, args.e2e_steps - 1))  # fmt: skip

@@ -77,7 +77,7 @@ class Auto:
         t0 = time.time()
         stages: list[dict] = []
         skipped: dict[str, str] = {}
-        config = self._rotate(model, config, stages, skipped)
+        config = self._rotate(model, config, stages, skipped, tokenizer, progress)
         fp = copy.deepcopy(model) if self.time_budget is not None else None
         start = time.time()
         budget = Budget(budget_bpw=self.budget_bpw, budget_mb=self.budget_mb, calib=self.calib,
@@ -95,7 +95,9 @@ class Auto:
                 stages.append(self._blockap(model, fp, tokenizer, left, progress))
         return {"stages": stages, "skipped": skipped, "plan": plan, "seconds": round(time.time() - t0, 1)}
 
-    def _rotate(self, model: nn.Module, config: QuantConfig, stages: list, skipped: dict) -> QuantConfig:
+    def _rotate(self, model: nn.Module, config: QuantConfig, stages: list, skipped: dict, tokenizer=None,
+                progress: bool = False) -> QuantConfig:
+        from lowbit.methods import calibration_windows
         from lowbit.rotation import rotate_for_, rotation_unsupported
 
         if self.rotation == "no" and not config.rotate:
@@ -107,8 +109,14 @@ class Auto:
             return config
         start = time.time()
         config = dataclasses.replace(config, rotate=True)
-        rotate_for_(model, config)  # raises the one-line reason when rotation was asked for and cannot be done
-        stages.append({"stage": "rotation", "seconds": round(time.time() - start, 1), "tokens": 0})
+
+        def windows():  # read only when --rotation-steps learns the rotation
+            return calibration_windows(tokenizer, self.calib, self.calib_tokens, self.seq_len)
+
+        # raises the one-line reason when rotation was asked for and cannot be done
+        record = rotate_for_(model, config, calib=windows, progress=progress)
+        tokens = record.get("steps", 0) * record.get("windows_per_step", 0) * record.get("seq_len", 0)
+        stages.append({"stage": "rotation", "seconds": round(time.time() - start, 1), "tokens": tokens})
         return config
 
     def _blockap(self, model: nn.Module, fp: nn.Module, tokenizer, left: float, progress: bool) -> dict:

@@ -156,8 +156,8 @@ class GPTQ:
         from lowbit.rotation import rotate_for_
 
         check_seq_len(model, self.seq_len, "--seq-len")
-        rotate_for_(model, config)
         ids = calibration_windows(tokenizer, self.calib, self.calib_tokens, self.seq_len, self.sample, self.seed)
+        rotate_for_(model, config, calib=ids, progress=progress)  # a learned rotation reads the same windows
         gptq(model, config, ids, act_order=self.act_order, damp=self.damp, progress=progress,
              sequential=self.sequential)
         return {}

@@ -94,7 +94,8 @@ class Budget:
     def apply(self, model: nn.Module, config: QuantConfig, tokenizer=None, progress: bool = True) -> dict:
         from lowbit.rotation import rotate_for_
 
-        rotate_for_(model, config)
+        rotate_for_(model, config, calib=lambda: calibration_windows(tokenizer, self.calib, self.calib_tokens,
+                    self.seq_len), progress=progress)  # fmt: skip
         plan = make_plan(self, model, config, tokenizer, progress)
         if progress:
             print(plan.table())

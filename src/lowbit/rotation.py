@@ -169,17 +169,47 @@ def _write_(lin: nn.Linear, q: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def rotate_model_(model: nn.Module, seed: int = 0) -> dict:
-    """Fold norm scales and random orthogonal rotations (residual ``R1``, per-head ``R2``) into a
-    full-precision model in place; the model computes the same function (to float rounding). Returns a
-    record for lowbit.json. Must run before quantization."""
+def rotate_model_(model: nn.Module, seed: int = 0, r1: torch.Tensor | None = None, r2: torch.Tensor | None = None) -> dict:
+    """Fold norm scales and orthogonal rotations (residual ``R1``, per-head ``R2``) into a
+    full-precision model in place; the model computes the same function (to float rounding). The
+    rotations are random (:func:`random_rotation`, seeded) unless ``r1`` and ``r2`` are given (e.g.
+    learned, :mod:`lowbit.rotation_learn`). Returns a record for lowbit.json. Must run before quantization."""
     if getattr(model, "lowbit_config", None) is not None:
         raise LowbitError("rotation must be applied to the full-precision model, before quantization")
     parts = _parts(model)
-    gen = torch.Generator().manual_seed(seed)
     hidden = parts.embed.weight.shape[1]
-    r1 = random_rotation(hidden, gen)
-    r2 = random_rotation(parts.head_dim, gen)
+    if (r1 is None) != (r2 is None):
+        raise LowbitError("rotate_model_ takes both r1 and r2, or neither (random rotations from the seed)")
+    if r1 is None:
+        r1, r2 = random_rotations(model, seed)
+        kind = {"kind": "randomized-hadamard", "seed": seed}
+    else:
+        r1, r2 = _check_orthogonal(r1, hidden, "r1"), _check_orthogonal(r2, parts.head_dim, "r2")
+        kind = {"kind": "given"}
+    return {**kind, **_fold_(model, parts, r1, r2)}
+
+
+def random_rotations(model: nn.Module, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual ``R1`` (hidden x hidden) and per-head ``R2`` (head_dim x head_dim) that
+    :func:`rotate_model_` folds for ``seed`` (float64)."""
+    parts = _parts(model)
+    gen = torch.Generator().manual_seed(seed)
+    r1 = random_rotation(parts.embed.weight.shape[1], gen)
+    return r1, random_rotation(parts.head_dim, gen)
+
+
+def _check_orthogonal(q: torch.Tensor, n: int, what: str) -> torch.Tensor:
+    q = q.detach().to(torch.float64)
+    if q.shape != (n, n):
+        raise LowbitError(f"{what} must be {n} x {n} for this model, not {tuple(q.shape)}")
+    err = (q @ q.T - torch.eye(n, dtype=torch.float64)).abs().max().item()
+    if not err <= 1e-6:
+        raise LowbitError(f"{what} is not orthogonal (max |Q Q^T - I| = {err:.2g}): pass an orthogonal matrix")
+    return q
+
+
+def _fold_(model: nn.Module, parts: _Parts, r1: torch.Tensor, r2: torch.Tensor) -> dict:
+    hidden = parts.embed.weight.shape[1]
     head_weight = parts.head.weight.detach().clone()
     was_tied = parts.head.weight is parts.embed.weight
     parts.embed.weight.data = (parts.embed.weight.data.double() @ r1).to(parts.embed.weight.dtype)
@@ -199,7 +229,7 @@ def rotate_model_(model: nn.Module, seed: int = 0) -> dict:
     else:
         parts.head.weight.data = ((head_weight.double() * g.view(1, -1)) @ r1).to(head_weight.dtype)
         parts.norm.weight.fill_(1.0)
-    return {"kind": "randomized-hadamard", "seed": seed, "residual": hidden, "head_dim": parts.head_dim,
+    return {"residual": hidden, "head_dim": parts.head_dim,
             "head": "tied, final-norm mix" if was_tied else "untied, folded"}  # fmt: skip
 
 
@@ -252,13 +282,33 @@ def _rotate_heads_(attn: nn.Module, r2: torch.Tensor, head_dim: int) -> None:
     o.weight.data = torch.einsum("ohd,dk->ohk", wo, r2).reshape(o.weight.shape).to(o.weight.dtype)
 
 
-def rotate_for_(model: nn.Module, config) -> dict | None:
+def rotate_for_(model: nn.Module, config, calib=None, progress: bool = False) -> dict | None:
     """Rotate ``model`` once if ``config.rotate`` asks (every method calls this before its first look
-    at the weights); the record is kept on ``model.lowbit_rotation`` and saved in lowbit.json."""
+    at the weights); the record is kept on ``model.lowbit_rotation`` and saved in lowbit.json.
+
+    With ``config.rotation_steps`` > 0 the rotation is learned first (:func:`lowbit.rotation_learn.learn_rotation`)
+    on ``calib``: calibration windows (a LongTensor as :func:`lowbit.methods.calibration_windows` returns) or a
+    function returning them (called only when the rotation is learned here)."""
     if not getattr(config, "rotate", False):
         return None
     record = getattr(model, "lowbit_rotation", None)
-    if record is None:
+    if record is not None:
+        return record
+    steps = getattr(config, "rotation_steps", 0)
+    if steps:
+        if calib is None:
+            raise LowbitError(
+                f"rotation_steps {steps} learns the rotation on calibration text, which this method does not read "
+                "(RTN): use --method gptq, budget or auto, or in Python call lowbit.rotation.rotate_for_(model, "
+                "config, calib=calibration_windows(tokenizer, ...)) before quantizing"
+            )
+        from lowbit.rotation_learn import learn_rotation
+
+        windows = calib() if callable(calib) else calib
+        learned = learn_rotation(model, config, windows, steps, lr=config.rotation_lr, progress=progress)
+        record = {**learned.record, **rotate_model_(model, r1=learned.r1, r2=learned.r2)}
+        record["kind"] = "learned"
+    else:
         record = rotate_model_(model)
-        model.lowbit_rotation = record
+    model.lowbit_rotation = record
     return record

@@ -7,15 +7,17 @@ QAT, packing and export all read the same :class:`QuantizedLinear` modules.
 from __future__ import annotations
 
 import fnmatch
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.options import parse_bits_option, parse_group_size, parse_override
+from lowbit.options import parse_bits_option, parse_count, parse_group_size, parse_override
 from lowbit.quantizers import Quantizer, check_group_size, make_quantizer, parse_bits
 
+ROTATION_FIELDS = ("rotate", "rotation_steps", "rotation_lr")  # what lowbit train leaves to lowbit quantize
 HP_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -68,6 +70,14 @@ class QuantConfig:
         metadata={"help": "fold a random Hadamard rotation of the residual stream and of each head into the weights "
                   "first (QuaRot-style incoherence; Llama-style RMSNorm models; unties the output head)"},
     )
+    rotation_steps: int = field(
+        default=0,
+        metadata={"help": "with --rotate: learn the rotation for N steps on the calibration text (SpinQuant-style, "
+                  "weight-only); 0 keeps the random Hadamard", "parse": parse_count},
+    )
+    rotation_lr: float = field(
+        default=0.01, metadata={"help": "with --rotation-steps: Adam learning rate of the rotation (Cayley parameters)"}
+    )
     hp_dtype: str = field(default="float16", metadata={"cli": False})
 
     def __post_init__(self):
@@ -80,7 +90,16 @@ class QuantConfig:
                 raise LowbitError(f"override {pattern!r} has unknown keys {sorted(unknown)}: use bits, quantizer, group_size")
             if "bits" in spec:
                 spec["bits"] = parse_bits(spec["bits"])
+        self._check_rotation()
         self._check_quantizers()
+
+    def _check_rotation(self) -> None:
+        if not isinstance(self.rotation_steps, int) or self.rotation_steps < 0:
+            raise LowbitError(f"rotation_steps must be an integer >= 0, not {self.rotation_steps!r}")
+        if self.rotation_steps and not self.rotate:
+            raise LowbitError("rotation_steps learns the rotation that --rotate folds: add --rotate, or drop --rotation-steps")
+        if not (isinstance(self.rotation_lr, (int, float)) and math.isfinite(self.rotation_lr) and self.rotation_lr > 0):
+            raise LowbitError(f"rotation_lr must be a positive number, not {self.rotation_lr!r}")
 
     def _check_quantizers(self) -> None:
         """Refuse, before any work, a quantizer that cannot give the bit-width asked for (the default

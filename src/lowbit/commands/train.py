@@ -30,7 +30,7 @@ REQUIRED = ("steps", "out")  # and --bits, unless --init is a quantized folder (
 def register(subparsers) -> None:
     from lowbit.options import add_options, parse_positive_int
     from lowbit.qat.config import DATA, GENERATION, OPTIM, QUANT, RUN, TrainConfig
-    from lowbit.surgery import QuantConfig
+    from lowbit.surgery import ROTATION_FIELDS, QuantConfig
 
     t = subparsers.add_parser(
         "train",
@@ -44,7 +44,7 @@ def register(subparsers) -> None:
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     groups = {name: t.add_argument_group(name) for name in (DATA, QUANT, OPTIM, GENERATION, RUN)}
     add_options(groups[DATA], TrainConfig, only=by_group[DATA], required=REQUIRED)
-    add_options(groups[QUANT], QuantConfig, skip=("rotate",), required=REQUIRED)  # rotate: quantize, then --init
+    add_options(groups[QUANT], QuantConfig, skip=ROTATION_FIELDS, required=REQUIRED)  # rotate: quantize, then --init
     for name in (QUANT, OPTIM, GENERATION, RUN):
         add_options(groups[name], TrainConfig, only=by_group[name], required=REQUIRED)
     r = groups[RUN]
@@ -63,12 +63,13 @@ def config_from_args(args) -> TrainConfig:
     from lowbit.io import is_quantized_dir, read_meta
     from lowbit.options import given_options, options_from_args
     from lowbit.qat import TrainConfig
+    from lowbit.surgery import ROTATION_FIELDS
 
     stray = given_options(TrainConfig, args, only=("calib", "calib_tokens", "calib_seq_len"))
     if stray and args.init != "gptq":
         raise LowbitError(f"{', '.join(stray)} only applies to --init gptq: drop it or add --init gptq")
     if args.init is not None and is_quantized_dir(args.init):  # the folder's settings, mixed precision included
-        args.quant_base = {k: v for k, v in read_meta(args.init)["quant_config"].items() if k != "rotate"}
+        args.quant_base = {k: v for k, v in read_meta(args.init)["quant_config"].items() if k not in ROTATION_FIELDS}
     elif getattr(args, "bits", None) is None:
         raise LowbitError("--bits is required (1, 1.58/ternary, 2, 3, 4 or 8), unless --init is a quantized folder")
     return TrainConfig(quant=quant_config_from_args(args), **options_from_args(TrainConfig, args))
