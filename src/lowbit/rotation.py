@@ -14,6 +14,9 @@ sizes that are not powers of two (576 = 12 x 12 x 4, 1536 = 12 x 128, 640 = 20 x
 from Paley's construction and Kronecker products; a size with no such factorisation gets a random
 orthogonal matrix (QR of a Gaussian, Haar-distributed).
 
+:mod:`lowbit.rotation_learn` learns ``R1`` and ``R2`` instead (SpinQuant-style, ``rotation_steps``);
+:func:`rotate_model_` folds given rotations as it folds random ones.
+
 A tied output head stays tied: the shared table becomes ``E Q`` and the final norm's scale ``g``,
 which sits between the rotated stream and the table, becomes a ``hidden x hidden`` mix
 ``Q^T diag(g) Q`` applied after the (unit) final RMSNorm (:class:`MixedRMSNorm`; 0.3% of
