@@ -219,9 +219,9 @@ def learn_rotation(model: nn.Module, config, windows: torch.Tensor, steps: int, 
         r1, r2 = r1_64 @ cayley(s1.detach().double()), r2_64 @ cayley(s2.detach().double())
         surrogate.search_scales_(r1.float(), r2.float())
         after = _mean_kl(model, surrogate, scored, r1.float(), r2.float()) if steps else before
-    if not steps or after >= before:
+    kept = "learned" if after < before else "start (learning did not lower the loss)" if steps else "start (0 steps)"
+    if kept != "learned":
         r1, r2 = r1_64, r2_64
-    kept = "learned" if steps and after < before else ("start (0 steps)" if not steps else "start (learning did not lower the loss)")
     record = {"start": "randomized-hadamard", "seed": seed, "steps": steps, "lr": lr, "optimizer": "adam, linear decay",
               "windows": len(windows), "seq_len": windows.shape[1], "windows_per_step": batch,
               "loss": f"KL(fp || rotated fake-quant, scale search {config.scale_search}) per token, "
