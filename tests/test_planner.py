@@ -223,8 +223,9 @@ def test_cli_quantize_with_a_budget(tiny_model_dir, calib_file, tmp_path, capsys
     from lowbit.cli import main
 
     out = tmp_path / "q"
-    # a budget needs neither --bits nor --method: the planner chooses every layer's setting
-    argv = ["quantize", "--model", str(tiny_model_dir), "--out", str(out)]
+    # a budget needs no --bits: the planner chooses every layer's setting (--method budget: the plan and
+    # then_method only; without --method a budget runs auto, tested in tests/test_auto.py)
+    argv = ["quantize", "--model", str(tiny_model_dir), "--out", str(out), "--method", "budget"]
     argv += ["--budget-bpw", "4.5", "--then-method", "rtn", "--calib", calib_file, "--fisher-tokens", "256"]
     argv += ["--seq-len", "32", "--candidates", "4:64:auto", "2:32:minmax", "8:channel:auto", "--json"]
     assert main(argv) == 0
