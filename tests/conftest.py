@@ -109,3 +109,15 @@ def sample_text_file(tmp_path):
     path = tmp_path / "sample.txt"
     path.write_text(SAMPLE_TEXT)
     return path
+
+
+def six_bit_weight(rows: int = 24, cols: int = 40, group: int = 16):
+    """A 6-bit min-max quantized random weight (groups of ``group``) and a random bias, seeded."""
+    from lowbit.quantizers import make_quantizer
+
+    torch.manual_seed(0)
+    q = make_quantizer(6, "minmax", group)
+    w = torch.randn(rows, cols)
+    q.initialize(w, search="none")
+    q.round_scales_()
+    return q.quantize(w), torch.randn(rows)

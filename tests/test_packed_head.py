@@ -177,15 +177,9 @@ def test_untied_six_bit_head_and_embedding_are_each_repacked_once(tmp_path):
 
 
 def test_with_layout_repacks_exactly_and_refuses_a_smaller_layout():
-    torch.manual_seed(0)
-    from lowbit.quantizers import make_quantizer
+    from conftest import six_bit_weight
 
-    q = make_quantizer(6, "minmax", 16)
-    w = torch.randn(24, 40)
-    q.initialize(w, search="none")
-    q.round_scales_()
-    qw = q.quantize(w)
-    bias = torch.randn(24)
+    qw, bias = six_bit_weight()
     six = PackedLinear.from_quantized(qw, bias)
     six.activations = "int8"
     eight = six.with_layout("u8")

@@ -150,13 +150,9 @@ def test_six_bit_folder_round_trips_and_stores_six_bits_per_code(tmp_path, group
 
 def test_u6_packed_linear_runs_the_pytorch_path():
     """No C kernel reads u6: PackedLinear validates it, refuses nothing, and computes F.linear exactly."""
-    torch.manual_seed(0)
-    q = make_quantizer(6, "minmax", 16)
-    w = torch.randn(24, 40)
-    q.initialize(w, search="none")
-    q.round_scales_()
-    qw = q.quantize(w)
-    bias = torch.randn(24)
+    from conftest import six_bit_weight
+
+    qw, bias = six_bit_weight()
     layer = PackedLinear.from_quantized(qw, bias)
     assert layer.layout == kernel_layout(64) == "u6" and layer.packed.shape == (24, row_bytes("u6", 40)) == (24, 30)
     assert not kernels.has_kernel("u6")
