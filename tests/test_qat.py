@@ -487,10 +487,13 @@ def test_cli_flags_come_from_the_config_fields(tiny_model_dir, sample_text_file,
     )
     free = config_from_args(parser.parse_args([*base[:3], "--data-free", "1e4", *base[5:]]))
     assert free.data_free == 10000 and free.data is None
-    for missing in ("--bits", "--steps", "--out"):
+    for missing in ("--steps", "--out"):
         i = base.index(missing)
         with pytest.raises(UsageError, match=f"required: {missing}"):  # one error line, not the usage block
             parser.parse_args(base[:i] + base[i + 2 :])
+    i = base.index("--bits")  # required unless --init is a quantized folder (whose settings are the default)
+    with pytest.raises(LowbitError, match="--bits is required .* unless --init is a quantized folder"):
+        config_from_args(parser.parse_args(base[:i] + base[i + 2 :]))
 
 
 def test_cli_train_mixed_precision_like_quantize(tiny_model_dir, sample_text_file, tmp_path):
