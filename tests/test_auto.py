@@ -32,7 +32,7 @@ def test_without_time_budget_auto_is_rotation_then_plan_and_gptq(calib):
     model = tiny_llama(vocab_size=len(tok))
     report = _auto(calib).apply(model, QuantConfig(bits=4), tokenizer=tok, progress=False)
     assert [s["stage"] for s in report["stages"]] == ["rotation", "budget+gptq"]
-    assert report["skipped"] == {"blockap": "no --time-budget given"}
+    assert report["skipped"] == {"blockap": "no --time-budget given", "e2e": "no --time-budget given"}
     assert model.lowbit_rotation["kind"] == "randomized-hadamard" and model.lowbit_config.rotate
     assert size_account(model)["bits_per_weight_linear"] <= 3.0
     assert report["plan"]["bits_per_weight_linear"] <= 3.0
@@ -41,8 +41,10 @@ def test_without_time_budget_auto_is_rotation_then_plan_and_gptq(calib):
 def test_with_time_left_block_ap_runs_and_never_worsens_a_block(calib):
     tok = tiny_tokenizer()
     model = tiny_llama(vocab_size=len(tok))
-    report = _auto(calib, time_budget=3600.0, rotation="no").apply(model, QuantConfig(bits=4), tok, progress=False)
-    assert [s["stage"] for s in report["stages"]] == ["budget+gptq", "blockap"]
+    report = _auto(calib, time_budget=3600.0, rotation="no", e2e_steps=6).apply(model, QuantConfig(bits=4), tok,
+                                                                                 progress=False)  # fmt: skip
+    assert [s["stage"] for s in report["stages"]] == ["budget+gptq", "blockap", "e2e"]
+    assert report["stages"][2]["steps"] == 6 and report["stages"][2]["tokens"] == 6 * 8 * 64
     assert report["skipped"] == {"rotation": "rotation no"}
     blocks = report["stages"][1]["blocks"]
     assert len(blocks) == 2 and all(b["mse_final"] <= b["mse_initial"] for b in blocks)
@@ -59,6 +61,7 @@ def test_too_little_time_skips_block_ap_and_unsupported_models_skip_rotation(cal
     report = _auto(calib, time_budget=1.0).apply(copy.deepcopy(gemma), QuantConfig(bits=4), tok, progress=False)
     assert "sandwich norms" in report["skipped"]["rotation"]
     assert "s left of the time budget" in report["skipped"]["blockap"]
+    assert "s left of the time budget" in report["skipped"]["e2e"]
     with pytest.raises(LowbitError, match="sandwich norms"):
         _auto(calib, rotation="yes").apply(copy.deepcopy(gemma), QuantConfig(bits=4), tok, progress=False)
 

@@ -6,8 +6,10 @@ Stages, in order, each only when it applies (docs/methods.md, "Auto"):
    RMSNorm decoders; not Gemma's sandwich norms): on SmolLM2-135M it cut GPTQ 4-bit g64's KL to the
    full-precision model from 0.261 to 0.173 (benchmarks/results/rotation.md);
 2. **byte-budget plan + GPTQ** (:class:`lowbit.planner.Budget`): minutes;
-3. **Block-AP** (:class:`lowbit.blockwise.BlockAP`) with what is left of ``time_budget``: each decoder
-   block trained to reproduce the full-precision block, steps per block cut to fit.
+3. **Block-AP** (:class:`lowbit.blockwise.BlockAP`) with 60% of what is left of ``time_budget``: each
+   decoder block trained to reproduce the full-precision block, steps per block cut to fit;
+4. **end to end** (EfficientQAT's E2E-QP, :func:`lowbit.qat.train` with ``train_params="scales"``) in the
+   rest: KL distillation from the full-precision model, step sizes only.
 
 Without ``time_budget`` the pipeline stops after stage 2 (post-training only). The report records each
 stage's seconds and tokens, and what was skipped and why.
@@ -29,6 +31,9 @@ from lowbit.options import parse_duration, parse_positive_int
 from lowbit.surgery import QuantConfig
 
 MIN_BLOCKAP_SECONDS = 120.0  # below this, Block-AP's measured step and stream passes leave too few steps to help
+MIN_E2E_SECONDS = 60.0
+E2E_SHARE = 0.4  # of the time left after the plan and GPTQ: end-to-end step sizes (Block-AP gets the rest)
+E2E_LR, E2E_BATCH, E2E_SEQ_LEN = 2e-5, 8, 256  # EfficientQAT's E2E-QP step-size rate; 2,048 tokens a step
 
 
 @register_method
@@ -57,6 +62,10 @@ class Auto:
     )
     calib: str = field(default="wiki-train", metadata={"help": "calibration text: wiki-train, news or a text file"})
     calib_tokens: int = field(default=16384, metadata={"help": "calibration tokens", "parse": parse_positive_int})
+    e2e_steps: int | None = field(
+        default=None, metadata={"help": "at most this many end-to-end steps (default: as many as the time allows)",
+                                "parse": parse_positive_int},
+    )
     blockap_tokens: int = field(
         default=65536, metadata={"help": "Block-AP calibration tokens (random windows)", "parse": parse_positive_int}
     )
@@ -86,14 +95,41 @@ class Auto:
         stages.append({"stage": "budget+gptq", "seconds": round(time.time() - start, 1),
                        "tokens": budget.calib_tokens + budget.fisher_tokens})  # fmt: skip
         if self.time_budget is None:
-            skipped["blockap"] = "no --time-budget given"
+            skipped["blockap"] = skipped["e2e"] = "no --time-budget given"
         else:
             left = self.time_budget - (time.time() - t0)
             if left < MIN_BLOCKAP_SECONDS:
                 skipped["blockap"] = f"{max(left, 0):.0f} s left of the time budget (needs {MIN_BLOCKAP_SECONDS:.0f})"
             else:
-                stages.append(self._blockap(model, fp, tokenizer, left, progress))
+                stages.append(self._blockap(model, fp, tokenizer, (1.0 - E2E_SHARE) * left, progress))
+            left = self.time_budget - (time.time() - t0)
+            if left < MIN_E2E_SECONDS:
+                skipped["e2e"] = f"{max(left, 0):.0f} s left of the time budget (needs {MIN_E2E_SECONDS:.0f})"
+            else:
+                stages.append(self._e2e(model, fp, tokenizer, left, progress))
         return {"stages": stages, "skipped": skipped, "plan": plan, "seconds": round(time.time() - t0, 1)}
+
+    def _e2e(self, model: nn.Module, fp: nn.Module, tokenizer, left: float, progress: bool) -> dict:
+        """EfficientQAT's end-to-end phase: KL distillation from ``fp`` on the step sizes only, as many
+        steps as fit in ``left`` seconds (timed on two probe steps, which also train)."""
+        from lowbit.qat import train
+
+        start = time.time()
+        config = dataclasses.replace(model.lowbit_config, rotate=False, rotation_steps=0)  # rotated already
+        settings = dict(data=self.calib, seq_len=min(E2E_SEQ_LEN, self.seq_len), teacher=fp, train_params="scales",
+                        lr=E2E_LR, scale_lr=E2E_LR, batch_size=E2E_BATCH)  # fmt: skip
+        probe = train(model, config, tokenizer, steps=2, warmup=0, progress=False, **settings)
+        step_seconds = (time.time() - start) / 2
+        steps = int((left - (time.time() - start)) / step_seconds)
+        if self.e2e_steps is not None:
+            steps = min(steps, self.e2e_steps - 2)
+        records = [probe]
+        if steps >= 2:
+            records.append(train(model, config, tokenizer, steps=steps, warmup=min(10, steps // 10),
+                                 progress=progress, **settings))  # fmt: skip
+        return {"stage": "e2e", "seconds": round(time.time() - start, 1),
+                "tokens": sum(r["train_tokens"] for r in records), "steps": sum(r["steps"] for r in records),
+                "first_loss": probe["first_loss"], "final_loss": records[-1]["final_loss"]}  # fmt: skip
 
     def _rotate(self, model: nn.Module, config: QuantConfig, stages: list, skipped: dict, tokenizer=None,
                 progress: bool = False) -> QuantConfig:
