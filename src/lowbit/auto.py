@@ -39,7 +39,7 @@ E2E_LR, E2E_BATCH, E2E_SEQ_LEN = 2e-5, 8, 256  # EfficientQAT's E2E-QP step-size
 @register_method
 @dataclass(frozen=True)
 class Auto:
-    """Rotation where it applies, the byte-budget plan with GPTQ, then Block-AP in the time left."""
+    """Rotation where it applies, the byte-budget plan with GPTQ, then Block-AP and end-to-end step sizes in the time left."""
 
     name: ClassVar[str] = "auto"
     kind: ClassVar[str] = "post-training"

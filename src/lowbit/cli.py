@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--model", default=DEFAULT_MODEL, help=f"default name ({DEFAULT_MODEL}), HF folder or .gguf")
     q.add_argument("--method", choices=method_names("post-training"), default=None,
                    help="rtn (the default without a budget), gptq, budget, blockap, or auto (the default with "
-                   "--budget-bpw/--budget-mb: rotation where it applies, the plan with GPTQ, Block-AP in --time-budget)")
+                   "--budget-bpw/--budget-mb: rotation where it applies, the plan with GPTQ, Block-AP and end-to-end step sizes in --time-budget)")
     add_options(q, QuantConfig)
     q.add_argument("--config", help="JSON file with QuantConfig fields (flags win)")
     seen = {f.name for f in dataclasses.fields(QuantConfig)}
