@@ -15,8 +15,9 @@ from lowbit.api import eval_model
 from lowbit.cli import main
 from lowbit.data import tokenize_windows
 from lowbit.errors import LowbitError
-from lowbit.evaluation import cache_reference, evaluate, peak_memory_bytes
+from lowbit.evaluation import cache_reference, evaluate
 from lowbit.ptq import rtn
+from lowbit.resident import peak_resident_bytes as peak_memory_bytes
 from lowbit.surgery import QuantConfig
 
 

@@ -12,11 +12,12 @@ from torch import nn
 from lowbit.data import get_text, tokenize_windows, tokenizer_adds_bos
 from lowbit.distributed import current_context, launched_by_torchrun, setup_distributed, teardown
 from lowbit.errors import LowbitError
-from lowbit.evaluation import evaluate, peak_memory_bytes, size_account
+from lowbit.evaluation import evaluate, size_account
 from lowbit.fsio import prepare_out, sampled_sha256
 from lowbit.io import QUANTIZED_OUT, is_quantized_dir, load_quantized, reference_identity, save_quantized, weight_files
 from lowbit.methods import GPTQ, RTN, Method, make_method, method_settings  # noqa: F401
 from lowbit.models import DEFAULT_MODEL, NAMED_MODELS, load_model, model_id
+from lowbit.resident import peak_resident_bytes
 from lowbit.surgery import QuantConfig
 
 
@@ -163,4 +164,4 @@ def eval_model(
     )
     with torch.inference_mode():
         result = evaluate(model, windows, reference=reference, batch_size=batch_size, progress=progress)
-    return {"data": data, **result, **size_account(model), "peak_memory_bytes": peak_memory_bytes()}
+    return {"data": data, **result, **size_account(model), "peak_memory_bytes": peak_resident_bytes()}

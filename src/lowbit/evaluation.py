@@ -12,7 +12,6 @@ a sweep (:class:`CachedReference`), or logits another engine produced (:func:`co
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -217,17 +216,6 @@ def _run(model, windows, batch_size, reference, progress, desc, keep=None) -> di
     if bound_sum is not None:
         result["kl_error_bound"] = bound_sum / count
     return result
-
-
-def peak_memory_bytes() -> int | None:
-    """The most resident memory this process has held so far (``ru_maxrss``; Linux reports KiB,
-    macOS bytes), or None where the OS does not say."""
-    try:
-        import resource
-    except ImportError:  # pragma: no cover - not POSIX
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 def _check_finite(desc: str, nll: float, kl: float | None) -> None:

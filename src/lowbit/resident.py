@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -38,15 +39,31 @@ def trim_heap() -> None:
         pass
 
 
-def peak_resident_bytes() -> int | None:
+def proc_kib(path: str, key: str) -> int | None:
+    """The ``key:`` line of a /proc file (``/proc/self/status``, ``/proc/meminfo``), kB -> bytes; None
+    where there is no such file or line."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
-    except OSError:  # pragma: no cover - non-Linux
+    except (OSError, ValueError, IndexError):  # pragma: no cover - non-Linux
         pass
     return None
+
+
+def peak_resident_bytes() -> int | None:
+    """The most resident memory this process has held so far: ``VmHWM`` on Linux, else ``ru_maxrss``
+    (KiB on Linux, bytes on macOS); None where the OS says neither."""
+    peak = proc_kib("/proc/self/status", "VmHWM")
+    if peak is not None:
+        return peak
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not POSIX
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 def memory_child(kind: str, spec: str, activations: str, threads: int, ternary_layout: str = "u2") -> dict:

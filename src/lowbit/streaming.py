@@ -100,14 +100,9 @@ def fp32_bytes(spec: str) -> int | None:
 
 def available_memory() -> int | None:
     """``MemAvailable`` of /proc/meminfo in bytes (None where there is none)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
+    from lowbit.resident import proc_kib
+
+    return proc_kib("/proc/meminfo", "MemAvailable")
 
 
 def should_stream(spec: str, method: str, config: QuantConfig) -> bool:
