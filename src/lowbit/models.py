@@ -146,16 +146,24 @@ def _check_causal_config(config: Any, where: str) -> None:
         )
 
 
-def _load_hf_folder(folder: Path, dtype: torch.dtype) -> tuple[Any, Any]:
-    """Load model and tokenizer from a Hugging Face folder with config.json, offline."""
-    _set_offline()
-    from transformers import AutoConfig, AutoModelForCausalLM
+def load_causal_config(folder: Path):
+    """The checked config.json of a decoder-only model folder, read offline."""
+    from transformers import AutoConfig
 
+    _set_offline()
     try:
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         raise LowbitError(f"cannot read the model config in {folder}: {exc}") from exc
     _check_causal_config(config, f"model folder {folder}")
+    return config
+
+
+def _load_hf_folder(folder: Path, dtype: torch.dtype) -> tuple[Any, Any]:
+    """Load model and tokenizer from a Hugging Face folder with config.json, offline."""
+    from transformers import AutoModelForCausalLM
+
+    config = load_causal_config(folder)
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=dtype, local_files_only=True)
     except (OSError, ValueError) as exc:

@@ -121,16 +121,11 @@ def should_stream(spec: str, method: str, config: QuantConfig) -> bool:
 def _skeleton(folder: Path):
     """(model with meta parameters and real buffers, tokenizer) of a Hugging Face folder, offline."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from lowbit.models import _check_causal_config, _set_offline, load_tokenizer
+    from lowbit.models import load_causal_config, load_tokenizer
 
-    _set_offline()
-    try:
-        hf_config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise LowbitError(f"cannot read the model config in {folder}: {exc}") from exc
-    _check_causal_config(hf_config, f"model folder {folder}")
+    hf_config = load_causal_config(folder)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
     model.tie_weights()  # init_empty_weights re-creates each parameter, which unties a tied head
