@@ -19,25 +19,15 @@ import argparse
 import copy
 import json
 import os
-import platform
 import shlex
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_budget import cpu_model  # noqa: E402
+from machine import cpu_flags, cpu_model  # noqa: E402
 
-
-def cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                keep = ("avx2", "avx512f", "avx512_vnni", "amx_tile", "amx_int8")
-                return " ".join(f for f in line.split(":")[1].split() if f in keep)
-    except OSError:
-        pass
-    return platform.machine()
+BLOCKWISE_FLAGS = ("avx2", "avx512f", "avx512_vnni", "amx_tile", "amx_int8")
 
 
 class Scorer:
@@ -243,7 +233,7 @@ def main() -> None:
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {"runs": {}}
     commit = os.popen("git rev-parse --short HEAD 2>/dev/null").read().strip()
-    rec = {"command": shlex.join(["python", *sys.argv]), "commit": commit, "cpu": cpu_model(), "cpu_flags": cpu_flags(),
+    rec = {"command": shlex.join(["python", *sys.argv]), "commit": commit, "cpu": cpu_model(), "cpu_flags": " ".join(cpu_flags(BLOCKWISE_FLAGS)),
            "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"), "model": args.model,
            "data": args.data, "stages": []}  # fmt: skip
 

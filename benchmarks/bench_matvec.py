@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from machine import cpu_flags, cpu_model
 
 from lowbit import kernels
 from lowbit.packed_linear import KERNEL_MAX_BATCH, PackedLinear
@@ -73,25 +74,7 @@ FP32 = "fp32 F.linear"
 # ------------------------------------------------------------------------------ machine
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_flags() -> list[str]:
-    wanted = {"avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni"}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return sorted(wanted & set(line.split(":", 1)[1].split()))
-    except OSError:
-        pass
-    return []
+MATVEC_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni")
 
 
 def llc_bytes() -> int | None:
@@ -324,7 +307,7 @@ def main() -> None:
     report = {
         "machine": {
             "cpu": cpu_model(),
-            "cpu_flags": cpu_flags(),
+            "cpu_flags": cpu_flags(MATVEC_FLAGS),
             "logical_cpus": os.cpu_count(),
             "last_level_cache_bytes": llc_bytes(),
             "threads": args.threads,

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_budget import cpu_model  # noqa: E402
+from machine import cpu_model  # noqa: E402
 
 
 def run_point(fp, tokenizer, windows, reference, bits: float, group: int | None, rotate: bool, args) -> dict:
