@@ -30,7 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from lowbit.fsio import atomic_write
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from lowbit.fsio import atomic_write  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 TOP_K = 64

@@ -28,8 +28,17 @@ from lowbit.surgery import is_linear, output_head_names, quantized_modules
 
 
 def log_probs(logits: torch.Tensor) -> torch.Tensor:
-    """Next-token log-probs of every position but the last, in float32: (batch, seq - 1, vocab)."""
-    return F.log_softmax(logits[:, :-1].float(), dim=-1)
+    """Next-token log-probs of every position but the last, in float32: (batch, seq - 1, vocab).
+
+    Normalised in place, one sequence at a time, when ``logits`` are already float32 (the caller
+    hands over a model output it does not keep): a batch of 4 x 512 positions over a 49k
+    vocabulary is 400 MB, and an out-of-place log-softmax would hold two of them."""
+    out = logits[:, :-1]
+    if out.dtype != torch.float32:
+        out = out.float()
+    for row in out:
+        row.copy_(F.log_softmax(row, dim=-1))
+    return out
 
 
 def kl_terms(ref_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
@@ -140,9 +149,13 @@ class CachedReference:
         kept = self.log_probs_[index]
         if not isinstance(kept, TopKLogProbs):
             return _compare_full(kept, logp)
-        kl, bound = kept.kl(logp)
-        agree = (kept.indices[..., 0].long() == logp.argmax(-1)).sum().item()
-        return kl.sum().item(), agree, bound.sum().item()
+        kl, agree, bound = 0.0, 0, 0.0
+        for b in range(logp.shape[0]):  # a sequence at a time: kl() makes several vocabulary-sized temporaries
+            part = TopKLogProbs(kept.values[b : b + 1], kept.indices[b : b + 1], kept.log_tail[b : b + 1])
+            kl_b, bound_b = part.kl(logp[b : b + 1])
+            kl, bound = kl + kl_b.sum().item(), bound + bound_b.sum().item()
+            agree += (part.indices[..., 0].long() == logp[b : b + 1].argmax(-1)).sum().item()
+        return kl, agree, bound
 
 
 @torch.no_grad()
@@ -183,7 +196,12 @@ def evaluate(
 
 
 def _compare_full(ref_logp: torch.Tensor, logp: torch.Tensor) -> tuple[float, int, None]:
-    return kl_terms(ref_logp, logp).sum().item(), (ref_logp.argmax(-1) == logp.argmax(-1)).sum().item(), None
+    """KL sum and top-1 agreements of one batch, a sequence at a time (temporaries of one sequence)."""
+    kl, agree = 0.0, 0
+    for ref_row, row in zip(ref_logp, logp):
+        kl += kl_terms(ref_row, row).sum().item()
+        agree += (ref_row.argmax(-1) == row.argmax(-1)).sum().item()
+    return kl, agree, None
 
 
 def _run(model, windows, batch_size, reference, progress, desc, keep=None) -> dict:
