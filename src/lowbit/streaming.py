@@ -199,8 +199,28 @@ def _restore(replaced: list) -> None:
 
 
 def _release(root: nn.Module) -> None:
-    """Move every tensor under ``root`` back to ``meta`` (its memory is freed)."""
+    """Move every tensor under ``root`` back to ``meta`` (its memory is freed), and hand the freed heap
+    back to the system: glibc keeps freed blocks below its (adaptive, up to 32 MB) mmap threshold in
+    the heap, and without a trim the resident set grew ~80 MB a block on a 1.1 B model."""
     root.to("meta")
+    _trim_heap()
+
+
+def _trim_heap() -> None:
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim  # noqa: B018 - glibc only
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 def _scope(prefix: str, module: nn.Module) -> nn.Module:
@@ -399,6 +419,7 @@ def _quantize_blocks(model, ckpt, config, method, tokenizer, out: _Output, work:
     for i, block in enumerate(layers):
         scope = _scope(f"{prefix}.{i}", block)
         _materialize(block, f"{prefix}.{i}", ckpt)
+        ckpt.unmap()  # the block's pages of the checkpoint leave the resident set (float32 copies are kept)
         if store is not None:
             _gptq_block(scope, block, block_config, method, store)
         elif _targets(scope, block_config):
@@ -409,7 +430,6 @@ def _quantize_blocks(model, ckpt, config, method, tokenizer, out: _Output, work:
             _hp_only(scope, block_config)
         out.emit(scope)
         _release(block)
-        ckpt.unmap()  # the block's pages of the checkpoint leave the resident set
         bar.update(1)
         bar.set_postfix(s=f"{time.time() - t0:.0f}")
     bar.close()
@@ -424,6 +444,7 @@ def _quantize_rest(model, ckpt, config, method, out: _Output) -> None:
     setattr(parent, attr, nn.ModuleList())  # the blocks are written: the rest is the model without them
     try:
         _materialize(model, "", ckpt)
+        ckpt.unmap()
         if not _targets(model, config) and not config.quantize_embeddings:
             _hp_only(model, config)
         elif method.name == "gptq":  # as lowbit.ptq.gptq ends: embeddings (if quantized) by round-to-nearest

@@ -270,7 +270,11 @@ def round_high_precision_(model: nn.Module, dtype: torch.dtype) -> None:
         if ".quantizer." in name or (name.endswith(".weight") and _is_quantized_weight(model, name)):
             continue
         if p.dtype == torch.float32:
-            p.copy_(p.to(dtype).float())
+            if not p.is_contiguous():
+                p.copy_(p.to(dtype).float())
+                continue
+            for part in p.view(-1).split(1 << 22):  # 16 MB at a time: no second copy of a 0.5 GB embedding
+                part.copy_(part.to(dtype).float())
 
 
 def _is_quantized_weight(model: nn.Module, param_name: str) -> bool:
