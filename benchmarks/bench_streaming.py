@@ -28,6 +28,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from machine import cpu_flags, cpu_model  # noqa: E402
 
 FULL = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
             num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)  # fmt: skip
@@ -128,20 +131,26 @@ def write_results(results: dict, prefix: Path) -> None:
     prefix.parent.mkdir(parents=True, exist_ok=True)
     prefix.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     gib = 2**30
+    cpu = results.get("cpu", results["machine"])
+    flags = ", ".join(results.get("cpu_flags", []))
+    g = results["gptq"]
     lines = [
         f"# Streaming quantization: {results['model']}",
         "",
         f"Random Llama, {results['params'] / 1e9:.2f} B parameters, bf16 shards ({results['checkpoint_bytes'] / gib:.2f} GiB); "
-        f"4-bit g128; {results['machine']}. Peak RSS of each `lowbit quantize` process (`os.wait4`).",
+        f"4-bit g128 (RTN, and GPTQ on {g['calib_tokens']:,} {g['calib']} tokens in windows of {g['seq_len']}); "
+        f"{cpu}{f' ({flags})' if flags else ''}, {results['machine']}. Peak RSS of each `lowbit quantize` process "
+        "(`os.wait4`), GB = 10^9 bytes; output = bytes of the weights file written.",
         "",
-        "| method | mode | peak RSS (GiB) | wall-clock (s) | same tensors |",
-        "|---|---|---:|---:|---|",
+        "| method | mode | peak RSS (GB) | wall-clock (s) | output (MB) | same tensors |",
+        "|---|---|---:|---:|---:|---|",
     ]
     for r in results["runs"]:
         same = results["identical"][r["method"]]
-        rss = r["peak_rss_bytes"] / gib if r["peak_rss_bytes"] else float("nan")
+        rss = r["peak_rss_bytes"] / 1e9 if r["peak_rss_bytes"] else float("nan")
         mode = "--stream" if r["stream"] else "in memory"
-        lines.append(f"| {r['method']} | {mode} | {rss:.2f} | {r['wall_s']:.1f} | {'yes' if same else 'NO'} |")
+        out = f"{r['total_bytes'] / 1e6:.1f}" if r.get("total_bytes") else "-"
+        lines.append(f"| {r['method']} | {mode} | {rss:.2f} | {r['wall_s']:.1f} | {out} | {'yes' if same else 'NO'} |")
     prefix.with_suffix(".md").write_text("\n".join(lines) + "\n\nCommand: `" + results["command"] + "`\n")
 
 
@@ -180,6 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     write_results({
         "model": model.name, "shapes": shapes, "params": params, "checkpoint_bytes": ckpt,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "torch": torch.__version__,
+        "cpu": cpu_model(), "cpu_flags": cpu_flags(["avx2", "avx512f", "avx512_vnni", "amx_int8"]),
         "command": "python benchmarks/bench_streaming.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "gptq": {"calib": args.calib, "calib_tokens": tokens, "seq_len": seq}, "runs": runs, "identical": same,
     }, prefix)  # fmt: skip
