@@ -94,7 +94,8 @@ def test_cli_stream_flag_and_refusals(tmp_path, calib, capsys):
     assert_same_folder(tmp_path / "a", tmp_path / "b")
     assert json.loads((tmp_path / "b" / "lowbit.json").read_text())["info"]["streamed"] is True
     for extra, needle in [
-        (["--method", "budget", "--budget-bpw", "3"], "--stream supports --method rtn and gptq, not budget"),
+        (["--method", "budget", "--budget-mb", "1"], "--stream plans --budget-bpw, not --budget-mb"),
+        (["--budget-bpw", "3"], "not auto"),
         (["--method", "blockap"], "not blockap"),
         (["--rotate"], "cannot --rotate"),
     ]:
@@ -305,3 +306,57 @@ def test_gpt2_conv1d_and_position_embeddings_stream_bit_exact(tmp_path, calib):
     stream_quantize_to_dir(str(tmp_path / "gpt2"), str(tmp_path / "st"), QuantConfig(**cfg), "gptq", progress=False,
                            **calib)  # fmt: skip
     assert_same_folder(tmp_path / "mem", tmp_path / "st")
+
+
+@pytest.mark.parametrize("then", ["gptq", "rtn"])
+def test_streamed_budget_plan_matches_in_memory(tmp_path, calib, then):
+    """--method budget --budget-bpw with --stream: Fisher block by block, the same plan and folder."""
+    model = _bf16_model(tmp_path, hidden=64, layers=3)
+    settings = {**calib, "budget_bpw": 3.0, "fisher_tokens": 128, "then_method": then,
+                "candidates": ("2:32:auto", "3:32:auto", "4:32:auto", "4:channel:auto")}  # fmt: skip
+    ref = quantize_to_dir(str(model), str(tmp_path / "mem"), QuantConfig(bits=4), "budget", progress=False, **settings)
+    out = stream_quantize_to_dir(str(model), str(tmp_path / "st"), QuantConfig(bits=4), "budget", progress=False,
+                                 hidden_limit_bytes=0, **settings)  # fmt: skip
+    ma, mb = (json.loads((p / "lowbit.json").read_text()) for p in (tmp_path / "mem", tmp_path / "st"))
+    plan_a, plan_b = ma["info"]["report"], mb["info"]["report"]
+    settings_a = {k: v["setting"] for k, v in plan_a["plan"].items()}
+    assert settings_a == {k: v["setting"] for k, v in plan_b["plan"].items()}
+    assert len(set(settings_a.values())) > 1  # a real mix, and the same one
+    for key in ("predicted_loss_increase", "predicted_linear_bytes", "bits_per_weight_linear", "tensor_bytes"):
+        assert plan_b[key] == pytest.approx(plan_a[key], rel=1e-4), key
+    assert_same_folder(tmp_path / "mem", tmp_path / "st")
+    assert out["bits_per_weight_linear"] == pytest.approx(ref["bits_per_weight_linear"]) and out["streamed"] is True
+    assert plan_b["bits_per_weight_linear"] <= 3.0
+
+
+def test_streamed_budget_refuses_a_file_budget(tmp_path, calib):
+    model = _bf16_model(tmp_path)
+    with pytest.raises(LowbitError, match="--stream plans --budget-bpw, not --budget-mb"):
+        stream_quantize_to_dir(str(model), str(tmp_path / "st"), QuantConfig(bits=4), "budget", progress=False,
+                               budget_mb=1.0, **calib)  # fmt: skip
+
+
+def test_streamed_budget_holds_one_block_at_a_time(tmp_path, calib, monkeypatch):
+    """The Fisher passes (forward, head, backward) and the quantization pass: whenever anything is
+    materialised, no decoder block holds a real tensor; each block is loaded three times in all."""
+    model_dir = _bf16_model(tmp_path, layers=3, tied=False)
+    blocks, alive_at_load, original = {}, [], streaming._materialize
+
+    def live(module):
+        return any(not t.is_meta for t in list(module.parameters()) + list(module.buffers()))
+
+    def spy(root, prefix, ckpt, *skip):
+        alive_at_load.append(sum(live(b) for b in blocks.values()))
+        if prefix.startswith("model.layers."):
+            blocks.setdefault(prefix, root)
+            blocks[prefix + f"#{len(alive_at_load)}"] = root
+        return original(root, prefix, ckpt, *skip)
+
+    monkeypatch.setattr(streaming, "_materialize", spy)
+    stream_quantize_to_dir(str(model_dir), str(tmp_path / "q"), QuantConfig(bits=4), "budget", progress=False,
+                           budget_bpw=3.0, fisher_tokens=64, then_method="rtn",
+                           candidates=("2:32:auto", "4:32:auto"), **calib)  # fmt: skip
+    assert alive_at_load and all(n == 0 for n in alive_at_load)
+    loads = [k for k in blocks if "#" in k]
+    assert sorted({k.split("#")[0] for k in loads}) == ["model.layers.0", "model.layers.1", "model.layers.2"]
+    assert len(loads) == 9 and not any(live(b) for b in blocks.values())

@@ -110,7 +110,7 @@ def cmd_quantize(args) -> dict:
             raise LowbitError(f"{', '.join(stray)} only applies to --method {other}: drop it or add --method {other}")
     method = make_method(chosen.name, **options_from_args(chosen, args))
     config = quant_config_from_args(args, bits_planned=getattr(chosen, "plans_bits", False))
-    if _streams(args, method.name, config):
+    if _streams(args, method, config):
         from lowbit.streaming import stream_quantize_to_dir
 
         return stream_quantize_to_dir(
@@ -120,7 +120,7 @@ def cmd_quantize(args) -> dict:
     return None if "rank" in result else result  # under torchrun, rank 0 reports
 
 
-def _streams(args, method: str, config) -> bool:
+def _streams(args, method, config) -> bool:
     """Whether ``lowbit quantize`` streams: ``--stream`` (refused for a method it cannot stream),
     ``--no-stream``, or by default when the method allows it and the model's float32 size is more
     than 80% of the memory available (a note on stderr says so)."""
@@ -130,7 +130,7 @@ def _streams(args, method: str, config) -> bool:
     if stream == "on":
         check_streamable(method, config)
         return True
-    if stream == "auto" and should_stream(args.model, method, config):
+    if stream == "auto" and should_stream(args.model, method.name, config):
         print("lowbit: the model does not fit in memory in float32: quantizing it block by block (--stream; "
               "--no-stream to load it whole)", file=sys.stderr)
         return True

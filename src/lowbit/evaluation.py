@@ -198,7 +198,7 @@ def evaluate(
 def _compare_full(ref_logp: torch.Tensor, logp: torch.Tensor) -> tuple[float, int, None]:
     """KL sum and top-1 agreements of one batch, a sequence at a time (temporaries of one sequence)."""
     kl, agree = 0.0, 0
-    for ref_row, row in zip(ref_logp, logp):
+    for ref_row, row in zip(ref_logp, logp, strict=True):
         kl += kl_terms(ref_row, row).sum().item()
         agree += (ref_row.argmax(-1) == row.argmax(-1)).sum().item()
     return kl, agree, None

@@ -20,8 +20,10 @@ The folder is the one :func:`lowbit.io.save_quantized` writes, bit for bit in ev
 (tests/test_streaming.py), built in a temporary sibling and renamed into place at the end: a killed
 run leaves no partial output. Peak memory: one block in float32 (plus, for GPTQ, its Hessians and
 the calibration activations), the embedding and head in float32 at the end, and the packed output
-of one block; everything else stays on disk. Methods that need the whole model at once (budget,
-blockap, auto, qat, rotations) are refused with the fix.
+of one block; everything else stays on disk. The byte-budget planner with ``--budget-bpw`` streams
+too (:mod:`lowbit.stream_budget`: Fisher sensitivities block by block, then GPTQ/RTN on the plan).
+Methods that need the whole model at once (a file budget, blockap, auto, qat, rotations) are refused
+with the fix.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ from lowbit.quantizers import check_group_size
 from lowbit.stfile import Checkpoint, SafetensorsWriter
 from lowbit.surgery import HP_DTYPES, QuantConfig, is_linear, linear_weight, output_head_names, round_high_precision_
 
-STREAM_METHODS = ("rtn", "gptq")
+STREAM_METHODS = ("rtn", "gptq")  # and "budget" (--budget-bpw) when asked for: lowbit.stream_budget
 HIDDEN_IN_MEMORY_BYTES = 1 << 30
 GPTQ_BATCH = 8  # calibration windows per forward, as lowbit.ptq.gptq's default
 _WORK = ".stream-work"
@@ -76,10 +78,15 @@ def model_folder(spec: str) -> Path:
 def check_streamable(method: str | Method, config: QuantConfig) -> None:
     """Refuse, before any work, what streaming cannot do yet (one line naming the fix)."""
     name = method if isinstance(method, str) else method.name
-    if name not in STREAM_METHODS:
+    if name == "budget" and not isinstance(method, str):
+        from lowbit.stream_budget import check_stream_budget
+
+        check_stream_budget(method)
+    elif name not in STREAM_METHODS:
         raise LowbitError(
-            f"--stream supports --method rtn and gptq, not {name} (it needs the whole model at once): "
-            "drop --stream to load the model whole, or use --method gptq"
+            f"--stream supports --method rtn, gptq and budget (--budget-bpw), not {name} (it needs the whole "
+            "model at once): drop --stream to load the model whole, or use "
+            + ("--method budget (plan and GPTQ, without rotation or training)" if name == "auto" else "--method gptq")
         )
     if config.rotate:
         raise LowbitError("--stream cannot --rotate (the rotation mixes every block): drop --rotate or --stream")
@@ -301,7 +308,8 @@ class HiddenStore(Sequence):
             self.map.flush()
 
 
-def _capture(model: nn.Module, layers: nn.ModuleList, ckpt: Checkpoint, ids: torch.Tensor, limit: int, work: Path):
+def _capture(model: nn.Module, layers: nn.ModuleList, ckpt: Checkpoint, ids: torch.Tensor, limit: int, work: Path,
+             batch: int = GPTQ_BATCH, name: str = "hidden.f32"):
     """Block 0's inputs for every calibration batch (:func:`lowbit.ptq._capture_block_inputs`), with
     what runs before the blocks (embeddings, position embeddings) materialised for the pass only:
     not the blocks, nor an output head of its own."""
@@ -316,11 +324,11 @@ def _capture(model: nn.Module, layers: nn.ModuleList, ckpt: Checkpoint, ids: tor
 
     replaced = _materialize(model, "", ckpt, skip)
     try:
-        captured = _capture_block_inputs(model, layers, list(torch.split(ids, GPTQ_BATCH)))
+        captured = _capture_block_inputs(model, layers, list(torch.split(ids, batch)))
     finally:
         _restore(replaced)  # the meta tensors again (ties intact)
         ckpt.unmap()
-    return HiddenStore(captured, limit, work / "hidden.f32")
+    return HiddenStore(captured, limit, work / name)
 
 
 @torch.no_grad()
@@ -495,8 +503,17 @@ def stream_quantize_to_dir(
     with atomic_dir(target) as tmp:
         work = tmp / _WORK
         output = _Output(tmp / WEIGHTS, work)
-        _quantize_blocks(model, ckpt, config, method, tokenizer, output, work, hidden_limit_bytes, progress)
-        _quantize_rest(model, ckpt, config, method, output)
+        run, run_config, plan = method, config, None
+        if method.name == "budget":
+            from lowbit.stream_budget import stream_plan
+
+            plan = stream_plan(model, ckpt, config, method, tokenizer, work, hidden_limit_bytes, progress)
+            if progress:
+                print(plan.table())
+            run, run_config = make_method(method.then_method, **method_settings(method)), plan.quant_config(config)
+            _plan_checks(model, run_config)
+        _quantize_blocks(model, ckpt, run_config, run, tokenizer, output, work, hidden_limit_bytes, progress)
+        _quantize_rest(model, ckpt, run_config, run, output)
         output.writer.finish(weights_metadata())
         shutil.rmtree(work)
         info = {
@@ -507,10 +524,14 @@ def stream_quantize_to_dir(
             "settings": method_settings(method),
             "streamed": True,
         }
+        if plan is not None:  # as Budget.apply reports it
+            info["report"] = {**plan.record(), "bits_per_weight_linear": 8.0 * output.linear_bytes / plan.linear_params,
+                              "linear_bytes": output.linear_bytes, "tensor_bytes": output.writer.data_bytes,
+                              "then": {}}  # fmt: skip
         rank = {n: i for i, n in enumerate(order)}
         layers = dict(sorted(output.layers.items(), key=lambda kv: rank.get(kv[0], len(rank))))
         write_config_files(tmp, model.config, tokenizer)
-        write_manifest(tmp, config, layers, info)
+        write_manifest(tmp, run_config, layers, info)
     return {**info, "out": str(out), **output.account(params)}
 
 
