@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_llama, tiny_tokenizer
 from lowbit.evaluation import evaluate
 from lowbit.methods import calibration_windows
-from lowbit.ptq import _capture_block_inputs, _stages, find_decoder_layers, gptq
+from lowbit.ptq import _block_hessians, _capture_block_inputs, _stages, find_decoder_layers, gptq
 from lowbit.surgery import QuantConfig, is_linear
 
 
@@ -60,3 +60,27 @@ def test_random_calibration_windows_are_seeded_and_drawn_from_the_whole_text(tmp
     assert torch.equal(a, b) and not torch.equal(a, c)
     with pytest.raises(Exception, match="fewer than"):
         calibration_windows(tok, str(text), 10**7, 16, sample="random")
+
+
+def test_linears_reading_one_input_share_one_hessian():
+    """q/k/v (and gate/up) read the same tensor: one Hessian each group, equal to 2 X^T X / n of the
+    input each linear really saw (captured here independently), and separate ones elsewhere."""
+    torch.manual_seed(0)
+    model = tiny_llama(vocab_size=100, hidden=64, layers=1).eval()
+    layers = find_decoder_layers(model)
+    store = _capture_block_inputs(model, layers, list(torch.randint(0, 100, (4, 16)).split(2)))
+    linears = {n: m for n, m in layers[0].named_modules() if isinstance(m, torch.nn.Linear)}
+    seen = {n: [] for n in linears}
+    handles = [m.register_forward_hook(lambda mod, a, o, n=n: seen[n].append(a[0].reshape(-1, a[0].shape[-1])))
+               for n, m in linears.items()]  # fmt: skip
+    with torch.no_grad():
+        hessians = _block_hessians(layers[0], linears, store)
+    for h in handles:
+        h.remove()
+    assert hessians["self_attn.q_proj"] is hessians["self_attn.k_proj"] is hessians["self_attn.v_proj"]
+    assert hessians["mlp.gate_proj"] is hessians["mlp.up_proj"]
+    assert len({id(h) for h in hessians.values()}) == 4  # qkv, o, gate/up, down
+    for name, xs in seen.items():
+        x = torch.cat(xs).double()
+        expected = (2.0 / x.shape[0]) * (x.t() @ x)
+        torch.testing.assert_close(hessians[name].double(), expected, rtol=1e-5, atol=1e-6)

@@ -220,9 +220,20 @@ def _block_hessians(
     sums = {n: torch.zeros(linear_weight(m)[0].shape[1], linear_weight(m)[0].shape[1], dtype=torch.float64)
             for n, m in linears.items()}
     counts = dict.fromkeys(linears, 0)
+    # Linears called one after another on the very same input tensor (q/k/v, gate/up) share one sum:
+    # decided on the first batch (the block's call structure does not change), same numbers, fewer products.
+    owner: dict[str, str] = {}
+    last: list = [None, None]  # the previous call's input tensor and linear
 
     def make_hook(name):
         def hook(_module, args, _out):
+            if name not in owner:
+                owner[name] = owner[last[1]] if last[0] is args[0] else name
+                if owner[name] != name:
+                    del sums[name]
+            last[0], last[1] = args[0], name
+            if owner[name] != name:
+                return
             x = args[0].detach().float().reshape(-1, args[0].shape[-1])
             sums[name].add_(x.t() @ x)
             counts[name] += x.shape[0]
@@ -234,10 +245,12 @@ def _block_hessians(
         for hidden, kwargs in store:
             _block_output(block, hidden, kwargs)
     finally:
+        last[0] = None
         for h in handles:
             h.remove()
     tokens = ctx.sum(torch.tensor([counts[n] for n in linears], dtype=torch.int64)).tolist()
-    return {n: (ctx.sum(sums.pop(n)) * (2.0 / max(1, tokens[i]))).float() for i, n in enumerate(linears)}
+    own = {n: (ctx.sum(sums.pop(n)) * (2.0 / max(1, tokens[i]))).float() for i, n in enumerate(linears) if n in sums}
+    return {n: own[owner.get(n, n)] for n in linears}  # gptq_quantize_weight copies its H: sharing one is safe
 
 
 def _stages(block: nn.Module, linears: dict[str, nn.Module], first) -> list[list[str]]:
