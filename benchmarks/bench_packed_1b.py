@@ -75,7 +75,7 @@ print(json.dumps({"decode_tokens_per_s": best_decode, "prefill_tokens_per_s": be
 
 
 def has_amx() -> bool:
-    return any(f.startswith("amx") for f in cpu_flags(["amx_int8", "amx_tile", "amx_bf16"]))
+    return bool(cpu_flags(["amx_int8", "amx_tile", "amx_bf16"]))
 
 
 def quantize(model: Path, out: Path, args: list[str], threads: int) -> dict:

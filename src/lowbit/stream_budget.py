@@ -50,22 +50,23 @@ def stream_plan(model, ckpt, config, method: Budget, tokenizer, work: Path, limi
     """The plan :func:`lowbit.planner.make_plan` makes, from Fisher sensitivities computed block by block."""
     from lowbit.streaming import HiddenStore, _capture, _layers_parent, _materialize, _release
 
-    check_stream_budget(method)
     targets = planned_linears(model, config)
     if not targets:
         raise LowbitError("no linear layer matched the include/exclude patterns: nothing to plan")
     layers = find_decoder_layers(model)
     prefix = _layers_parent(model, layers)[0]
     windows = calibration_windows(tokenizer, method.calib, method.fisher_tokens, method.seq_len)
-    stores = [_capture(model, layers, ckpt, windows, limit, work, batch=1)]
-    tuple_out = False
+    stores = [_capture(model, layers, ckpt, windows, limit, work, batch=1, name="fisher-0.f32")]
+    tuple_out = False  # whether a block returns (hidden, ...) rather than hidden: the head pass mimics it
     for i, block in enumerate(tqdm(layers, desc="Fisher forward", disable=not progress, unit="block")):
         _materialize(block, f"{prefix}.{i}", ckpt)
         ckpt.unmap()
+        outs = []
         with torch.no_grad():
-            first, first_kwargs = stores[-1][0]
-            tuple_out = isinstance(block(first, **first_kwargs), (tuple, list))
-            outs = [(_block_output(block, h, kw), kw) for h, kw in stores[-1]]
+            for hidden, kwargs in stores[-1]:
+                raw = block(hidden, **kwargs)
+                tuple_out = isinstance(raw, (tuple, list))
+                outs.append((raw[0] if tuple_out else raw, kwargs))
         stores.append(HiddenStore(outs, limit, work / f"fisher-{i + 1}.f32"))
         del outs
         _release(block)

@@ -75,10 +75,10 @@ def model_folder(spec: str) -> Path:
     return path if path.is_dir() else cached_model_dir(str(path))
 
 
-def check_streamable(method: str | Method, config: QuantConfig) -> None:
+def check_streamable(method: Method, config: QuantConfig) -> None:
     """Refuse, before any work, what streaming cannot do yet (one line naming the fix)."""
-    name = method if isinstance(method, str) else method.name
-    if name == "budget" and not isinstance(method, str):
+    name = method.name
+    if name == "budget":
         from lowbit.stream_budget import check_stream_budget
 
         check_stream_budget(method)
