@@ -169,3 +169,21 @@ def test_q8_round_matches_oracle():
 
     x = torch.randn(3, 5, 70) * torch.logspace(-3, 2, 70)
     assert torch.equal(q8_round(x), q8_activations(x.reshape(-1, 70)).reshape(3, 5, 70))
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa", ["avx2", "portable"])
+@pytest.mark.parametrize("cols", [32, 70, 576])
+def test_c_q8_round_is_bit_identical(isa, cols):
+    """kernels.q8_round (the large-batch paths' activation rounding, in C) equals the PyTorch
+    definition bit for bit, zero blocks, ties and widths that are not a multiple of 32 included."""
+    from lowbit.packed_linear import q8_round
+
+    if isa == "avx2" and not kernels.q8_isa_ok("avx2"):
+        pytest.skip("no AVX2")
+    x = torch.randn(37, cols) * torch.logspace(-4, 3, 37)[:, None]
+    x[0] = 0.0
+    x[1, :32] = torch.arange(32) * 0.5  # d = 31/254: many values land on .5 ties after scaling
+    x[2, 5] = 1e30  # one huge value: the rest of its block rounds to 0
+    got = kernels.q8_round(x, isa=isa)
+    assert torch.equal(got, q8_round(x))

@@ -231,15 +231,19 @@ class Decoder:
             return self._logits(_rms(x.view(1, -1), self.norm))
         cos, sin = self.cos[p0:p1], self.sin[p0:p1]
         mask = None
-        if t > 1:  # new tokens see the cache and causally each other
+        causal = t > 1 and p0 == 0  # a prompt from an empty cache: plain causal attention
+        if t > 1 and p0 > 0:  # new tokens see the cache and causally each other
             mask = torch.ones(t, p1, dtype=torch.bool).tril(diagonal=p0)
         nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
         fast = t <= KERNEL_MAX_BATCH
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
             h = _rms(x, layer.input_layernorm)
+            block = self.fast[i]
             if fast:
-                q, k, v = self.fast[i].qkv(h.view(t, -1))
+                q, k, v = block.qkv(h.view(t, -1))
+            elif block.qkv.fused is not None:  # one GEMM (and one activation rounding) for q/k/v
+                q, k, v = block.qkv.fused(h.view(t, -1)).split(block.qkv.sizes, dim=-1)
             else:
                 q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
             q = q.reshape(t, nh, hd).transpose(0, 1)
@@ -250,18 +254,21 @@ class Decoder:
             self.v[i, :, p0:p1] = v
             o = F.scaled_dot_product_attention(
                 q[None], self.k[i, None, :, :p1], self.v[i, None, :, :p1], attn_mask=mask, scale=self.scale,
-                enable_gqa=nkv != nh,
+                is_causal=causal, enable_gqa=nkv != nh,
             )
             o = o[0].transpose(0, 1).reshape(t, nh * hd)
             if fast:
-                block = self.fast[i]
                 x = x + block.o(o).view(1, t, -1)
                 g, u = block.gate_up(_rms(x, layer.post_attention_layernorm).view(t, -1))
                 x = x + block.down(F.silu(g).mul_(u)).view(1, t, -1)
             else:
                 x = x + attn.o_proj(o[None])
                 h = _rms(x, layer.post_attention_layernorm)
-                x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
+                if block.gate_up.fused is not None:
+                    g, u = block.gate_up.fused(h.view(t, -1)).split(block.gate_up.sizes, dim=-1)
+                    x = x + mlp.down_proj(F.silu(g).mul_(u)).view(1, t, -1)
+                else:
+                    x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
         self.pos = p1
         return self._logits(_rms(x[0, -1:], self.norm))
 

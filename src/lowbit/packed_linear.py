@@ -373,24 +373,23 @@ class PackedLinear(nn.Module):
         if int8 and x2.shape[0] <= KERNEL_MAX_BATCH and self._weight_cache.q8:
             y = kernels.run_unchecked(x2, weight, int8=True)
         elif x2.shape[0] <= KERNEL_MAX_BATCH:
-            y = kernels.run_unchecked(q8_round(x2) if int8 else x2, weight, int8=False)
+            y = kernels.run_unchecked(kernels.q8_round(x2) if int8 else x2, weight, int8=False)
         else:
-            y = self._forward_blocked(q8_round(x2) if int8 else x2, weight)
+            y = self._forward_blocked(kernels.q8_round(x2) if int8 else x2, weight)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
     def _forward_blocked(self, x: torch.Tensor, weight: kernels._Weight) -> torch.Tensor:
         """Large batches: dequantize ``DEQUANT_BLOCK_FLOATS`` of weight at a time into one reused
-        buffer (cache-resident, never the whole float matrix) and multiply it with a GEMM."""
+        buffer (cache-resident, never the whole float matrix) and multiply it with a GEMM that
+        writes its columns of the output in place."""
         rows = max(1, min(self.out_features, DEQUANT_BLOCK_FLOATS // self.in_features))
         buf = torch.empty(rows, self.in_features)
-        y_t = torch.empty(self.out_features, x.shape[0])  # transposed: each block fills whole rows
-        x_t = x.t()
+        y = torch.empty(x.shape[0], self.out_features)
         for r0 in range(0, self.out_features, rows):
             r1 = min(r0 + rows, self.out_features)
             w = kernels.dequantize(weight, (r0, r1), out=buf[: r1 - r0])
-            torch.mm(w, x_t, out=y_t[r0:r1])
+            torch.mm(x, w.t(), out=y[:, r0:r1])
         bias = self._buffers["bias"]
-        y = y_t.t().contiguous()
         return y if bias is None else y.add_(bias)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:

@@ -89,6 +89,9 @@ def _setup(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.lb_decode_layers.argtypes = [ctypes.POINTER(_Layer), ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
                                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     lib.lb_decode_layers.restype = ctypes.c_int
+    lib.lb_q8_round.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
+                                ctypes.c_int]
+    lib.lb_q8_round.restype = ctypes.c_int
     lib.lb_q8_isa_ok.argtypes = [ctypes.c_int]
     lib.lb_q8_isa_ok.restype = ctypes.c_int
     lib.lb_openmp.restype = ctypes.c_int
@@ -231,6 +234,21 @@ def linear_q8(
     code = lib.lb_linear_q8(ctypes.byref(weight), x.data_ptr(), x.shape[0], out.data_ptr(), threads, isa_id)
     if code:
         _check(code)
+    return out
+
+
+def q8_round(x: torch.Tensor, isa: str | None = None) -> torch.Tensor:
+    """``x`` (contiguous float32, 2-d) rounded as :func:`linear_q8` rounds its input: per block of
+    32 columns ``d * round(x / d)`` with ``d = max|x| / 127``, in float32 (bit-identical with
+    :func:`lowbit.packed_linear.q8_round`); for paths that multiply the rounded input in float."""
+    lib = load()
+    if lib is None:
+        raise LowbitError("lowbit kernels are not available (see the warning above)")
+    if x.dtype != torch.float32 or x.dim() != 2 or not x.is_contiguous():
+        raise LowbitError(f"q8_round input must be a contiguous 2-d float32 tensor, got {x.dtype} {tuple(x.shape)}")
+    out = torch.empty_like(x)
+    isa_id = _isa_id() if isa is None else _ISA_IDS[isa]
+    _check(lib.lb_q8_round(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr(), get_num_threads(), isa_id))
     return out
 
 

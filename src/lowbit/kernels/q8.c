@@ -241,3 +241,77 @@ LB_EXPORT int lb_linear_q8(const lb_weight *w, const float *x, int64_t batch, fl
     free(scratch);
     return err;
 }
+
+/* ---------------------------------------------------------------- lb_q8_round */
+
+/* One row of lb_q8_round: per block of 32 columns d = max|x| / 127, out = d * round(x * (1 / d))
+ * (half to even, clamped to +-127), the float32 operations of lb_q8_prepare. */
+static void lb_q8_round_row(const float *x, int64_t cols, float *out)
+{
+    for (int64_t c0 = 0; c0 < cols; c0 += 32) {
+        const int64_t c1 = c0 + 32 < cols ? c0 + 32 : cols;
+        float amax = 0.0f;
+        for (int64_t c = c0; c < c1; c++) {
+            const float a = x[c] < 0 ? -x[c] : x[c];
+            amax = a > amax ? a : amax;
+        }
+        const float dk = amax / 127.0f, id = dk > 0.0f ? 1.0f / dk : 0.0f;
+        for (int64_t c = c0; c < c1; c++) {
+            float v = __builtin_nearbyintf(x[c] * id);
+            v = v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v;
+            out[c] = dk * v;
+        }
+    }
+}
+
+#ifdef LB_X86
+static LB_AVX2 void lb_q8_round_row_avx2(const float *x, int64_t cols, float *out)
+{
+    if (cols % 32) {
+        lb_q8_round_row(x, cols, out);
+        return;
+    }
+    const __m256 sign = _mm256_set1_ps(-0.0f), lim = _mm256_set1_ps(127.0f), nlim = _mm256_set1_ps(-127.0f);
+    for (int64_t c0 = 0; c0 < cols; c0 += 32) {
+        __m256 v[4], m = _mm256_setzero_ps();
+        for (int k = 0; k < 4; k++) {
+            v[k] = _mm256_loadu_ps(x + c0 + 8 * k);
+            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[k]));
+        }
+        __m128 s = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+        s = _mm_max_ss(s, _mm_movehdup_ps(s));
+        const float dk = _mm_cvtss_f32(s) / 127.0f, id = dk > 0.0f ? 1.0f / dk : 0.0f;
+        const __m256 vd = _mm256_set1_ps(dk), vid = _mm256_set1_ps(id);
+        for (int k = 0; k < 4; k++) {
+            __m256 q = _mm256_round_ps(_mm256_mul_ps(v[k], vid), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            q = _mm256_min_ps(_mm256_max_ps(q, nlim), lim);
+            _mm256_storeu_ps(out + c0 + 8 * k, _mm256_mul_ps(vd, q));
+        }
+    }
+}
+#endif
+
+/* out (rows, cols) = x rounded as lb_linear_q8 rounds its input (the float value d * q the
+ * integer kernel multiplies), for paths that multiply in float (large batches); bit-identical
+ * with lowbit.packed_linear.q8_round. isa 0 forces the portable loop. */
+LB_EXPORT int lb_q8_round(const float *x, int64_t rows, int64_t cols, float *out, int nthreads, int isa)
+{
+    if (rows < 0 || cols < 1) return LB_EARG;
+    const int vec = isa != 0 && lb_cpu_has_avx2();
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nthreads > 0 ? nthreads : 1) schedule(static) if (rows * cols >= 65536)
+#endif
+    for (int64_t r = 0; r < rows; r++) {
+#ifdef LB_X86
+        if (vec) {
+            lb_q8_round_row_avx2(x + r * cols, cols, out + r * cols);
+            continue;
+        }
+#endif
+        lb_q8_round_row(x + r * cols, cols, out + r * cols);
+    }
+    (void)vec;
+    (void)nthreads;
+    return LB_OK;
+}
