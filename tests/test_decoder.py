@@ -187,3 +187,25 @@ def test_decoder_long_prompts_on_packed_model(tmp_path, activations):
     second = decoder.forward(ids[20:])  # 25 tokens after 20 cached ones
     assert torch.allclose(second, ref[44], atol=1e-3, rtol=1e-3), (second - ref[44]).abs().max()
     assert int(second.argmax()) == int(ref[44].argmax())
+
+
+def test_decode_step_thread_team_equals_per_projection_threads(tmp_path):
+    """With int8 activations and 2+ threads a single-token step runs on one OpenMP team
+    (lb_decode_layers_team); one thread runs each projection on its own (lb_run_rows). Every row
+    is computed by the same kernel either way, so the logits agree bit for bit."""
+    from lowbit import kernels
+
+    if not kernels.available() or not kernels.has_openmp():
+        pytest.skip("needs the kernels with OpenMP")
+    packed, tok = _packed(tmp_path, QuantConfig(bits=2, group_size=32), activations="int8")
+    ids = torch.randint(0, len(tok), (10,), generator=torch.Generator().manual_seed(4))
+    out = {}
+    try:
+        for threads in (1, 2, 3):
+            kernels.set_num_threads(threads)
+            decoder = Decoder(packed, max_len=16)
+            assert decoder.c_layers is not None
+            out[threads] = step_logits(decoder, ids, 3)
+    finally:
+        kernels.set_num_threads(None)
+    assert torch.equal(out[1], out[2]) and torch.equal(out[1], out[3])

@@ -157,15 +157,144 @@ static int lb_decode_layer(const lb_layer *L, float *x, int64_t pos, const float
     return LB_OK;
 }
 
+/* ---------------------------------------------------------------- one thread team for the whole step */
+
+#ifdef _OPENMP
+#include <omp.h>
+
+/* Whether the team path runs these blocks: every projection int8 and taken by lb_linear_q8. */
+static int lb_team_ok(const lb_layer *layers, int64_t n_layers)
+{
+    for (int64_t l = 0; l < n_layers; l++) {
+        const lb_layer *L = layers + l;
+        if (!L->q8) return 0;
+        const lb_weight *ws[4] = {L->qkv, L->o, L->gate_up, L->down};
+        for (int i = 0; i < 4; i++)
+            if (!lb_q8_supported(ws[i])) return 0;
+    }
+    return 1;
+}
+
+/* The team's share of one projection: blocks of 4 rows in dynamic chunks; the implicit barrier
+ * at its end makes the output complete for every thread. */
+static void lb_team_rows(const lb_q8_team *T, const lb_scratch *s, int nthreads)
+{
+    int64_t chunk = T->n_blocks / (8 * (int64_t)nthreads);
+    if (chunk < 1) chunk = 1;
+    /* the row kernels expect zeros past each row's steps (earlier projections had other widths) */
+    memset(s->steps, 0, sizeof(float) * (size_t)(4 * (T->Q.c.ng + 8)));
+#pragma omp for schedule(dynamic, chunk)
+    for (int64_t blk = 0; blk < T->n_blocks; blk++)
+        lb_q8_team_block(T, blk, s);
+}
+
+/* lb_decode_layers with int8 activations on one OpenMP team for the whole step (one parallel
+ * region per token instead of one per projection, no allocation per projection): the serial
+ * pieces (norms, input quantization, RoPE, attention, residuals) run on one thread between
+ * barriers, the projections' rows on all of them. */
+static int lb_decode_layers_team(const lb_layer *layers, int64_t n_layers, float *x, int64_t pos, const float *cos,
+                                 const float *ss, float *scratch, int nthreads, int isa)
+{
+    size_t mem_bytes = 0;
+    int64_t max_ng = 0, max_cols = 0;
+    for (int64_t l = 0; l < n_layers; l++) {
+        const lb_weight *ws[4] = {layers[l].qkv, layers[l].o, layers[l].gate_up, layers[l].down};
+        for (int i = 0; i < 4; i++) {
+            const size_t b = lb_q8_team_bytes(ws[i]);
+            const int64_t G = ws[i]->group < ws[i]->cols ? ws[i]->group : ws[i]->cols;
+            const int64_t ng = (ws[i]->cols + G - 1) / G;
+            mem_bytes = b > mem_bytes ? b : mem_bytes;
+            max_ng = ng > max_ng ? ng : max_ng;
+            max_cols = ws[i]->cols > max_cols ? ws[i]->cols : max_cols;
+        }
+    }
+    for (int64_t l = 0; l < n_layers; l++)
+        if (pos < 0 || pos >= layers[l].max_len) return LB_EARG;
+    const size_t code_bytes = ((size_t)max_cols + 16 + 63) / 64 * 64;
+    const size_t step_floats = (size_t)(4 * (max_ng + 8));
+    const size_t per_thread = code_bytes + sizeof(float) * ((step_floats + 15) / 16 * 16);
+    uint8_t *mem = lb_alloc(mem_bytes + (size_t)nthreads * per_thread);
+    if (!mem) return LB_ENOMEM;
+    memset(mem + mem_bytes, 0, (size_t)nthreads * per_thread);
+    const int q8isa = isa == LB_ISA_PORTABLE ? 0 : -1, avx2 = isa == LB_ISA_AVX2;
+    lb_q8_team T;
+#pragma omp parallel num_threads(nthreads)
+    {
+        const int tid = omp_get_thread_num(), team = omp_get_num_threads();
+        uint8_t *own = mem + mem_bytes + (size_t)tid * per_thread;
+        const lb_scratch s = {own, (float *)(own + code_bytes)};
+        for (int64_t l = 0; l < n_layers; l++) {
+            const lb_layer *L = layers + l;
+            const int64_t H = L->hidden, nh = L->nh, nkv = L->nkv, hd = L->hd, I = L->inter;
+            float *h = scratch, *qkv = h + H, *att = qkv + (nh + 2 * nkv) * hd, *o = att + nh * hd;
+            float *gu = o + H, *act = gu + 2 * I, *scores = act + I;
+#pragma omp single
+            {
+                if (l > 0) /* the previous block's down projection */
+                    for (int64_t i = 0; i < H; i++)
+                        x[i] += o[i];
+                lb_rmsnorm(x, L->ln1, H, L->eps1, h);
+                lb_q8_team_begin(&T, L->qkv, h, qkv, q8isa, mem);
+            }
+            lb_team_rows(&T, &s, team);
+#pragma omp single
+            {
+                float *q = qkv, *k = qkv + nh * hd, *v = k + nkv * hd;
+                lb_rope(q, nh, hd, cos, ss);
+                lb_rope(k, nkv, hd, cos, ss);
+                for (int64_t j = 0; j < nkv; j++) {
+                    memcpy(L->kcache + (j * L->max_len + pos) * hd, k + j * hd, sizeof(float) * (size_t)hd);
+                    memcpy(L->vcache + (j * L->max_len + pos) * hd, v + j * hd, sizeof(float) * (size_t)hd);
+                }
+                lb_attention(L, q, pos, scores, att, avx2);
+                lb_q8_team_begin(&T, L->o, att, o, q8isa, mem);
+            }
+            lb_team_rows(&T, &s, team);
+#pragma omp single
+            {
+                for (int64_t i = 0; i < H; i++)
+                    x[i] += o[i];
+                lb_rmsnorm(x, L->ln2, H, L->eps2, h);
+                lb_q8_team_begin(&T, L->gate_up, h, gu, q8isa, mem);
+            }
+            lb_team_rows(&T, &s, team);
+#pragma omp single
+            {
+                for (int64_t i = 0; i < I; i++) {
+                    const float g = gu[i];
+                    act[i] = g / (1.0f + expf(-g)) * gu[I + i];
+                }
+                lb_q8_team_begin(&T, L->down, act, o, q8isa, mem);
+            }
+            lb_team_rows(&T, &s, team);
+        }
+    }
+    if (n_layers > 0) {
+        const lb_layer *L = layers + n_layers - 1;
+        const float *o = scratch + L->hidden + (L->nh + 2 * L->nkv) * L->hd + L->nh * L->hd;
+        for (int64_t i = 0; i < L->hidden; i++)
+            x[i] += o[i];
+    }
+    free(mem);
+    return LB_OK;
+}
+#endif
+
 /* Every block of `layers` on one token's hidden state x (updated in place) at position pos;
  * cos / ss: that position's RoPE rows (ss: sin with rotate_half's sign folded in). scratch: see
  * lowbit.decoder.Decoder. isa: -1 auto, 0 portable (every projection and the attention loops),
- * 1 AVX2. */
+ * 1 AVX2. With int8 activations and more than one thread the whole step runs on one OpenMP team
+ * (lb_decode_layers_team); else each projection starts its own (lb_run_rows). */
 LB_EXPORT int lb_decode_layers(const lb_layer *layers, int64_t n_layers, float *x, int64_t pos, const float *cos,
                                const float *ss, float *scratch, int nthreads, int isa)
 {
     const int path = lb_resolve_isa(isa);
     if (path < 0) return path;
+#ifdef _OPENMP
+    if (nthreads < 1) nthreads = omp_get_max_threads();
+    if (nthreads > 1 && lb_team_ok(layers, n_layers))
+        return lb_decode_layers_team(layers, n_layers, x, pos, cos, ss, scratch, nthreads, path);
+#endif
     for (int64_t l = 0; l < n_layers; l++) {
         const int err = lb_decode_layer(layers + l, x, pos, cos, ss, scratch, nthreads, path);
         if (err) return err;

@@ -107,6 +107,7 @@ int lb_resolve_isa(int isa);  /* -1 -> the CPU's best, else isa; LB_EISA / LB_EA
 int lb_check(const lb_weight *w);
 LB_EXPORT int lb_linear(const lb_weight *w, const float *x, int64_t batch, float *y, int nthreads, int isa);
 LB_EXPORT int lb_linear_q8(const lb_weight *w, const float *x, int64_t batch, float *y, int nthreads, int isa);
+LB_EXPORT int lb_q8_supported(const lb_weight *w);
 
 /* ---------------------------------------------------------------- scalar helpers */
 
@@ -256,6 +257,20 @@ typedef struct {
     const float *dxl; /* (batch, dxls): the activation scale of each int32 lane of each unit */
     int64_t dxls;
 } lb_q8call;
+
+/* One batch-1 lb_linear_q8 call split for a thread team that is already running (decode_step.c):
+ * one thread quantizes the input (lb_q8_team_begin, into lb_q8_team_bytes of 64-byte aligned
+ * memory), then the team runs blocks 0..n_blocks of 4 rows (lb_q8_team_block), each thread with
+ * its own lb_scratch (steps: 4 * (groups + 8) floats; codes: cols + 16 bytes). */
+typedef struct {
+    lb_q8call Q;
+    lb_rows_fn rows;
+    int64_t n_blocks;
+} lb_q8_team;
+
+size_t lb_q8_team_bytes(const lb_weight *w);
+int lb_q8_team_begin(lb_q8_team *T, const lb_weight *w, const float *x, float *y, int isa, uint8_t *mem);
+void lb_q8_team_block(const lb_q8_team *T, int64_t blk, const lb_scratch *s);
 
 /* Columns per unit (the packed bytes one vector step of lb_linear decodes) of each kind. */
 LB_INLINE int lb_unit_cols(int kind) { return kind == 5 ? 40 : kind == 3 || kind == 8 ? 8 : 64 / kind; }

@@ -168,10 +168,9 @@ static const lb_rows_fn *const lb_q8_rows_by_isa[4] = {
 #endif
 };
 
-/* Fills Q for one call and quantizes every input row into one scratch allocation, returned
- * (NULL: out of memory). vec: the vector paths' permuted q (xq) and lane scales (dxl) too. */
-static uint8_t *lb_q8_setup(lb_q8call *Q, const lb_weight *w, const float *x, int64_t batch, float *y, int mode,
-                            int vec)
+/* Fills Q's geometry for one call (no input yet); returns the scratch bytes lb_q8_quantize needs.
+ * vec: the vector paths' permuted q (xq) and lane scales (dxl) too. */
+static size_t lb_q8_init(lb_q8call *Q, const lb_weight *w, int64_t batch, float *y, int mode, int vec)
 {
     lb_call *C = &Q->c;
     memset(Q, 0, sizeof *Q);
@@ -188,11 +187,21 @@ static uint8_t *lb_q8_setup(lb_q8call *Q, const lb_weight *w, const float *x, in
     Q->xqs = (Q->units * 32 * Q->cpb + 63) / 64 * 64;
     Q->dxls = (Q->units * 8 + 15) / 16 * 16;
     const int64_t qs = (w->cols + 63) / 64 * 64, ds = (Q->nblk + 15) / 16 * 16, ss = (C->ng + 15) / 16 * 16;
-    /* scratch (64-byte aligned pieces): q, xq (bytes); d, dxl, sx (floats) */
     const size_t q_bytes = (size_t)(batch * qs), xq_bytes = vec ? (size_t)(batch * Q->xqs) : 0;
     const size_t floats = (size_t)(batch * (ds + (vec ? Q->dxls : 0) + ss));
-    uint8_t *scratch = lb_alloc(q_bytes + xq_bytes + sizeof(float) * floats);
-    if (!scratch) return NULL;
+    return q_bytes + xq_bytes + sizeof(float) * floats;
+}
+
+/* Quantizes every input row of x into `scratch` (lb_q8_init's bytes, 64-byte aligned) and points
+ * Q at it. */
+static void lb_q8_quantize(lb_q8call *Q, const float *x, uint8_t *scratch, int vec)
+{
+    lb_call *C = &Q->c;
+    const lb_weight *w = C->w;
+    const int64_t batch = C->batch;
+    const int64_t qs = (w->cols + 63) / 64 * 64, ds = (Q->nblk + 15) / 16 * 16, ss = (C->ng + 15) / 16 * 16;
+    /* scratch (64-byte aligned pieces): q, xq (bytes); d, dxl, sx (floats) */
+    const size_t q_bytes = (size_t)(batch * qs), xq_bytes = vec ? (size_t)(batch * Q->xqs) : 0;
     int8_t *qb = (int8_t *)scratch, *xqb = vec ? (int8_t *)(scratch + q_bytes) : NULL;
     float *db = (float *)(scratch + q_bytes + xq_bytes), *dxlb = vec ? db + batch * ds : NULL;
     float *sxb = db + batch * ds + (vec ? batch * Q->dxls : 0);
@@ -215,7 +224,44 @@ static uint8_t *lb_q8_setup(lb_q8call *Q, const lb_weight *w, const float *x, in
             memmove(db + b * Q->nblk, db + b * ds, sizeof(float) * (size_t)Q->nblk);
         }
     }
+}
+
+/* Fills Q for one call and quantizes every input row into one scratch allocation, returned
+ * (NULL: out of memory). */
+static uint8_t *lb_q8_setup(lb_q8call *Q, const lb_weight *w, const float *x, int64_t batch, float *y, int mode,
+                            int vec)
+{
+    uint8_t *scratch = lb_alloc(lb_q8_init(Q, w, batch, y, mode, vec));
+    if (!scratch) return NULL;
+    lb_q8_quantize(Q, x, scratch, vec);
     return scratch;
+}
+
+/* ---------------------------------------------------------------- one input inside a thread team */
+
+size_t lb_q8_team_bytes(const lb_weight *w)
+{
+    lb_q8call Q;
+    return lb_q8_init(&Q, w, 1, NULL, 0, 1);
+}
+
+int lb_q8_team_begin(lb_q8_team *T, const lb_weight *w, const float *x, float *y, int isa, uint8_t *mem)
+{
+    const int mode = lb_q8_mode(w);
+    if (mode < 0) return LB_EUNSUP;
+    if (isa < 0) isa = lb_q8_isa();
+    else if (!lb_q8_isa_ok(isa)) return LB_EISA;
+    lb_q8_init(&T->Q, w, 1, y, mode, isa >= 1);
+    lb_q8_quantize(&T->Q, x, mem, isa >= 1);
+    T->rows = lb_q8_rows_by_isa[isa][w->fmt];
+    T->n_blocks = (w->rows + 3) / 4;
+    return LB_OK;
+}
+
+void lb_q8_team_block(const lb_q8_team *T, int64_t blk, const lb_scratch *s)
+{
+    const int64_t rows = T->Q.c.w->rows, r0 = 4 * blk, r1 = r0 + 4 < rows ? r0 + 4 : rows;
+    T->rows(&T->Q, r0, r1, s);
 }
 
 /* y (batch, rows) = q8(x) @ W^T + bias: x quantized to int8 per block of 32 columns, integer

@@ -5,6 +5,7 @@ token ids (compare them with :func:`lowbit.evaluation.compare_logits`, or evalua
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections import Counter
@@ -37,17 +38,93 @@ def require_llama_cpp():
     return llama_cpp
 
 
+# Types whose tensors llama.cpp's CPU_REPACK buffer repacks (interleaved rows for its AVX2 /
+# AVX-512 GEMV/GEMM kernels) in llama-cpp-python 0.3.36; a tensor of another type placed in it
+# crashes llama.cpp, so only these are overridden there (as its own buffer selection would do).
+REPACK_TYPES = ("Q4_0", "IQ4_NL", "Q4_K")
+
+
+@functools.cache
+def extra_buffer_types() -> dict[str, int]:
+    """llama.cpp's extra CPU buffer types on this machine, name -> ``ggml_backend_buffer_type_t``
+    (e.g. ``{"AMX": ..., "CPU_REPACK": ...}`` on a Sapphire Rapids CPU), read through ggml's
+    backend registry in the libraries llama-cpp-python ships."""
+    import ctypes
+
+    llama_cpp = require_llama_cpp()
+    libdir = Path(llama_cpp.__file__).parent / "lib"
+    ggml = ctypes.CDLL(str(libdir / "libggml.so"))
+    base = ctypes.CDLL(str(libdir / "libggml-base.so"))
+    ggml.ggml_backend_dev_by_type.restype = ctypes.c_void_p
+    ggml.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
+    ggml.ggml_backend_dev_backend_reg.restype = ctypes.c_void_p
+    ggml.ggml_backend_dev_backend_reg.argtypes = [ctypes.c_void_p]
+    ggml.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
+    ggml.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    base.ggml_backend_buft_name.restype = ctypes.c_char_p
+    base.ggml_backend_buft_name.argtypes = [ctypes.c_void_p]
+    llama_cpp.llama_backend_init()
+    dev = ggml.ggml_backend_dev_by_type(0)  # GGML_BACKEND_DEVICE_TYPE_CPU
+    if not dev:
+        return {}
+    fn = ggml.ggml_backend_reg_get_proc_address(ggml.ggml_backend_dev_backend_reg(dev), b"ggml_backend_dev_get_extra_bufts")
+    if not fn:
+        return {}
+    arr = ctypes.CFUNCTYPE(ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p)(fn)(dev)
+    out, i = {}, 0
+    while arr and arr[i]:
+        out[base.ggml_backend_buft_name(arr[i]).decode()] = arr[i]
+        i += 1
+    return out
+
+
+def repack_mode(extra_bufts: bool = True) -> str:
+    """How :func:`open_llamacpp` runs llama.cpp's weight repacking here: ``"off"``, ``"default"``
+    (its extra buffer types, as its users run it) or ``"cpu_repack"`` (AMX CPUs: the CPU_REPACK
+    buffer for every tensor of :data:`REPACK_TYPES`, without the AMX buffer, whose matmul
+    segfaults in llama-cpp-python 0.3.36; llama.cpp's upstream issue #20824)."""
+    if not extra_bufts:
+        return "off"
+    return "cpu_repack" if "AMX" in extra_buffer_types() else "default"
+
+
+def _repack_overrides(gguf_path):
+    """A ``llama_model_tensor_buft_override`` array placing every decoder tensor of
+    :data:`REPACK_TYPES` in the CPU_REPACK buffer (None when the file has none)."""
+    import ctypes
+
+    import gguf
+
+    names = [
+        t.name for t in gguf.GGUFReader(gguf_path).tensors
+        if t.tensor_type.name in REPACK_TYPES and t.name.startswith("blk.") and len(t.shape) == 2
+    ]
+    buft = extra_buffer_types().get("CPU_REPACK")
+    if not names or not buft:
+        return None
+
+    class Override(ctypes.Structure):
+        _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+    pattern = "^(" + "|".join(n.replace(".", "\\.") for n in names) + ")$"
+    return (Override * 2)(Override(pattern.encode(), buft), Override(None, None))
+
+
 @contextmanager
-def _extra_buffer_types(enabled: bool):
+def _model_params(extra_bufts: bool, overrides=None):
     """llama-cpp-python builds its model params from ``llama_model_default_params()``; set
-    ``use_extra_bufts`` there for the duration of one ``Llama(...)`` construction."""
+    ``use_extra_bufts`` (and buffer-type overrides) there for one ``Llama(...)`` construction."""
+    import ctypes
+
     from llama_cpp import llama_cpp as lib
 
     original = lib.llama_model_default_params
 
     def patched():
         params = original()
-        params.use_extra_bufts = enabled
+        params.use_extra_bufts = extra_bufts
+        if overrides is not None:
+            params.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
         return params
 
     lib.llama_model_default_params = patched
@@ -66,18 +143,19 @@ def open_llamacpp(
 ):
     """A ``llama_cpp.Llama`` for ``gguf_path``.
 
-    ``extra_bufts=True`` (default) is llama.cpp as its users run it: weight-repacking buffer types
-    (AMX, CPU_REPACK) on. ``extra_bufts=False`` turns them off and runs the plain CPU kernels:
-    needed on AMX (Sapphire Rapids) CPUs with llama-cpp-python 0.3.36 built with GGML_NATIVE,
-    where the AMX matmul segfaults on the first eval of any Q4_0 or Q8_0 file, llama.cpp's own
-    quantizations included (upstream llama.cpp issue #20824; still so on lowbit's test machine,
-    so its tests and benchmarks pass ``extra_bufts=False``).
+    ``extra_bufts=True`` (default) is llama.cpp as its users run it: weight repacking on. On CPUs
+    with AMX that is the CPU_REPACK buffer alone (:func:`repack_mode`): llama-cpp-python 0.3.36
+    segfaults in the AMX matmul at the first eval of any Q4_0 or Q8_0 file (upstream llama.cpp
+    issue #20824; so on lowbit's test machine). ``extra_bufts=False`` runs llama.cpp's plain CPU
+    kernels on the file's own layout.
     """
     require_llama_cpp()
     from llama_cpp import Llama
 
-    with _extra_buffer_types(extra_bufts):
-        return Llama(
+    mode = repack_mode(extra_bufts)
+    overrides = _repack_overrides(gguf_path) if mode == "cpu_repack" else None
+    with _model_params(mode == "default", overrides):
+        llm = Llama(
             str(gguf_path),
             n_ctx=n_ctx,
             logits_all=logits_all,
@@ -85,6 +163,9 @@ def open_llamacpp(
             n_threads_batch=n_threads,
             verbose=False,
         )
+    llm._lowbit_keep = overrides  # the override array must outlive the model
+    llm.lowbit_repack = mode
+    return llm
 
 
 def window_logits(llm, ids: list[int]) -> np.ndarray:
