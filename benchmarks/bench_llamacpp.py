@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))  # llamacpp_speed, machine, bench_matvec
 from lowbit import __version__
 from lowbit.data import get_text
 from lowbit.evaluation import compare_logits
@@ -409,9 +410,33 @@ def main() -> None:
     parser.add_argument("--no-tiny", action="store_true", help="skip the tiny random-model checks")
     parser.add_argument("--out", default="benchmarks/results/llamacpp.json")
     parser.add_argument("--md", default="benchmarks/results/llamacpp.md")
+    parser.add_argument("--speed", action="store_true",
+                        help="only the speed run (llamacpp_speed.py): decode and prefill, repacking on and off, "
+                             "llama.cpp's own types and lowbit's 2-bit / ternary settings")
+    parser.add_argument("--speed-dir", default="runs/llamacpp-speed", help="folders and GGUF files of --speed")
+    parser.add_argument("--prefill-tokens", type=int, default=512)
+    parser.add_argument("--speed-out", default="benchmarks/results/llamacpp_speed.json")
+    parser.add_argument("--speed-md", default="benchmarks/results/llamacpp_speed.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.speed:
+        import llamacpp_speed
+
+        from lowbit import kernels
+        from lowbit.models import load_model
+
+        kernels.set_num_threads(args.threads)
+        _, tok = load_model()
+        need = max(args.prefill_tokens, 16 + args.decode_tokens)
+        ids = tok(get_text(args.text)[: 40 * need], add_special_tokens=False)["input_ids"][:need]
+        res = llamacpp_speed.run(args, ids)
+        Path(args.speed_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.speed_out).write_text(json.dumps(res, indent=2))
+        llamacpp_speed.write_md(res, Path(args.speed_md))
+        print(json.dumps(res["ratios"], indent=1))
+        print(f"wrote {args.speed_out} and {args.speed_md}")
+        return
 
     import llama_cpp
 

@@ -212,3 +212,46 @@ def test_unquantized_linears_stay_fp16(tmp_path):
     ids = torch.randint(0, len(tok), (1, 10))
     with torch.inference_mode():
         assert torch.allclose(packed(ids).logits, fake(ids).logits, atol=2e-2, rtol=1e-2)
+
+
+def test_ternary_storage_u2_is_read_in_place(tmp_path):
+    """``ternary_storage="u2"`` stores ternary codes at 2 bits, which the runtime reads without
+    repacking (the packed buffer is the file's bytes); same logits as the default 1.6-bit t5 folder,
+    whose codes the runtime unpacks to u2. The size account follows what is stored."""
+    import json
+
+    from lowbit.evaluation import size_account
+
+    tok = tiny_tokenizer()
+    out = {}
+    for storage in ("t5", "u2"):
+        model = tiny_llama(vocab_size=len(tok))
+        rtn(model, QuantConfig(bits=1.58, ternary_storage=storage))
+        acc = size_account(model)
+        save_quantized(model, tok, tmp_path / storage)
+        meta = json.loads((tmp_path / storage / "lowbit.json").read_text())
+        assert {v["layout"] for v in meta["layers"].values() if "layout" in v} == {storage}
+        packed, _, _ = load_packed(tmp_path / storage)
+        layer = packed.model.layers[0].mlp.down_proj
+        assert layer.layout == "u2"
+        ids = torch.arange(12)[None] % len(tok)
+        with torch.inference_mode():
+            out[storage] = (packed(input_ids=ids).logits, acc["linear_bytes"], module_bytes(packed))
+    assert torch.equal(out["t5"][0], out["u2"][0])
+    assert out["u2"][1] > out["t5"][1]  # stored: 2 bits per code instead of 1.6
+    assert out["u2"][2] == out["t5"][2]  # in memory: u2 either way
+    with pytest.raises(LowbitError, match="ternary_storage"):
+        QuantConfig(bits=1.58, ternary_storage="u3")
+
+
+def test_drop_pages_releases_mapped_bytes_and_keeps_them_readable(tmp_path):
+    from safetensors.torch import save_file
+
+    from lowbit.stfile import MappedSafetensors, drop_pages
+
+    data = torch.arange(256 * 1024, dtype=torch.int32)
+    save_file({"a": data, "b": torch.ones(3)}, tmp_path / "w.safetensors")
+    t = MappedSafetensors(tmp_path / "w.safetensors").get("a")
+    assert int(t.sum()) == int(data.sum())  # every page touched
+    assert drop_pages(t) >= t.numel() * 4 - 2 * 4096  # whole pages inside the tensor
+    assert torch.equal(t, data)  # read again from the file

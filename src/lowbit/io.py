@@ -58,6 +58,8 @@ def build_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, di
             quantizers_seen[qid] = name
             qw = module.quantizer.quantize(module.weight)
             layout = default_layout(qw.n_levels)
+            if qw.n_levels == 3 and config is not None:
+                layout = config.ternary_storage
             tensors[f"{name}.qweight"] = pack_codes(qw.codes, layout)
             step16 = qw.step.half()
             exact = torch.equal(step16.float(), qw.step)

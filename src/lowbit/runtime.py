@@ -27,6 +27,7 @@ from lowbit.packing import unpack_codes
 from lowbit.quantizers import QuantizedWeight
 from lowbit.resident import measure_resident, trim_heap
 from lowbit.rotation import install_saved_mixes_
+from lowbit.stfile import drop_pages
 from lowbit.surgery import set_module
 
 
@@ -130,6 +131,7 @@ def _packed_linear(folder: QuantizedFolder, name: str, activations: str, ternary
         )  # fmt: skip
     else:  # e.g. ternary stored in t5 (1.6 bits), run in u2
         module = PackedLinear.from_quantized(layer.unpack(), layer.bias, layout=layout)
+        drop_pages(layer.qweight)  # the file's codes were read once: their pages need not stay resident
     module.activations = activations
     return module
 

@@ -91,6 +91,29 @@ class MappedSafetensors:
         return raw.view(dtype).reshape(shape)
 
 
+def drop_pages(t: torch.Tensor) -> int:
+    """Give back the resident pages of ``t``, a view of a :class:`MappedSafetensors` mapping that
+    will not be read again (e.g. packed bytes just converted to another layout): every whole page
+    inside its bytes is ``madvise(MADV_DONTNEED)``-ed, so it stops counting in this process's
+    resident memory (a later read would fault it in again from the file; pages shared with other
+    tensors are left alone). Returns the bytes advised (0 where madvise is unavailable)."""
+    import ctypes
+    import mmap
+
+    page = mmap.PAGESIZE
+    begin = t.data_ptr()
+    end = begin + t.numel() * t.element_size()
+    first, last = -(-begin // page) * page, end // page * page
+    if last <= first or not hasattr(mmap, "MADV_DONTNEED"):
+        return 0
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        rc = libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), ctypes.c_int(mmap.MADV_DONTNEED))
+    except (OSError, AttributeError):
+        return 0
+    return last - first if rc == 0 else 0
+
+
 class Checkpoint:
     """The safetensors weights of a Hugging Face folder, mapped lazily: one ``model.safetensors``,
     the shards an index names, or every ``*.safetensors`` file of the folder."""

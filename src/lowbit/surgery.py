@@ -78,12 +78,20 @@ class QuantConfig:
     rotation_lr: float = field(
         default=0.01, metadata={"help": "with --rotation-steps: Adam learning rate of the rotation (Cayley parameters)"}
     )
+    ternary_storage: str = field(
+        default="t5",
+        metadata={"help": "how ternary codes are stored: t5 (5 per byte, 1.6 bits: the smallest file; the packed "
+                  "runtime unpacks them to 2-bit codes in memory) or u2 (2 bits: read in place, resident memory = "
+                  "stored bytes)", "choices": ("t5", "u2")},
+    )
     hp_dtype: str = field(default="float16", metadata={"cli": False})
 
     def __post_init__(self):
         self.bits = parse_bits(self.bits)
         if self.hp_dtype not in HP_DTYPES:
             raise LowbitError(f"hp_dtype must be one of {', '.join(HP_DTYPES)}, not {self.hp_dtype!r}")
+        if self.ternary_storage not in ("t5", "u2"):
+            raise LowbitError(f"ternary_storage must be t5 or u2, not {self.ternary_storage!r}")
         for pattern, spec in self.overrides.items():
             unknown = set(spec) - {"bits", "quantizer", "group_size"}
             if unknown:

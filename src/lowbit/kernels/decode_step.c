@@ -97,29 +97,36 @@ static int lb_project(const lb_layer *L, const lb_weight *W, const float *in, fl
     return lb_linear(W, in, 1, out, nthreads, isa);
 }
 
-/* Attention of the token at `pos` (its q in qkv, its k/v already in the caches) into att. */
+/* Attention of head hh of the token at `pos` (its q in qkv, its k/v already in the caches) into
+ * att; scores: pos + 1 floats of scratch. */
+static void lb_attention_head(const lb_layer *L, const float *q, int64_t pos, int64_t hh, float *scores, float *att,
+                              int avx2)
+{
+    const int64_t hd = L->hd, len = pos + 1, group = L->nh / L->nkv;
+    const float *qh = q + hh * hd;
+    const float *kc = L->kcache + (hh / group) * L->max_len * hd, *vc = L->vcache + (hh / group) * L->max_len * hd;
+    float mx = -INFINITY;
+    for (int64_t t = 0; t < len; t++) {
+        scores[t] = lb_dot(qh, kc + t * hd, hd, avx2) * L->scale;
+        mx = scores[t] > mx ? scores[t] : mx;
+    }
+    float sum = 0.0f;
+    for (int64_t t = 0; t < len; t++) {
+        scores[t] = expf(scores[t] - mx);
+        sum += scores[t];
+    }
+    float *out = att + hh * hd;
+    for (int64_t i = 0; i < hd; i++)
+        out[i] = 0.0f;
+    for (int64_t t = 0; t < len; t++)
+        lb_axpy(out, scores[t] / sum, vc + t * hd, hd, avx2);
+}
+
+/* Attention of every head of the token at `pos` into att. */
 static void lb_attention(const lb_layer *L, const float *q, int64_t pos, float *scores, float *att, int avx2)
 {
-    const int64_t nh = L->nh, hd = L->hd, len = pos + 1, group = nh / L->nkv;
-    for (int64_t hh = 0; hh < nh; hh++) {
-        const float *qh = q + hh * hd;
-        const float *kc = L->kcache + (hh / group) * L->max_len * hd, *vc = L->vcache + (hh / group) * L->max_len * hd;
-        float mx = -INFINITY;
-        for (int64_t t = 0; t < len; t++) {
-            scores[t] = lb_dot(qh, kc + t * hd, hd, avx2) * L->scale;
-            mx = scores[t] > mx ? scores[t] : mx;
-        }
-        float sum = 0.0f;
-        for (int64_t t = 0; t < len; t++) {
-            scores[t] = expf(scores[t] - mx);
-            sum += scores[t];
-        }
-        float *out = att + hh * hd;
-        for (int64_t i = 0; i < hd; i++)
-            out[i] = 0.0f;
-        for (int64_t t = 0; t < len; t++)
-            lb_axpy(out, scores[t] / sum, vc + t * hd, hd, avx2);
-    }
+    for (int64_t hh = 0; hh < L->nh; hh++)
+        lb_attention_head(L, q, pos, hh, scores, att, avx2);
 }
 
 /* One block on the hidden state x (hidden floats, updated in place) at position pos; isa: the
@@ -212,7 +219,11 @@ static int lb_decode_layers_team(const lb_layer *layers, int64_t n_layers, float
         if (pos < 0 || pos >= layers[l].max_len) return LB_EARG;
     const size_t code_bytes = ((size_t)max_cols + 16 + 63) / 64 * 64;
     const size_t step_floats = (size_t)(4 * (max_ng + 8));
-    const size_t per_thread = code_bytes + sizeof(float) * ((step_floats + 15) / 16 * 16);
+    int64_t max_len = 0;
+    for (int64_t l = 0; l < n_layers; l++)
+        max_len = layers[l].max_len > max_len ? layers[l].max_len : max_len;
+    const size_t step_bytes = sizeof(float) * ((step_floats + 15) / 16 * 16);
+    const size_t per_thread = code_bytes + step_bytes + sizeof(float) * (size_t)((max_len + 15) / 16 * 16);
     uint8_t *mem = lb_alloc(mem_bytes + (size_t)nthreads * per_thread);
     if (!mem) return LB_ENOMEM;
     memset(mem + mem_bytes, 0, (size_t)nthreads * per_thread);
@@ -223,11 +234,12 @@ static int lb_decode_layers_team(const lb_layer *layers, int64_t n_layers, float
         const int tid = omp_get_thread_num(), team = omp_get_num_threads();
         uint8_t *own = mem + mem_bytes + (size_t)tid * per_thread;
         const lb_scratch s = {own, (float *)(own + code_bytes)};
+        float *own_scores = (float *)(own + code_bytes + step_bytes);
         for (int64_t l = 0; l < n_layers; l++) {
             const lb_layer *L = layers + l;
             const int64_t H = L->hidden, nh = L->nh, nkv = L->nkv, hd = L->hd, I = L->inter;
             float *h = scratch, *qkv = h + H, *att = qkv + (nh + 2 * nkv) * hd, *o = att + nh * hd;
-            float *gu = o + H, *act = gu + 2 * I, *scores = act + I;
+            float *gu = o + H, *act = gu + 2 * I;
 #pragma omp single
             {
                 if (l > 0) /* the previous block's down projection */
@@ -246,9 +258,13 @@ static int lb_decode_layers_team(const lb_layer *layers, int64_t n_layers, float
                     memcpy(L->kcache + (j * L->max_len + pos) * hd, k + j * hd, sizeof(float) * (size_t)hd);
                     memcpy(L->vcache + (j * L->max_len + pos) * hd, v + j * hd, sizeof(float) * (size_t)hd);
                 }
-                lb_attention(L, q, pos, scores, att, avx2);
-                lb_q8_team_begin(&T, L->o, att, o, q8isa, mem);
             }
+            /* attention: heads over the team, each thread with its own scores */
+#pragma omp for schedule(static)
+            for (int64_t hh = 0; hh < nh; hh++)
+                lb_attention_head(L, qkv, pos, hh, own_scores, att, avx2);
+#pragma omp single
+            lb_q8_team_begin(&T, L->o, att, o, q8isa, mem);
             lb_team_rows(&T, &s, team);
 #pragma omp single
             {

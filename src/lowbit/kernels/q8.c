@@ -78,11 +78,49 @@ LB_EXPORT int lb_q8_supported(const lb_weight *w) { return lb_check(w) == LB_OK 
 
 /* Quantize one input row: per 32-column block d = max|x| / 127, q = round(x / d) (as x * (1 / d),
  * half to even); q in column order, permuted (xq), lane scales (dxl) and group sums of d * q. */
+#ifdef LB_X86
+/* One whole block of 32 columns: its q (column order) and scale d, with the float32 operations of
+ * the scalar loop below (vroundps is round-half-even, as nearbyintf in the default mode). */
+static LB_AVX2 float lb_q8_block_avx2(const float *x, int8_t *q)
+{
+    const __m256 sign = _mm256_set1_ps(-0.0f), lim = _mm256_set1_ps(127.0f), nlim = _mm256_set1_ps(-127.0f);
+    __m256 v[4], m = _mm256_setzero_ps();
+    for (int k = 0; k < 4; k++) {
+        v[k] = _mm256_loadu_ps(x + 8 * k);
+        m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[k]));
+    }
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    const float dk = _mm_cvtss_f32(s) / 127.0f, id = dk > 0.0f ? 1.0f / dk : 0.0f;
+    const __m256 vid = _mm256_set1_ps(id);
+    __m256i iv[4];
+    for (int k = 0; k < 4; k++) {
+        __m256 r = _mm256_round_ps(_mm256_mul_ps(v[k], vid), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        iv[k] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, nlim), lim));
+    }
+    /* packs interleave the 128-bit lanes: dwords come out as blocks 0,4,1,5,2,6,3,7 of 4 values */
+    const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(iv[0], iv[1]), _mm256_packs_epi32(iv[2], iv[3]));
+    _mm256_storeu_si256((__m256i *)q, _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    return dk;
+}
+#endif
+
 static void lb_q8_prepare(const lb_q8call *Q, const float *x, int8_t *q, float *d, int8_t *xq, float *dxl, float *sx)
 {
     const int64_t cols = Q->c.w->cols, G = Q->c.G, cpb = Q->cpb, UC = 32 * cpb;
+#ifdef LB_X86
+    static int avx2 = -1;
+    if (avx2 < 0) avx2 = lb_cpu_has_avx2();
+#endif
     for (int64_t k = 0; k < Q->nblk; k++) {
         const int64_t c0 = 32 * k, c1 = c0 + 32 < cols ? c0 + 32 : cols;
+#ifdef LB_X86
+        if (xq && avx2 && c1 - c0 == 32) { /* the vector paths (the portable one keeps the scalar loop) */
+            d[k] = lb_q8_block_avx2(x + c0, q + c0);
+            continue;
+        }
+#endif
         float amax = 0.0f;
         for (int64_t c = c0; c < c1; c++) {
             const float a = x[c] < 0 ? -x[c] : x[c];
