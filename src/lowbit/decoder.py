@@ -26,6 +26,7 @@ from torch import nn
 from lowbit import kernels
 from lowbit.errors import LowbitError
 from lowbit.packed_linear import KERNEL_MAX_BATCH, PackedLinear
+from lowbit.stfile import drop_pages
 
 SUPPORTED_TYPES = ("llama", "qwen2")
 ENGINES = ("auto", "lowbit", "transformers")
@@ -96,9 +97,13 @@ class Projections:
         r0 = 0
         for m in modules:  # the originals become views of the fused buffers
             r1 = r0 + m.out_features
+            old = m._buffers["packed"]
             for name in ("packed", "step", "bias"):
                 if m._buffers[name] is not None:
                     m._buffers[name] = fused._buffers[name][r0:r1]
+            if getattr(m, "codes_file_backed", False):  # the file's copy of these codes is not read again
+                drop_pages(old)
+                m.codes_file_backed = False
             if fused.zero.shape[0] != 1:
                 m._buffers["zero"] = fused._buffers["zero"][r0:r1]
             r0 = r1
@@ -161,8 +166,10 @@ class Decoder:
             gate_up = Projections.of([mlp.gate_proj, mlp.up_proj])
             self.fast.append(FastLayer(qkv, _single(attn.o_proj), gate_up, _single(mlp.down_proj)))
         shape = (len(self.layers), self.n_kv, self.max_len, self.head_dim)
-        self.k = torch.zeros(shape)
-        self.v = torch.zeros(shape)
+        # uninitialised: a position is written before any step reads it, so the pages of a long
+        # cache become resident only as the sequence reaches them
+        self.k = torch.empty(shape)
+        self.v = torch.empty(shape)
         self.pos = 0
         self.c_layers = self._build_c_layers(cfg)
 

@@ -66,7 +66,8 @@ def peak_resident_bytes() -> int | None:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
-def memory_child(kind: str, spec: str, activations: str, threads: int, ternary_layout: str = "u2") -> dict:
+def memory_child(kind: str, spec: str, activations: str, threads: int, ternary_layout: str = "u2",
+                 engine: str = "transformers") -> dict:
     """Runs in a fresh interpreter (see :func:`measure_resident`)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache
@@ -98,12 +99,17 @@ def memory_child(kind: str, spec: str, activations: str, threads: int, ternary_l
         model, _ = load_model(spec)
     trim_heap()
     loaded = resident_bytes()
-    with torch.inference_mode():
-        vocab = model.config.vocab_size
-        ids = torch.randint(min(100, vocab - 1), min(1000, vocab), (1, 16), generator=torch.Generator().manual_seed(0))
-        out = model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True)
-        for _ in range(8):
-            out = model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, use_cache=True)
+    vocab = model.config.vocab_size
+    ids = torch.randint(min(100, vocab - 1), min(1000, vocab), (1, 16), generator=torch.Generator().manual_seed(0))
+    if engine == "lowbit":  # lowbit's decode loop, as `lowbit generate` runs it (KV cache for 2048 tokens)
+        from lowbit.decoder import Decoder
+
+        Decoder(model, max_len=2048).generate(ids[0], max_new_tokens=8)
+    else:
+        with torch.inference_mode():
+            out = model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True)
+            for _ in range(8):
+                out = model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, use_cache=True)
     trim_heap()
     return {
         "baseline_rss": baseline,
@@ -114,7 +120,8 @@ def memory_child(kind: str, spec: str, activations: str, threads: int, ternary_l
     }
 
 
-def measure_resident(kind: str, spec: str, activations: str = "int8", threads: int = 1, ternary_layout: str = "u2") -> dict:
+def measure_resident(kind: str, spec: str, activations: str = "int8", threads: int = 1, ternary_layout: str = "u2",
+                     engine: str = "transformers") -> dict:
     """Resident memory of a model in a fresh Python process: RSS after loading it (and after 16 + 8
     decode steps) minus the RSS of the same process just before, with torch, transformers, the
     kernels, an empty model of the same architecture and the tokenizer already loaded. A fresh
@@ -125,10 +132,11 @@ def measure_resident(kind: str, spec: str, activations: str = "int8", threads: i
 
     code = (
         "import json, sys; from lowbit.resident import memory_child; "
-        "print(json.dumps(memory_child(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])))"
+        "print(json.dumps(memory_child(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5], "
+        "sys.argv[6])))"
     )
     proc = subprocess.run(
-        [sys.executable, "-c", code, kind, str(spec), activations, str(threads), ternary_layout],
+        [sys.executable, "-c", code, kind, str(spec), activations, str(threads), ternary_layout, engine],
         capture_output=True, text=True,
     )
     if proc.returncode != 0:

@@ -129,6 +129,9 @@ def _packed_linear(folder: QuantizedFolder, name: str, activations: str, ternary
             layer.qweight, layer.step.clone(), zero, info["shape"][1], info["group_size"], info["layout"],
             info["n_levels"], info["bits"], info["quantizer"], bias,
         )  # fmt: skip
+        # its codes are the mapped file's pages: whoever replaces them (the decode loop's fused
+        # q/k/v, gate/up copies) may give those pages back (lowbit.stfile.drop_pages)
+        module.codes_file_backed = module.packed.data_ptr() == layer.qweight.data_ptr()
     else:  # e.g. ternary stored in t5 (1.6 bits), run in u2
         module = PackedLinear.from_quantized(layer.unpack(), layer.bias, layout=layout)
         drop_pages(layer.qweight)  # the file's codes were read once: their pages need not stay resident
@@ -338,7 +341,7 @@ def bench(packed_dir: str, reference: str | None = None, prompt_tokens: int = 12
     del model
     gc.collect()
     if memory:
-        mem = measure_resident("packed", str(packed_dir), activations, torch.get_num_threads(), ternary_layout)
+        mem = measure_resident("packed", str(packed_dir), activations, torch.get_num_threads(), ternary_layout, engine)
         result["resident_bytes"] = mem["resident_bytes_after_decode"]
         result["resident_bytes_after_load"] = mem["resident_bytes"]
         result["resident_over_account"] = result["resident_bytes"] / meta["weights_bytes"]
