@@ -99,15 +99,18 @@ def test_q8_scale_storage_and_zero_input(isa):
 
 @needs_kernels
 def test_q8_isas_agree_and_error_is_activation_rounding():
-    """All vector paths give the same numbers (integer sums are exact; the float scaling runs in the
-    same order), and the distance to the float kernel is what int8 rounding of x explains."""
+    """The 256-bit vector paths give the same numbers (integer sums are exact; the float scaling runs
+    in the same order), the 512-bit one the same up to float32 summation order (16 lanes, not 8),
+    and the distance to the float kernel is what int8 rounding of x explains."""
     qw = random_quantized(64, 576, 3, None, seed=7, zero_kind="constant")
     w, keep = struct(qw, "u2")
     x = torch.randn(4, 576)
     outs = {isa: kernels.linear_q8(x, w, isa=isa) for isa in Q8_ISAS}
-    vector = [isa for isa in Q8_ISAS if isa != "portable"]
+    vector = [isa for isa in Q8_ISAS if isa not in ("portable", "avx512vnni-zmm")]
     for isa in vector[1:]:
         assert torch.equal(outs[isa], outs[vector[0]]), isa
+    if "avx512vnni-zmm" in outs and vector:
+        assert torch.allclose(outs["avx512vnni-zmm"], outs[vector[0]], rtol=1e-5, atol=1e-5)
     exact = kernels.linear(x, w)
     rel = (outs[Q8_ISAS[-1]] - exact).norm() / exact.norm()
     bound = (q8_activations(x) - x).norm() / x.norm()  # relative rounding error of the input

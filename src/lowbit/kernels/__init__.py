@@ -53,7 +53,7 @@ from lowbit.kernels.structs import (  # noqa: F401
 ISA_NAMES = {0: "portable", 1: "avx2"}
 _ISA_IDS = {"portable": 0, "avx2": 1}
 # The int8-activation path's vector code: AVX2 (vpmaddubsw) or a VNNI dot-product instruction.
-Q8_ISA_NAMES = {0: "portable", 1: "avx2", 2: "avxvnni", 3: "avx512vnni"}
+Q8_ISA_NAMES = {0: "portable", 1: "avx2", 2: "avxvnni", 3: "avx512vnni", 4: "avx512vnni-zmm"}
 _Q8_ISA_IDS = {v: k for k, v in Q8_ISA_NAMES.items()}
 _ERRORS = {
     -1: "unknown packing layout",

@@ -189,7 +189,7 @@ static void lb_team_rows(const lb_q8_team *T, const lb_scratch *s, int nthreads)
     int64_t chunk = T->n_blocks / (8 * (int64_t)nthreads);
     if (chunk < 1) chunk = 1;
     /* the row kernels expect zeros past each row's steps (earlier projections had other widths) */
-    memset(s->steps, 0, sizeof(float) * (size_t)(4 * (T->Q.c.ng + 8)));
+    memset(s->steps, 0, sizeof(float) * (size_t)(4 * (T->Q.c.ng + 16)));
 #pragma omp for schedule(dynamic, chunk)
     for (int64_t blk = 0; blk < T->n_blocks; blk++)
         lb_q8_team_block(T, blk, s);
@@ -218,7 +218,7 @@ static int lb_decode_layers_team(const lb_layer *layers, int64_t n_layers, float
     for (int64_t l = 0; l < n_layers; l++)
         if (pos < 0 || pos >= layers[l].max_len) return LB_EARG;
     const size_t code_bytes = ((size_t)max_cols + 16 + 63) / 64 * 64;
-    const size_t step_floats = (size_t)(4 * (max_ng + 8));
+    const size_t step_floats = (size_t)(4 * (max_ng + 16));
     int64_t max_len = 0;
     for (int64_t l = 0; l < n_layers; l++)
         max_len = layers[l].max_len > max_len ? layers[l].max_len : max_len;

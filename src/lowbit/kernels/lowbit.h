@@ -256,6 +256,7 @@ typedef struct {
     int64_t xqs;
     const float *dxl; /* (batch, dxls): the activation scale of each int32 lane of each unit */
     int64_t dxls;
+    int64_t ub;       /* bytes per unit: 32 (256-bit tiles) or 64 (512-bit tiles, q8_tile512.h) */
 } lb_q8call;
 
 /* One batch-1 lb_linear_q8 call split for a thread team that is already running (decode_step.c):

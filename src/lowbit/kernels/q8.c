@@ -28,15 +28,29 @@
 #undef LB_Q8_NAME
 #undef LB_Q8_TARGET
 #undef LB_Q8_VNNI
+
+#include "q8_tile512.h"
 #endif
 
 /* ---------------------------------------------------------------- code paths and layouts */
 
-/* 0: no AVX2 (portable), 1: AVX2, 2: AVX-VNNI, 3: AVX512-VNNI (used on ymm registers). */
+/* 0: no AVX2 (portable), 1: AVX2, 2: AVX-VNNI, 3: AVX512-VNNI on ymm registers, 4: AVX512-VNNI on
+ * zmm registers (64-byte units, q8_tile512.h; weights whose groups do not fit those units run 3). */
+static int lb_has_zmm(void)
+{
+#ifdef LB_X86
+    return lb_cpu_has_avx2() && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512bw");
+#else
+    return 0;
+#endif
+}
+
 static int lb_q8_isa(void)
 {
 #ifdef LB_X86
     if (!lb_cpu_has_avx2()) return 0;
+    if (lb_has_zmm()) return 4;
     if (__builtin_cpu_supports("avxvnni")) return 2;
     if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl")) return 3;
     return 1;
@@ -54,6 +68,7 @@ LB_EXPORT int lb_q8_isa_ok(int isa)
     if (isa == 1) return lb_cpu_has_avx2();
     if (isa == 2) return lb_cpu_has_avx2() && __builtin_cpu_supports("avxvnni");
     if (isa == 3) return lb_cpu_has_avx2() && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl");
+    if (isa == 4) return lb_has_zmm();
 #endif
     return isa == 0;
 }
@@ -64,15 +79,20 @@ static int lb_q8_cpb(int fmt) { return fmt == LB_U1 ? 8 : fmt == LB_U2 ? 4 : fmt
 /* 0 / 1: the tile mode for this weight (0: per-channel or several units per group, 1: one unit
  * per group or several groups per unit); -1: the int8 path does not take it (u3, t5, or groups
  * whose boundaries split a 4-code int32 lane of a unit). */
-static int lb_q8_mode(const lb_weight *w)
+static int lb_q8_mode_ub(const lb_weight *w, int64_t ub)
 {
     const int cpb = lb_q8_cpb(w->fmt);
     if (!cpb) return -1;
-    const int64_t G = w->group < w->cols ? w->group : w->cols, UC = 32 * cpb;
+    const int64_t G = w->group < w->cols ? w->group : w->cols, UC = ub * cpb;
     if (G == w->cols || (G % UC == 0 && G >= 2 * UC)) return 0; /* several units per group */
     if (G == UC || (UC % G == 0 && G % (4 * cpb) == 0)) return 1;
     return -1;
 }
+
+static int lb_q8_mode(const lb_weight *w) { return lb_q8_mode_ub(w, 32); }
+
+/* The code path a call runs: the zmm tiles (4) only where the weight's groups fit 64-byte units. */
+static int lb_q8_path(const lb_weight *w, int isa) { return isa == 4 && lb_q8_mode_ub(w, 64) < 0 ? 3 : isa; }
 
 LB_EXPORT int lb_q8_supported(const lb_weight *w) { return lb_check(w) == LB_OK && lb_q8_mode(w) >= 0; }
 
@@ -108,7 +128,7 @@ static LB_AVX2 float lb_q8_block_avx2(const float *x, int8_t *q)
 
 static void lb_q8_prepare(const lb_q8call *Q, const float *x, int8_t *q, float *d, int8_t *xq, float *dxl, float *sx)
 {
-    const int64_t cols = Q->c.w->cols, G = Q->c.G, cpb = Q->cpb, UC = 32 * cpb;
+    const int64_t cols = Q->c.w->cols, G = Q->c.G, cpb = Q->cpb, ub = Q->ub, UC = ub * cpb, lanes = ub / 4;
 #ifdef LB_X86
     static int avx2 = -1;
     if (avx2 < 0) avx2 = lb_cpu_has_avx2();
@@ -144,13 +164,13 @@ static void lb_q8_prepare(const lb_q8call *Q, const float *x, int8_t *q, float *
     if (!xq) return;
     for (int64_t u = 0; u < Q->units; u++) {
         for (int64_t h = 0; h < cpb; h++)
-            for (int64_t i = 0; i < 32; i++) {
-                const int64_t c = (32 * u + i) * cpb + h;
-                xq[u * UC + 32 * h + i] = c < cols ? q[c] : 0;
+            for (int64_t i = 0; i < ub; i++) {
+                const int64_t c = (ub * u + i) * cpb + h;
+                xq[u * UC + ub * h + i] = c < cols ? q[c] : 0;
             }
-        for (int64_t k = 0; k < 8; k++) {
-            const int64_t c = (32 * u + 4 * k) * cpb;
-            dxl[8 * u + k] = c < cols ? d[c / 32] : 0.0f;
+        for (int64_t k = 0; k < lanes; k++) {
+            const int64_t c = (ub * u + 4 * k) * cpb;
+            dxl[lanes * u + k] = c < cols ? d[c / 32] : 0.0f;
         }
     }
 }
@@ -199,16 +219,16 @@ static const lb_rows_fn lb_q8_rows_portable_by_fmt[LB_NFMT] = {
 };
 
 /* The row kernels by int8 path (lb_q8_isa's ids) and layout. */
-static const lb_rows_fn *const lb_q8_rows_by_isa[4] = {
+static const lb_rows_fn *const lb_q8_rows_by_isa[5] = {
     lb_q8_rows_portable_by_fmt,
 #ifdef LB_X86
-    lb_q8_rows_by_fmt_avx2, lb_q8_rows_by_fmt_avxvnni, lb_q8_rows_by_fmt_avx512vnni,
+    lb_q8_rows_by_fmt_avx2, lb_q8_rows_by_fmt_avxvnni, lb_q8_rows_by_fmt_avx512vnni, lb_z_rows_by_fmt,
 #endif
 };
 
 /* Fills Q's geometry for one call (no input yet); returns the scratch bytes lb_q8_quantize needs.
  * vec: the vector paths' permuted q (xq) and lane scales (dxl) too. */
-static size_t lb_q8_init(lb_q8call *Q, const lb_weight *w, int64_t batch, float *y, int mode, int vec)
+static size_t lb_q8_init(lb_q8call *Q, const lb_weight *w, int64_t batch, float *y, int mode, int vec, int64_t ub)
 {
     lb_call *C = &Q->c;
     memset(Q, 0, sizeof *Q);
@@ -220,10 +240,11 @@ static size_t lb_q8_init(lb_q8call *Q, const lb_weight *w, int64_t batch, float 
     C->prefetch = LB_PREFETCH_ROWS * w->row_bytes;
     Q->cpb = lb_q8_cpb(w->fmt);
     Q->mode = mode;
-    Q->units = (w->row_bytes + 31) / 32;
+    Q->ub = ub;
+    Q->units = (w->row_bytes + ub - 1) / ub;
     Q->nblk = (w->cols + 31) / 32;
-    Q->xqs = (Q->units * 32 * Q->cpb + 63) / 64 * 64;
-    Q->dxls = (Q->units * 8 + 15) / 16 * 16;
+    Q->xqs = (Q->units * ub * Q->cpb + 63) / 64 * 64;
+    Q->dxls = (Q->units * (ub / 4) + 15) / 16 * 16;
     const int64_t qs = (w->cols + 63) / 64 * 64, ds = (Q->nblk + 15) / 16 * 16, ss = (C->ng + 15) / 16 * 16;
     const size_t q_bytes = (size_t)(batch * qs), xq_bytes = vec ? (size_t)(batch * Q->xqs) : 0;
     const size_t floats = (size_t)(batch * (ds + (vec ? Q->dxls : 0) + ss));
@@ -267,9 +288,9 @@ static void lb_q8_quantize(lb_q8call *Q, const float *x, uint8_t *scratch, int v
 /* Fills Q for one call and quantizes every input row into one scratch allocation, returned
  * (NULL: out of memory). */
 static uint8_t *lb_q8_setup(lb_q8call *Q, const lb_weight *w, const float *x, int64_t batch, float *y, int mode,
-                            int vec)
+                            int vec, int64_t ub)
 {
-    uint8_t *scratch = lb_alloc(lb_q8_init(Q, w, batch, y, mode, vec));
+    uint8_t *scratch = lb_alloc(lb_q8_init(Q, w, batch, y, mode, vec, ub));
     if (!scratch) return NULL;
     lb_q8_quantize(Q, x, scratch, vec);
     return scratch;
@@ -280,7 +301,8 @@ static uint8_t *lb_q8_setup(lb_q8call *Q, const lb_weight *w, const float *x, in
 size_t lb_q8_team_bytes(const lb_weight *w)
 {
     lb_q8call Q;
-    return lb_q8_init(&Q, w, 1, NULL, 0, 1);
+    const size_t a = lb_q8_init(&Q, w, 1, NULL, 0, 1, 32), b = lb_q8_init(&Q, w, 1, NULL, 0, 1, 64);
+    return a > b ? a : b;
 }
 
 int lb_q8_team_begin(lb_q8_team *T, const lb_weight *w, const float *x, float *y, int isa, uint8_t *mem)
@@ -289,7 +311,8 @@ int lb_q8_team_begin(lb_q8_team *T, const lb_weight *w, const float *x, float *y
     if (mode < 0) return LB_EUNSUP;
     if (isa < 0) isa = lb_q8_isa();
     else if (!lb_q8_isa_ok(isa)) return LB_EISA;
-    lb_q8_init(&T->Q, w, 1, y, mode, isa >= 1);
+    isa = lb_q8_path(w, isa);
+    lb_q8_init(&T->Q, w, 1, y, isa == 4 ? lb_q8_mode_ub(w, 64) : mode, isa >= 1, isa == 4 ? 64 : 32);
     lb_q8_quantize(&T->Q, x, mem, isa >= 1);
     T->rows = lb_q8_rows_by_isa[isa][w->fmt];
     T->n_blocks = (w->rows + 3) / 4;
@@ -304,7 +327,7 @@ void lb_q8_team_block(const lb_q8_team *T, int64_t blk, const lb_scratch *s)
 
 /* y (batch, rows) = q8(x) @ W^T + bias: x quantized to int8 per block of 32 columns, integer
  * dot products with the codes. isa: -1 auto (the best of lb_q8_isa), 0 portable, 1 AVX2,
- * 2 AVX-VNNI, 3 AVX512-VNNI. Returns LB_EUNSUP for weights lb_q8_supported rejects. */
+ * 2 AVX-VNNI, 3 AVX512-VNNI (ymm), 4 AVX512-VNNI (zmm where the groups fit, else 3). Returns LB_EUNSUP for weights lb_q8_supported rejects. */
 LB_EXPORT int lb_linear_q8(const lb_weight *w, const float *x, int64_t batch, float *y, int nthreads, int isa)
 {
     int err = lb_check(w);
@@ -315,12 +338,14 @@ LB_EXPORT int lb_linear_q8(const lb_weight *w, const float *x, int64_t batch, fl
     if (isa < 0) isa = lb_q8_isa();
     else if (!lb_q8_isa_ok(isa)) return LB_EISA;
 
+    isa = lb_q8_path(w, isa);
     lb_q8call Q;
-    uint8_t *scratch = lb_q8_setup(&Q, w, x, batch, y, mode, isa >= 1);
+    uint8_t *scratch = lb_q8_setup(&Q, w, x, batch, y, isa == 4 ? lb_q8_mode_ub(w, 64) : mode, isa >= 1,
+                                   isa == 4 ? 64 : 32);
     if (!scratch) return LB_ENOMEM;
-    /* per thread: one decoded row (portable) and 4 rows of steps as floats, each padded by 8 zeros */
+    /* per thread: one decoded row (portable) and 4 rows of steps as floats, each padded by 16 zeros */
     const lb_driver d = {lb_q8_rows_by_isa[isa][w->fmt], &Q, w->rows, 4, w->rows * w->cols * batch,
-                         (size_t)(w->cols + 16), (size_t)(4 * (Q.c.ng + 8))};
+                         (size_t)(w->cols + 16), (size_t)(4 * (Q.c.ng + 16))};
     err = lb_run_rows(&d, nthreads);
     free(scratch);
     return err;
