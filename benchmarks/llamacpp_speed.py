@@ -11,6 +11,11 @@ Subjects, all from the default model (SmolLM2-135M):
   head (``--quantize-embeddings --override embeddings=8``; llama.cpp's own types store the tied
   head as Q8_0).
 
+lowbit's rows also give the resident memory of a fresh process that loads the folder and decodes 24
+tokens on lowbit's loop, over the bytes the folder stores (:func:`lowbit.resident.measure_resident`);
+``ternary-ch-u2-head8`` stores its ternary codes at 2 bits (``--ternary-storage u2``), which the
+runtime reads in place (the default 1.6-bit t5 codes are unpacked to 2 bits in memory).
+
 Each engine: decode (``--decode-tokens`` after a 16-token prompt, teacher-forced, batch 1) and
 prefill of a ``--prefill-tokens`` prompt (last position's logits only, as both engines do by
 default), best and median of ``--reps`` timed runs after one warm-up; every engine with the same
@@ -46,6 +51,8 @@ LOWBIT_FOLDERS = [
     ("2bit-ch", ["--bits", "2"], False),
     ("2bit-ch-head8", ["--bits", "2", "--quantize-embeddings", "--override", "embeddings=8"], False),
     ("ternary-ch-head8", ["--bits", "ternary", "--quantize-embeddings", "--override", "embeddings=8"], False),
+    ("ternary-ch-u2-head8", ["--bits", "ternary", "--ternary-storage", "u2", "--quantize-embeddings", "--override",
+                             "embeddings=8"], False),
 ]
 OWN_TYPES = ("Q4_0", "Q2_K", "TQ2_0", "IQ4_NL", "Q4_K_M")
 
@@ -136,6 +143,7 @@ def run(args, text_ids: list[int]) -> dict:
     from lowbit.gguf import export_gguf
     from lowbit.models import load_model
     from lowbit.peers.llamacpp import gguf_account, quantize_gguf, repack_mode, write_fp_gguf
+    from lowbit.resident import measure_resident
 
     work = Path(args.speed_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -193,6 +201,9 @@ def run(args, text_ids: list[int]) -> dict:
         if s["kind"] == "lowbit":
             r = lowbit_speed(Path(s["folder"]), prompt, steps, long, args.reps)
             r["bytes_per_token"] = s["stored_bytes"]
+            mem = measure_resident("packed", s["folder"], "int8", args.threads, "u2", "lowbit")
+            r["resident_bytes"] = mem["resident_bytes_after_decode"]
+            r["resident_over_stored"] = round(mem["resident_bytes_after_decode"] / s["stored_bytes"], 3)
             s["runs"].append(r)
             print(json.dumps(r), flush=True)
         for r in s["runs"]:
@@ -219,7 +230,7 @@ def ratios(subjects) -> dict:
     own = [(s["name"], _run(subjects, s["name"], "llama.cpp", True)) for s in subjects if s["kind"] == "own"]
     fastest_name, fastest = max(own, key=lambda x: x[1]["decode"]["median"])
     out = {"llamacpp_fastest_own_type": fastest_name, "llamacpp_fastest_own_decode": fastest["decode"]["median"]}
-    for name in ("2bit-ch", "2bit-ch-head8", "ternary-ch", "ternary-ch-head8"):
+    for name in ("2bit-ch", "2bit-ch-head8", "ternary-ch", "ternary-ch-head8", "ternary-ch-u2-head8"):
         r = _run(subjects, name, "lowbit")
         out[f"decode {name} / fastest own"] = round(r["decode"]["median"] / fastest["decode"]["median"], 2)
     for name in ("q4g32", "ternary-ch"):
@@ -242,15 +253,16 @@ def write_md(res: dict, path: Path) -> None:
         f"{res['prefill_tokens']}-token prompt; best and median of {res['reps']} runs (tok/s); ratios use medians.",
         "",
         "| subject | engine | repack | bytes / token (MB) | decode best | decode median | prefill best | "
-        "prefill median | decode / bandwidth bound |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "prefill median | decode / bandwidth bound | resident / stored |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in res["subjects"]:
         for r in s["runs"]:
+            resident = f"{r['resident_over_stored']:.2f}" if "resident_over_stored" in r else "-"
             lines.append(
                 f"| {s['name']} | {r['engine']} | {r.get('repack', '-')} | {r['bytes_per_token'] / 1e6:.1f} | "
                 f"{r['decode']['best']} | {r['decode']['median']} | {r['prefill']['best']} | {r['prefill']['median']} | "
-                f"{r['bandwidth_bound_fraction']:.0%} |"
+                f"{r['bandwidth_bound_fraction']:.0%} | {resident} |"
             )
     lines += ["", "## Ratios (medians)", "", "| ratio | value |", "|---|---:|"]
     lines += [f"| {k} | {v} |" for k, v in res["ratios"].items()]

@@ -66,6 +66,36 @@ def peak_resident_bytes() -> int | None:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
+def _run_tiny_twin(config, engine: str) -> None:
+    """Decode a few tokens with a tiny random model of the same architecture (one layer, width 64),
+    so that the baseline holds the code pages of the ops a decode runs (about 6 MB of libtorch
+    touched on first use), which any model would cost once per process."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    tiny = copy.deepcopy(config)
+    for key, value in (("num_hidden_layers", 1), ("hidden_size", 64), ("intermediate_size", 128),
+                       ("num_attention_heads", 4), ("num_key_value_heads", 2), ("head_dim", 16), ("vocab_size", 256)):
+        if hasattr(tiny, key):
+            setattr(tiny, key, value)
+    try:
+        model = AutoModelForCausalLM.from_config(tiny).eval()
+        ids = torch.arange(16)[None]
+        if engine == "lowbit":
+            from lowbit.decoder import Decoder
+
+            Decoder(model, max_len=32).generate(ids[0], max_new_tokens=4)
+        else:
+            from transformers import DynamicCache
+
+            with torch.inference_mode():
+                out = model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True)
+                model(input_ids=ids[:, :1], past_key_values=out.past_key_values, use_cache=True)
+    except Exception:  # an architecture this shrinking does not fit: measure without the warm-up
+        pass
+
+
 def memory_child(kind: str, spec: str, activations: str, threads: int, ternary_layout: str = "u2",
                  engine: str = "transformers") -> dict:
     """Runs in a fresh interpreter (see :func:`measure_resident`)."""
@@ -79,18 +109,21 @@ def memory_child(kind: str, spec: str, activations: str, threads: int, ternary_l
     torch.set_num_threads(threads)
     kernels.load()
     # The baseline includes what any model of this architecture costs once per process (modules
-    # imported on first use, about 130 MB for Llama in transformers 5) and the tokenizer: an empty
-    # (meta) model is built and a tokenizer loaded before it is taken.
+    # imported on first use, about 130 MB for Llama in transformers 5; the code pages of the ops a
+    # decode runs) and the tokenizer: an empty (meta) model is built, a tiny random twin decodes a
+    # few tokens and a tokenizer is loaded before it is taken.
     if kind == "packed":
         folder = Path(spec)
     elif spec in NAMED_MODELS or not Path(spec).is_dir():
         folder = cached_model_dir(spec)
     else:
         folder = Path(spec)
+    config = AutoConfig.from_pretrained(folder)
     with init_empty_weights(include_buffers=False):
-        AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+        AutoModelForCausalLM.from_config(config)
     if (folder / "tokenizer_config.json").exists():
         AutoTokenizer.from_pretrained(folder)
+    _run_tiny_twin(config, engine)
     trim_heap()
     baseline = resident_bytes()
     if kind == "packed":
