@@ -16,9 +16,9 @@ The model is bench_streaming.py's random Llama (hidden 2048, intermediate 5632, 
    llama.cpp (llama-cpp-python) on that file in a fresh process: the same prompt, one token per step,
    same thread count, best of ``--reps``; its RSS growth while loading and decoding.
 
-llama.cpp runs with its weight-repacking buffers off on AMX CPUs (``open_llamacpp(extra_bufts=False)``:
-llama-cpp-python 0.3.36 segfaults in the AMX matmul there; see lowbit.peers.llamacpp), on by default
-elsewhere; the mode used is recorded per row. Writes ``benchmarks/results/packed_1b.json`` and ``.md``.
+llama.cpp runs with weight repacking on, as its users run it (on AMX CPUs its CPU_REPACK buffer for
+Q4_0 / IQ4_NL / Q4_K tensors without the AMX buffer, whose matmul segfaults in llama-cpp-python 0.3.36;
+``--repack off`` for its plain kernels); the mode used is recorded per row. Writes ``benchmarks/results/packed_1b.json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ SETTINGS = {  # name -> lowbit quantize arguments
     "q4g32": ["--bits", "4", "--group-size", "32", "--scale-search", "none"],
     "q2-ch": ["--bits", "2", "--scale-search", "none"],
     "ternary-ch": ["--bits", "ternary"],
+    "ternary-ch-u2": ["--bits", "ternary", "--ternary-storage", "u2"],
 }
 
 LLAMACPP_CHILD = r"""
@@ -70,12 +71,8 @@ for _ in range(reps + 1):  # the first run warms up
     best_prefill, best_decode = max(best_prefill, prompt_n / (t1 - t0)), max(best_decode, steps_n / (t2 - t1))
 after = proc_kib("/proc/self/status", "VmRSS")
 print(json.dumps({"decode_tokens_per_s": best_decode, "prefill_tokens_per_s": best_prefill,
-                  "resident_bytes": after - before, "repack": repack}))
+                  "resident_bytes": after - before, "repack": llm.lowbit_repack}))
 """
-
-
-def has_amx() -> bool:
-    return bool(cpu_flags(["amx_int8", "amx_tile", "amx_bf16"]))
 
 
 def quantize(model: Path, out: Path, args: list[str], threads: int) -> dict:
@@ -112,8 +109,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--repack", choices=["auto", "on", "off"], default="auto",
-                   help="llama.cpp weight repacking (auto: off on AMX CPUs, where it crashes; on elsewhere)")
+    p.add_argument("--repack", choices=["on", "off"], default="on",
+                   help="llama.cpp weight repacking (on: as its users run it; on AMX CPUs its CPU_REPACK buffer "
+                        "without the AMX one, which crashes: lowbit.peers.llamacpp.repack_mode)")
     p.add_argument("--calib", default="wiki-calib", help="text the tokenizer of a newly built model is trained on")
     p.add_argument("--results", default=None, help="results path prefix (default benchmarks/results/packed_1b)")
     args = p.parse_args(argv)
@@ -126,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     prefix = Path(args.results) if args.results else (work / "packed_1b" if args.tiny else ROOT / "benchmarks/results/packed_1b")
     model = work / ("llama-tiny-bf16" if args.tiny else "llama-1.1b-bf16")
     build_model(model, TINY if args.tiny else FULL, args.calib)
-    repack = {"on": True, "off": False}.get(args.repack, not has_amx())
+    repack = args.repack == "on"
     torch.set_num_threads(args.threads)
     rows = []
     for name in args.settings:
@@ -183,7 +181,7 @@ def write_results(results: dict, prefix: Path) -> None:
         lines.append(
             f"| {r['setting']} | {lo['size_account_bytes'] / mb:.0f} | {lo['decode_tokens_per_s']:.1f} | "
             f"{lo['resident_bytes'] / mb:.0f} | {lo['resident_over_account']:.2f} | {r['gguf_bytes'] / mb:.0f} | "
-            f"{', '.join(f'{k} x{v}' for k, v in r['gguf_linear_types'].items())} | {lc_speed} | {lc_res} | {'on' if lc.get('repack') else 'off'} | {ratio} |"
+            f"{', '.join(f'{k} x{v}' for k, v in r['gguf_linear_types'].items())} | {lc_speed} | {lc_res} | {lc.get('repack')} | {ratio} |"
         )
     lines += ["", "Quantize commands (each with `--stream`):", ""]
     lines += [f"- {r['setting']}: `{r['quantize_command']}` ({r['quantize_wall_s']} s)" for r in results["rows"]]

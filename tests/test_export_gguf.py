@@ -413,3 +413,25 @@ def test_default_model_in_llamacpp(tmp_path, name, config, types):
     ids = tok(SAMPLE_TEXT)["input_ids"][:256]
     cmp = compare_logits(_lowbit_logits(folder, ids), llamacpp_logits(out, ids, n_threads=2, extra_bufts=False))
     assert cmp["mean_kl"] < 0.01 and cmp["top1_agreement"] > 0.9, cmp
+
+
+@pytest.mark.skipif(not HAVE_LLAMA_CPP, reason=NO_LLAMA_CPP)
+def test_llamacpp_with_repacking_as_users_run_it(tmp_path):
+    """``extra_bufts=True`` (llama.cpp's default weight repacking; on AMX CPUs its CPU_REPACK buffer
+    for the Q4_0 tensors without the AMX one, which crashes) runs the exported Q4_0 file and gives
+    the logits of the plain kernels up to summation order."""
+    from lowbit.peers.llamacpp import llamacpp_logits, open_llamacpp, repack_mode
+
+    folder = make_folder(tmp_path, 4, 32)
+    out = tmp_path / "m.gguf"
+    export_gguf(folder, out, fallback="f16")
+    ids = tiny_tokenizer()(SAMPLE_TEXT[:400])["input_ids"][:48]
+    mode = repack_mode(True)
+    assert mode in ("default", "cpu_repack") and repack_mode(False) == "off"
+    llm = open_llamacpp(out, n_ctx=64, n_threads=2, extra_bufts=True)
+    assert llm.lowbit_repack == mode
+    llm.close()
+    on = llamacpp_logits(out, ids, n_threads=2, extra_bufts=True)
+    off = llamacpp_logits(out, ids, n_threads=2, extra_bufts=False)
+    cmp = compare_logits(off, on)
+    assert cmp["mean_kl"] < 1e-3 and cmp["top1_agreement"] >= 0.95, cmp
