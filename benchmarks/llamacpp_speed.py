@@ -19,7 +19,9 @@ runtime reads in place (the default 1.6-bit t5 codes are unpacked to 2 bits in m
 Each engine: decode (``--decode-tokens`` after a 16-token prompt, teacher-forced, batch 1) and
 prefill of a ``--prefill-tokens`` prompt (last position's logits only, as both engines do by
 default), best and median of ``--reps`` timed runs after one warm-up; every engine with the same
-thread count. Bytes read per token: every weight tensor the file stores (the tied embedding is read
+thread count. All engines are loaded first and timed round-robin (each round runs every engine
+once, the order rotated each round): this shared VM's speed drifts by tens of percent within a run,
+and round-robin spreads that drift over every engine, so the ratios compare like with like. Bytes read per token: every weight tensor the file stores (the tied embedding is read
 whole as the output head; one embedding row besides). The memory-bandwidth bound is that over the
 read bandwidth measured in the same run (a torch sum over 512 MB).
 
@@ -61,14 +63,17 @@ def _summary(runs: list[float]) -> dict:
     return {"best": round(max(runs), 1), "median": round(statistics.median(runs), 1), "runs": [round(r, 1) for r in runs]}
 
 
-def llamacpp_speed(path: Path, prompt: list[int], steps: list[int], long: list[int], threads: int, reps: int,
-                   repack: bool) -> dict:
-    from lowbit.peers.llamacpp import open_llamacpp
+class LlamaCppEngine:
+    """One llama.cpp model (repacking on or off), timed by :meth:`once`."""
 
-    llm = open_llamacpp(path, n_ctx=max(1024, len(long) + 8), n_threads=threads, logits_all=False,
-                        extra_bufts=repack)
-    decode, prefill = [], []
-    for i in range(reps + 1):
+    def __init__(self, path: Path, threads: int, repack: bool, n_ctx: int):
+        from lowbit.peers.llamacpp import open_llamacpp
+
+        self.llm = open_llamacpp(path, n_ctx=n_ctx, n_threads=threads, logits_all=False, extra_bufts=repack)
+        self.info = {"engine": "llama.cpp", "repack": self.llm.lowbit_repack}
+
+    def once(self, prompt: list[int], steps: list[int], long: list[int]) -> tuple[float, float]:
+        llm = self.llm
         llm.reset()
         llm.eval(prompt)
         t0 = time.perf_counter()
@@ -78,40 +83,62 @@ def llamacpp_speed(path: Path, prompt: list[int], steps: list[int], long: list[i
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(long)
-        pt = time.perf_counter() - t0
-        if i:  # the first run warms up
-            decode.append(len(steps) / dt)
-            prefill.append(len(long) / pt)
-    mode = llm.lowbit_repack
-    llm.close()
-    return {"engine": "llama.cpp", "repack": mode, "decode": _summary(decode), "prefill": _summary(prefill)}
+        return len(steps) / dt, len(long) / (time.perf_counter() - t0)
+
+    def close(self) -> None:
+        self.llm.close()
 
 
-def lowbit_speed(folder: Path, prompt: list[int], steps: list[int], long: list[int], reps: int) -> dict:
-    from lowbit.decoder import Decoder
-    from lowbit.runtime import load_packed
+class LowbitEngine:
+    """One lowbit folder on the packed runtime and lowbit's decode loop, timed by :meth:`once`."""
 
-    model, _, _ = load_packed(folder, verify=False, activations="int8")
-    dec = Decoder(model, max_len=len(long) + len(steps) + 32)
-    decode, prefill = [], []
-    p, s, lg = torch.tensor(prompt), [torch.tensor([t]) for t in steps], torch.tensor(long)
-    for i in range(reps + 1):
+    def __init__(self, folder: Path, n_ctx: int):
+        from lowbit.decoder import Decoder
+        from lowbit.runtime import load_packed
+
+        self.model, _, _ = load_packed(folder, verify=False, activations="int8")
+        self.dec = Decoder(self.model, max_len=n_ctx)
+        self.info = {"engine": "lowbit", "c_decode_step": self.dec.c_layers is not None}
+
+    def once(self, prompt: list[int], steps: list[int], long: list[int]) -> tuple[float, float]:
+        dec = self.dec
         dec.reset()
-        dec.forward(p)
+        dec.forward(torch.tensor(prompt))
+        toks = [torch.tensor([t]) for t in steps]
         t0 = time.perf_counter()
-        for tok in s:
+        for tok in toks:
             dec.forward(tok)
         dt = time.perf_counter() - t0
         dec.reset()
+        lg = torch.tensor(long)
         t0 = time.perf_counter()
         dec.forward(lg)
-        pt = time.perf_counter() - t0
-        if i:
-            decode.append(len(steps) / dt)
-            prefill.append(len(long) / pt)
-    one_step = dec.c_layers is not None
-    del dec, model
-    return {"engine": "lowbit", "c_decode_step": one_step, "decode": _summary(decode), "prefill": _summary(prefill)}
+        return len(steps) / dt, len(long) / (time.perf_counter() - t0)
+
+    def close(self) -> None:
+        del self.dec, self.model
+
+
+def round_robin(engines: list, prompt, steps, long, reps: int) -> list[dict]:
+    """Every engine warmed up once, then ``reps`` rounds in which each engine runs once (the order
+    rotated by one each round), so that a machine whose speed drifts during the run (a shared 2-core
+    VM does) slows every engine alike and the ratios stay comparable."""
+    for e in engines:
+        e.once(prompt, steps[:8], long[:64])
+    decode = [[] for _ in engines]
+    prefill = [[] for _ in engines]
+    for rep in range(reps):
+        order = list(range(len(engines)))
+        order = order[rep % len(order):] + order[: rep % len(order)]
+        print(f"round {rep + 1}/{reps}", flush=True)
+        for i in order:
+            d, p = engines[i].once(prompt, steps, long)
+            decode[i].append(d)
+            prefill[i].append(p)
+    return [
+        {**e.info, "decode": _summary(d), "prefill": _summary(p)}
+        for e, d, p in zip(engines, decode, prefill, strict=True)
+    ]
 
 
 def _folder_bytes(folder: Path) -> int:
@@ -189,27 +216,34 @@ def run(args, text_ids: list[int]) -> dict:
     bw = memory_bandwidth()
     out["bandwidth_GBps"] = round(bw["GBps_median"], 1)
     print(f"memory read bandwidth {out['bandwidth_GBps']} GB/s", flush=True)
+    n_ctx = max(1024, len(long) + len(steps) + 32)
+    engines, owners = [], []
     for s in subjects:
-        print(f"== {s['name']}", flush=True)
         s["runs"] = []
         if s["gguf"]:
             for repack in (True, False):
-                r = llamacpp_speed(Path(s["gguf"]), prompt, steps, long, args.threads, args.reps, repack)
-                r["bytes_per_token"] = s["gguf_bytes"]
-                s["runs"].append(r)
-                print(json.dumps(r), flush=True)
+                engines.append(LlamaCppEngine(Path(s["gguf"]), args.threads, repack, n_ctx))
+                owners.append(s)
         if s["kind"] == "lowbit":
-            r = lowbit_speed(Path(s["folder"]), prompt, steps, long, args.reps)
-            r["bytes_per_token"] = s["stored_bytes"]
-            mem = measure_resident("packed", s["folder"], "int8", args.threads, "u2", "lowbit")
-            r["resident_bytes"] = mem["resident_bytes_after_decode"]
-            r["resident_over_stored"] = round(mem["resident_bytes_after_decode"] / s["stored_bytes"], 3)
-            s["runs"].append(r)
-            print(json.dumps(r), flush=True)
+            engines.append(LowbitEngine(Path(s["folder"]), n_ctx))
+            owners.append(s)
+    print(f"{len(engines)} engines loaded; timing them round-robin", flush=True)
+    for s, r in zip(owners, round_robin(engines, prompt, steps, long, args.reps), strict=True):
+        r["bytes_per_token"] = s["gguf_bytes"] if r["engine"] == "llama.cpp" else s["stored_bytes"]
+        r["bandwidth_bound_fraction"] = round(
+            r["decode"]["median"] * r["bytes_per_token"] / (out["bandwidth_GBps"] * 1e9), 3
+        )
+        s["runs"].append(r)
+        print(s["name"], json.dumps(r), flush=True)
+    for e in engines:
+        e.close()
+    del engines
+    for s in subjects:  # resident memory: a fresh process each, after the timings
         for r in s["runs"]:
-            r["bandwidth_bound_fraction"] = round(
-                r["decode"]["median"] * r["bytes_per_token"] / (out["bandwidth_GBps"] * 1e9), 3
-            )
+            if r["engine"] == "lowbit":
+                mem = measure_resident("packed", s["folder"], "int8", args.threads, "u2", "lowbit")
+                r["resident_bytes"] = mem["resident_bytes_after_decode"]
+                r["resident_over_stored"] = round(mem["resident_bytes_after_decode"] / s["stored_bytes"], 3)
     out["subjects"] = subjects
     out["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     out["ratios"] = ratios(subjects)
