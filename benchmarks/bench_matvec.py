@@ -290,6 +290,22 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def isa_ab(n: int, args) -> list[dict]:
+    """The int8 kernel's code paths this CPU has (256-bit AVX2 / AVX-VNNI / AVX512-VNNI tiles,
+    512-bit tiles), on the same n x n weights in one round-robin: what each instruction set buys."""
+    rows = []
+    x = torch.randn(1, n)
+    for label, layout, levels, group in (("4-bit u4 g128", "u4", 16, 128), ("2-bit u2 per-channel", "u2", 4, None)):
+        layer = make_layer(label + INT8, layout, levels, group, n)
+        w = layer.kernel_weight().struct
+        isas = [name for name in kernels.Q8_ISA_NAMES.values() if name != "portable" and kernels.q8_isa_ok(name)]
+        fns = {isa: (lambda isa=isa, w=w: kernels.linear_q8(x, w, isa=isa)) for isa in isas}
+        timed = timed_round_robin(fns, args.reps, block=10)
+        for isa in isas:
+            rows.append({"format": label, "isa": isa, "ms_p10": timed[isa]["ms_p10"], "ms_median": timed[isa]["ms_median"]})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -332,6 +348,7 @@ def main() -> None:
     for n in args.sizes:
         bench_shape(n, args, bandwidth["GBps_p10"], report["matvec"])
     batch_sweep(args.sizes[0], args, report["batch_sweep"])
+    report["int8_isa_ab"] = isa_ab(args.sizes[0], args)
     report["machine"]["load_average_at_end"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
@@ -341,6 +358,9 @@ def main() -> None:
     )
     print(f"load average: {report['machine']['load_average_at_start']} -> {report['machine']['load_average_at_end']}")
     print(markdown(report))
+    print("\n| format | int8 code path | p10 ms | median ms |\n|---|---|---:|---:|")
+    for r in report["int8_isa_ab"]:
+        print(f"| {r['format']} | {r['isa']} | {r['ms_p10']:.3f} | {r['ms_median']:.3f} |")
     print(f"wrote {args.out}")
 
 
