@@ -152,8 +152,11 @@ def test_packed_linear_int8_activations():
     layer.activations = "int8"
     assert layer.uses_int8(x)
     assert_close(layer(x), qw, q8_activations(x), None)
-    big = torch.randn(40, 256)
+    big = torch.randn(kernels.q8_batch_limit(16) + 1, 256)  # above the int8 kernel's batch limit
     assert not layer.uses_int8(big)
+    mid = torch.randn(kernels.q8_batch_limit(16), 256)  # at the limit: the int8 kernel (several inputs per tile)
+    assert layer.uses_int8(mid)
+    assert_close(layer(mid), qw, q8_activations(mid), None)
     assert_close(layer(big), qw, q8_activations(big), None)  # GEMM path, same rounding
     layer.activations = "float"
     assert_close(layer(big), qw, big, None)
@@ -190,3 +193,24 @@ def test_c_q8_round_is_bit_identical(isa, cols):
     x[2, 5] = 1e30  # one huge value: the rest of its block rounds to 0
     got = kernels.q8_round(x, isa=isa)
     assert torch.equal(got, q8_round(x))
+
+
+@needs_kernels
+@pytest.mark.parametrize("layout", Q8_LAYOUTS)
+@pytest.mark.parametrize("group", [None, 32, 64, 128])
+def test_zmm_several_inputs_equal_one_at_a_time(layout, group):
+    """On the 512-bit path, 4 or more inputs run the several-input tile (each unit decoded once for
+    4 inputs; u1 keeps the one-input tile): bit-identical to one input per call, tail inputs
+    included (9 = 2 x 4 + 1), rows in pairs including an odd last row (37)."""
+    if "avx512vnni-zmm" not in Q8_ISAS:
+        pytest.skip("no AVX512-VNNI + BW on this CPU")
+    levels = {"u1": 2, "u2": 4, "u4": 16, "u8": 256}[layout]
+    qw = random_quantized(37, 384, levels, group, seed=5)
+    w, keep = struct(qw, layout)
+    if not kernels.q8_supported(w):
+        pytest.skip("layout/group not taken by the int8 path")
+    x = torch.randn(9, 384)
+    together = kernels.linear_q8(x, w, isa="avx512vnni-zmm")
+    alone = torch.cat([kernels.linear_q8(x[i : i + 1], w, isa="avx512vnni-zmm") for i in range(9)])
+    assert torch.equal(together, alone)
+    assert_close(together, qw, q8_activations(x), None)

@@ -355,7 +355,7 @@ class PackedLinear(nn.Module):
             self._activations == "int8"
             and self._kernel_weight(x) is not None
             and self._weight_cache.q8
-            and x.reshape(-1, self.in_features).shape[0] <= KERNEL_MAX_BATCH
+            and x.reshape(-1, self.in_features).shape[0] <= kernels.q8_batch_limit(KERNEL_MAX_BATCH)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -370,7 +370,7 @@ class PackedLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
-        if int8 and x2.shape[0] <= KERNEL_MAX_BATCH and self._weight_cache.q8:
+        if int8 and self._weight_cache.q8 and x2.shape[0] <= kernels.q8_batch_limit(KERNEL_MAX_BATCH):
             y = kernels.run_unchecked(x2, weight, int8=True)
         elif x2.shape[0] <= KERNEL_MAX_BATCH:
             y = kernels.run_unchecked(kernels.q8_round(x2) if int8 else x2, weight, int8=False)

@@ -214,6 +214,23 @@ def q8_isa() -> str | None:
     return Q8_ISA_NAMES[0 if _isa_id() == 0 else int(load().lb_q8_isa_id())]
 
 
+# Inputs up to which linear_q8 beats dequantize + fp32 GEMM: its 512-bit code path multiplies 4
+# inputs per pass over the weights (benchmarks/bench_matvec.py); the others decode the weights for
+# every input, so above the one-token range (16) a GEMM wins. 64: where 4-bit g32 breaks even
+# with the GEMM on a default-model prompt (2-bit: at ~128), on an AVX-512 Xeon.
+Q8_GEMM_MAX_BATCH = 64
+_q8_batch_limit: int | None = None
+
+
+def q8_batch_limit(default: int) -> int:
+    """How many inputs :func:`linear_q8` takes before dequantize + GEMM is faster: ``Q8_GEMM_MAX_BATCH``
+    on the 512-bit code path, else ``default``."""
+    global _q8_batch_limit
+    if _q8_batch_limit is None:
+        _q8_batch_limit = Q8_GEMM_MAX_BATCH if q8_isa() == "avx512vnni-zmm" else 0
+    return _q8_batch_limit or default
+
+
 def q8_isa_ok(name: str) -> bool:
     """Whether this CPU can run the int8 path's ``name`` code (see :data:`Q8_ISA_NAMES`)."""
     lib = load()

@@ -344,7 +344,12 @@ LB_EXPORT int lb_linear_q8(const lb_weight *w, const float *x, int64_t batch, fl
                                    isa == 4 ? 64 : 32);
     if (!scratch) return LB_ENOMEM;
     /* per thread: one decoded row (portable) and 4 rows of steps as floats, each padded by 16 zeros */
-    const lb_driver d = {lb_q8_rows_by_isa[isa][w->fmt], &Q, w->rows, 4, w->rows * w->cols * batch,
+#ifdef LB_X86
+    const lb_rows_fn rows = isa == 4 && batch >= 4 ? lb_z_gemm_by_fmt[w->fmt] : lb_q8_rows_by_isa[isa][w->fmt];
+#else
+    const lb_rows_fn rows = lb_q8_rows_by_isa[isa][w->fmt];
+#endif
+    const lb_driver d = {rows, &Q, w->rows, 4, w->rows * w->cols * batch,
                          (size_t)(w->cols + 16), (size_t)(4 * (Q.c.ng + 16))};
     err = lb_run_rows(&d, nthreads);
     free(scratch);

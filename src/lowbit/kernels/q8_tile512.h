@@ -137,3 +137,119 @@ LB_Z_ROWS_FMT(u8, 1)
 static const lb_rows_fn lb_z_rows_by_fmt[LB_NFMT] = {
     [LB_U1] = lb_z_rows_u1, [LB_U2] = lb_z_rows_u2, [LB_U4] = lb_z_rows_u4, [LB_U8] = lb_z_rows_u8,
 };
+
+/* Several inputs at once (prompts): 2 rows x 4 inputs per tile, each unit of a row loaded and split
+ * into its planes once for the 4 inputs (lb_z_tile decodes it again for every input). u2, u4, u8
+ * (u1's 8 planes would not stay in registers: it runs lb_z_rows). Same sums in the same order as
+ * lb_z_tile for each (row, input), so the results are bit-identical to it. */
+LB_INLINE LB_Z_TARGET void lb_z_gemm_tile(const lb_q8call *Q, const int64_t *rid, int nr, int64_t b0, float *sbuf,
+                                          const int CPB, const int MODE)
+{
+    enum { R = 2, NB = 4 };
+    const lb_call *C = &Q->c;
+    const lb_weight *w = C->w;
+    const int64_t ng = C->ng, ngp = ng + 16, units = Q->units, G = C->G;
+    const int UC = 64 * CPB, bits = 8 / CPB;
+    const __m512i mask = _mm512_set1_epi8((char)((1 << bits) - 1));
+    const uint8_t *rowp[R];
+    int64_t nfast[R];
+    float zt[R][NB];
+    __m512 total[R][NB];
+    for (int r = 0; r < R; r++) {
+        rowp[r] = w->packed + rid[r] * w->row_bytes;
+        nfast[r] = rid[r] == w->rows - 1 ? w->row_bytes / 64 : units;
+        lb_row_scales(C, rid[r], b0, NB, sbuf + r * ngp, zt[r]);
+        for (int t = 0; t < NB; t++)
+            total[r][t] = _mm512_setzero_ps();
+    }
+    const int64_t pf = C->prefetch;
+    const int64_t L = MODE == 1 ? 16 * G / UC : 0;
+    const __m512i idx = L == 1 ? _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
+                        : L == 2 ? _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7)
+                        : L == 4 ? _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3)
+                        : L == 8 ? _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1)
+                                 : _mm512_setzero_si512();
+    const int64_t upg = MODE == 0 ? (G + UC - 1) / UC : 1, n_outer = MODE == 0 ? ng : units;
+    for (int64_t g = 0; g < n_outer; g++) {
+        const int64_t u0 = MODE == 0 ? g * upg : g;
+        const int64_t u1 = MODE == 0 ? (u0 + upg < units ? u0 + upg : units) : g + 1;
+        __m512 facc[R][NB];
+        for (int r = 0; r < R; r++)
+            for (int t = 0; t < NB; t++)
+                facc[r][t] = _mm512_setzero_ps();
+        for (int64_t u = u0; u < u1; u++) {
+#pragma GCC unroll 2
+            for (int r = 0; r < R; r++) {
+                const __m512i v = lb_z_load(rowp[r], u, nfast[r], w->row_bytes, pf);
+                __m512i plane[4];
+#pragma GCC unroll 4
+                for (int h = 0; h < CPB; h++)
+                    plane[h] = CPB == 1 ? v : _mm512_and_si512(h ? _mm512_srli_epi16(v, bits * h) : v, mask);
+#pragma GCC unroll 4
+                for (int t = 0; t < NB; t++) {
+                    const int8_t *xu = Q->xq + (b0 + t) * Q->xqs + u * UC;
+                    __m512i acc = _mm512_setzero_si512();
+#pragma GCC unroll 4
+                    for (int h = 0; h < CPB; h++)
+                        acc = _mm512_dpbusd_epi32(acc, plane[h], _mm512_load_si512((const void *)(xu + 64 * h)));
+                    const __m512 dx = _mm512_load_ps(Q->dxl + (b0 + t) * Q->dxls + 16 * u);
+                    if (MODE == 0) {
+                        facc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), dx, facc[r][t]);
+                    } else {
+                        const __m512 sv = _mm512_permutexvar_ps(idx, _mm512_loadu_ps(sbuf + r * ngp + u * UC / G));
+                        total[r][t] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc), dx), sv, total[r][t]);
+                    }
+                }
+            }
+        }
+        if (MODE == 0)
+            for (int r = 0; r < R; r++)
+                for (int t = 0; t < NB; t++)
+                    total[r][t] = _mm512_fmadd_ps(_mm512_set1_ps(sbuf[r * ngp + g]), facc[r][t], total[r][t]);
+    }
+    for (int r = 0; r < R && r < nr; r++) {
+        const float bias = w->bias ? w->bias[rid[r]] : 0.0f;
+        for (int t = 0; t < NB; t++)
+            C->y[(b0 + t) * w->rows + rid[r]] = (_mm512_reduce_add_ps(total[r][t]) - zt[r][t]) + bias;
+    }
+}
+
+/* Rows r0..r1 (a block of 1 to 4) for every input: inputs 4 at a time through lb_z_gemm_tile (rows
+ * in pairs), the rest one at a time through lb_z_tile. */
+LB_INLINE LB_Z_TARGET void lb_z_gemm_rows(const lb_q8call *Q, int64_t r0, int64_t r1, float *sbuf, const int CPB)
+{
+    const int64_t batch = Q->c.batch, full = batch / 4 * 4;
+    for (int64_t p = r0; p < r1; p += 2) {
+        const int n = r1 - p >= 2 ? 2 : 1;
+        const int64_t rid[2] = {p, p + (n == 2 ? 1 : 0)};
+        for (int64_t b = 0; b < full; b += 4) {
+            if (Q->mode == 0) lb_z_gemm_tile(Q, rid, n, b, sbuf, CPB, 0);
+            else lb_z_gemm_tile(Q, rid, n, b, sbuf, CPB, 1);
+        }
+    }
+    if (full < batch) {
+        int64_t rid[4];
+        const int n = (int)(r1 - r0);
+        for (int i = 0; i < 4; i++)
+            rid[i] = r0 + (i < n ? i : n - 1);
+        for (int64_t b = full; b < batch; b++) {
+            if (Q->mode == 0) lb_z_tile(Q, rid, n, b, sbuf, CPB, 0);
+            else lb_z_tile(Q, rid, n, b, sbuf, CPB, 1);
+        }
+    }
+}
+
+#define LB_Z_GEMM_FMT(FMT, CPB)                                                                             \
+    static LB_Z_TARGET void lb_z_gemm_##FMT(const void *job, int64_t r0, int64_t r1, const lb_scratch *s) \
+    {                                                                                                       \
+        lb_z_gemm_rows((const lb_q8call *)job, r0, r1, s->steps, CPB);                                      \
+    }
+LB_Z_GEMM_FMT(u2, 4)
+LB_Z_GEMM_FMT(u4, 2)
+LB_Z_GEMM_FMT(u8, 1)
+#undef LB_Z_GEMM_FMT
+
+/* The several-input kernels by layout (u1: the one-input tiles). */
+static const lb_rows_fn lb_z_gemm_by_fmt[LB_NFMT] = {
+    [LB_U1] = lb_z_rows_u1, [LB_U2] = lb_z_gemm_u2, [LB_U4] = lb_z_gemm_u4, [LB_U8] = lb_z_gemm_u8,
+};
