@@ -253,7 +253,7 @@ static size_t lb_q8_init(lb_q8call *Q, const lb_weight *w, int64_t batch, float 
 
 /* Quantizes every input row of x into `scratch` (lb_q8_init's bytes, 64-byte aligned) and points
  * Q at it. */
-static void lb_q8_quantize(lb_q8call *Q, const float *x, uint8_t *scratch, int vec)
+static void lb_q8_quantize(lb_q8call *Q, const float *x, uint8_t *scratch, int vec, int nthreads)
 {
     lb_call *C = &Q->c;
     const lb_weight *w = C->w;
@@ -264,9 +264,14 @@ static void lb_q8_quantize(lb_q8call *Q, const float *x, uint8_t *scratch, int v
     int8_t *qb = (int8_t *)scratch, *xqb = vec ? (int8_t *)(scratch + q_bytes) : NULL;
     float *db = (float *)(scratch + q_bytes + xq_bytes), *dxlb = vec ? db + batch * ds : NULL;
     float *sxb = db + batch * ds + (vec ? batch * Q->dxls : 0);
+    /* inputs are independent: several (a prompt) are quantized by the threads of the call */
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nthreads > 0 ? nthreads : 1) schedule(static) if (batch >= 4 && nthreads > 1)
+#endif
     for (int64_t b = 0; b < batch; b++)
         lb_q8_prepare(Q, x + b * w->cols, qb + b * qs, db + b * ds, vec ? xqb + b * Q->xqs : NULL,
                       vec ? dxlb + b * Q->dxls : NULL, sxb + b * ss);
+    (void)nthreads;
     Q->q = qb;
     Q->d = db;
     Q->xq = xqb;
@@ -288,11 +293,11 @@ static void lb_q8_quantize(lb_q8call *Q, const float *x, uint8_t *scratch, int v
 /* Fills Q for one call and quantizes every input row into one scratch allocation, returned
  * (NULL: out of memory). */
 static uint8_t *lb_q8_setup(lb_q8call *Q, const lb_weight *w, const float *x, int64_t batch, float *y, int mode,
-                            int vec, int64_t ub)
+                            int vec, int64_t ub, int nthreads)
 {
     uint8_t *scratch = lb_alloc(lb_q8_init(Q, w, batch, y, mode, vec, ub));
     if (!scratch) return NULL;
-    lb_q8_quantize(Q, x, scratch, vec);
+    lb_q8_quantize(Q, x, scratch, vec, nthreads);
     return scratch;
 }
 
@@ -313,7 +318,7 @@ int lb_q8_team_begin(lb_q8_team *T, const lb_weight *w, const float *x, float *y
     else if (!lb_q8_isa_ok(isa)) return LB_EISA;
     isa = lb_q8_path(w, isa);
     lb_q8_init(&T->Q, w, 1, y, isa == 4 ? lb_q8_mode_ub(w, 64) : mode, isa >= 1, isa == 4 ? 64 : 32);
-    lb_q8_quantize(&T->Q, x, mem, isa >= 1);
+    lb_q8_quantize(&T->Q, x, mem, isa >= 1, 1);
     T->rows = lb_q8_rows_by_isa[isa][w->fmt];
     T->n_blocks = (w->rows + 3) / 4;
     return LB_OK;
@@ -341,7 +346,7 @@ LB_EXPORT int lb_linear_q8(const lb_weight *w, const float *x, int64_t batch, fl
     isa = lb_q8_path(w, isa);
     lb_q8call Q;
     uint8_t *scratch = lb_q8_setup(&Q, w, x, batch, y, isa == 4 ? lb_q8_mode_ub(w, 64) : mode, isa >= 1,
-                                   isa == 4 ? 64 : 32);
+                                   isa == 4 ? 64 : 32, nthreads);
     if (!scratch) return LB_ENOMEM;
     /* per thread: one decoded row (portable) and 4 rows of steps as floats, each padded by 16 zeros */
 #ifdef LB_X86

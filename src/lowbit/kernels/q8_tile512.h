@@ -138,23 +138,24 @@ static const lb_rows_fn lb_z_rows_by_fmt[LB_NFMT] = {
     [LB_U1] = lb_z_rows_u1, [LB_U2] = lb_z_rows_u2, [LB_U4] = lb_z_rows_u4, [LB_U8] = lb_z_rows_u8,
 };
 
-/* Several inputs at once (prompts): 2 rows x 4 inputs per tile, each unit of a row loaded and split
+/* Several inputs at once (prompts): R (2 or 4) rows x 4 inputs per tile, each unit of a row loaded and split
  * into its planes once for the 4 inputs (lb_z_tile decodes it again for every input). u2, u4, u8
  * (u1's 8 planes would not stay in registers: it runs lb_z_rows). Same sums in the same order as
  * lb_z_tile for each (row, input), so the results are bit-identical to it. */
 LB_INLINE LB_Z_TARGET void lb_z_gemm_tile(const lb_q8call *Q, const int64_t *rid, int nr, int64_t b0, float *sbuf,
-                                          const int CPB, const int MODE)
+                                          const int CPB, const int MODE, const int R)
 {
-    enum { R = 2, NB = 4 };
+    enum { NB = 4 };
     const lb_call *C = &Q->c;
     const lb_weight *w = C->w;
     const int64_t ng = C->ng, ngp = ng + 16, units = Q->units, G = C->G;
     const int UC = 64 * CPB, bits = 8 / CPB;
     const __m512i mask = _mm512_set1_epi8((char)((1 << bits) - 1));
-    const uint8_t *rowp[R];
-    int64_t nfast[R];
-    float zt[R][NB];
-    __m512 total[R][NB];
+    const uint8_t *rowp[4];
+    int64_t nfast[4];
+    float zt[4][NB];
+    __m512 total[4][NB];
+#pragma GCC unroll 4
     for (int r = 0; r < R; r++) {
         rowp[r] = w->packed + rid[r] * w->row_bytes;
         nfast[r] = rid[r] == w->rows - 1 ? w->row_bytes / 64 : units;
@@ -173,18 +174,21 @@ LB_INLINE LB_Z_TARGET void lb_z_gemm_tile(const lb_q8call *Q, const int64_t *rid
     for (int64_t g = 0; g < n_outer; g++) {
         const int64_t u0 = MODE == 0 ? g * upg : g;
         const int64_t u1 = MODE == 0 ? (u0 + upg < units ? u0 + upg : units) : g + 1;
-        __m512 facc[R][NB];
+        __m512 facc[4][NB];
+#pragma GCC unroll 4
         for (int r = 0; r < R; r++)
             for (int t = 0; t < NB; t++)
                 facc[r][t] = _mm512_setzero_ps();
         for (int64_t u = u0; u < u1; u++) {
-#pragma GCC unroll 2
+#pragma GCC unroll 4
             for (int r = 0; r < R; r++) {
                 const __m512i v = lb_z_load(rowp[r], u, nfast[r], w->row_bytes, pf);
                 __m512i plane[4];
 #pragma GCC unroll 4
                 for (int h = 0; h < CPB; h++)
                     plane[h] = CPB == 1 ? v : _mm512_and_si512(h ? _mm512_srli_epi16(v, bits * h) : v, mask);
+                const __m512 sv = MODE == 1 ? _mm512_permutexvar_ps(idx, _mm512_loadu_ps(sbuf + r * ngp + u * UC / G))
+                                            : _mm512_setzero_ps();
 #pragma GCC unroll 4
                 for (int t = 0; t < NB; t++) {
                     const int8_t *xu = Q->xq + (b0 + t) * Q->xqs + u * UC;
@@ -196,7 +200,6 @@ LB_INLINE LB_Z_TARGET void lb_z_gemm_tile(const lb_q8call *Q, const int64_t *rid
                     if (MODE == 0) {
                         facc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), dx, facc[r][t]);
                     } else {
-                        const __m512 sv = _mm512_permutexvar_ps(idx, _mm512_loadu_ps(sbuf + r * ngp + u * UC / G));
                         total[r][t] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc), dx), sv, total[r][t]);
                     }
                 }
@@ -214,17 +217,26 @@ LB_INLINE LB_Z_TARGET void lb_z_gemm_tile(const lb_q8call *Q, const int64_t *rid
     }
 }
 
-/* Rows r0..r1 (a block of 1 to 4) for every input: inputs 4 at a time through lb_z_gemm_tile (rows
- * in pairs), the rest one at a time through lb_z_tile. */
+/* Rows r0..r1 (a block of 1 to 4) for every input: inputs 4 at a time through lb_z_gemm_tile (all 4
+ * rows at once where the codes take at most 2 planes, else in pairs), the rest one at a time through
+ * lb_z_tile. */
 LB_INLINE LB_Z_TARGET void lb_z_gemm_rows(const lb_q8call *Q, int64_t r0, int64_t r1, float *sbuf, const int CPB)
 {
     const int64_t batch = Q->c.batch, full = batch / 4 * 4;
-    for (int64_t p = r0; p < r1; p += 2) {
-        const int n = r1 - p >= 2 ? 2 : 1;
-        const int64_t rid[2] = {p, p + (n == 2 ? 1 : 0)};
+    const int R = CPB <= 2 ? 4 : 2;
+    for (int64_t p = r0; p < r1; p += R) {
+        const int n = (int)(r1 - p < R ? r1 - p : R);
+        int64_t rid[4];
+        for (int i = 0; i < 4; i++)
+            rid[i] = p + (i < n ? i : n - 1);
         for (int64_t b = 0; b < full; b += 4) {
-            if (Q->mode == 0) lb_z_gemm_tile(Q, rid, n, b, sbuf, CPB, 0);
-            else lb_z_gemm_tile(Q, rid, n, b, sbuf, CPB, 1);
+            if (R == 4) {
+                if (Q->mode == 0) lb_z_gemm_tile(Q, rid, n, b, sbuf, CPB, 0, 4);
+                else lb_z_gemm_tile(Q, rid, n, b, sbuf, CPB, 1, 4);
+            } else {
+                if (Q->mode == 0) lb_z_gemm_tile(Q, rid, n, b, sbuf, CPB, 0, 2);
+                else lb_z_gemm_tile(Q, rid, n, b, sbuf, CPB, 1, 2);
+            }
         }
     }
     if (full < batch) {
