@@ -48,6 +48,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # llamacpp_speed, machine, bench_matvec
+from llamacpp_speed import LlamaCppEngine, LowbitEngine  # noqa: E402
+
 from lowbit import __version__
 from lowbit.data import get_text
 from lowbit.evaluation import compare_logits
@@ -91,17 +93,10 @@ def lowbit_logits(model, ids: list[int]) -> np.ndarray:
 
 
 def llamacpp_decode_speed(path: Path, prompt: list[int], steps: list[int], threads: int, reps: int) -> list[float]:
-    llm = open_llamacpp(path, n_ctx=512, n_threads=threads, logits_all=False, extra_bufts=False)
-    speeds = []
-    for _ in range(reps + 1):  # first run warms up
-        llm.reset()
-        llm.eval(prompt)
-        t0 = time.perf_counter()
-        for tok in steps:
-            llm.eval([tok])
-        speeds.append(len(steps) / (time.perf_counter() - t0))
-    llm.close()
-    return speeds[1:]
+    engine = LlamaCppEngine(path, threads, repack=False, n_ctx=512)
+    speeds = [engine.decode(prompt, steps) for _ in range(reps + 1)][1:]  # the first run warms up
+    engine.close()
+    return speeds
 
 
 def torch_decode_speed(model, prompt: list[int], steps: list[int], reps: int) -> list[float]:
@@ -137,7 +132,7 @@ def packed_decode_speed(folder: Path, prompt: list[int], steps: list[int], reps:
     """lowbit's own packed runtime (C kernels), when this checkout has it: int8 activations (the
     default, as llama.cpp) as ``tok_s``, exact float activations as ``float_tok_s``."""
     try:
-        from lowbit.decoder import Decoder, unsupported_reason
+        from lowbit.decoder import unsupported_reason
         from lowbit.runtime import load_packed
 
         out = {}
@@ -145,17 +140,10 @@ def packed_decode_speed(folder: Path, prompt: list[int], steps: list[int], reps:
             model, _, _ = load_packed(folder, verify=False, activations=mode)
             model.eval()
             if unsupported_reason(model) is None:  # lowbit's decode loop, as `lowbit generate` runs it
-                decoder = Decoder(model, max_len=len(prompt) + len(steps) + 1)
+                engine = LowbitEngine(model, n_ctx=len(prompt) + len(steps) + 1)
                 out["engine"] = "lowbit"
-                runs = []
-                for _ in range(reps + 1):
-                    decoder.reset()
-                    decoder.forward(torch.tensor(prompt))
-                    t0 = time.perf_counter()
-                    for tok in steps:
-                        decoder.forward(torch.tensor([tok]))
-                    runs.append(len(steps) / (time.perf_counter() - t0))
-                runs = runs[1:]
+                runs = [engine.decode(prompt, steps) for _ in range(reps + 1)][1:]
+                engine.close()
             else:
                 out["engine"] = "transformers"
                 runs = torch_decode_speed(model, prompt, steps, reps)

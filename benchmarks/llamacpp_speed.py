@@ -64,7 +64,7 @@ def _summary(runs: list[float]) -> dict:
 
 
 class LlamaCppEngine:
-    """One llama.cpp model (repacking on or off), timed by :meth:`once`."""
+    """One llama.cpp model (repacking on or off), timed by :meth:`decode` / :meth:`once`."""
 
     def __init__(self, path: Path, threads: int, repack: bool, n_ctx: int):
         from lowbit.peers.llamacpp import open_llamacpp
@@ -72,35 +72,46 @@ class LlamaCppEngine:
         self.llm = open_llamacpp(path, n_ctx=n_ctx, n_threads=threads, logits_all=False, extra_bufts=repack)
         self.info = {"engine": "llama.cpp", "repack": self.llm.lowbit_repack}
 
-    def once(self, prompt: list[int], steps: list[int], long: list[int]) -> tuple[float, float]:
-        llm = self.llm
-        llm.reset()
-        llm.eval(prompt)
+    def decode(self, prompt: list[int], steps: list[int]) -> float:
+        """tok/s of ``steps`` fed one at a time after ``prompt`` (teacher-forced)."""
+        self.llm.reset()
+        self.llm.eval(prompt)
         t0 = time.perf_counter()
         for tok in steps:
-            llm.eval([tok])
-        dt = time.perf_counter() - t0
-        llm.reset()
+            self.llm.eval([tok])
+        return len(steps) / (time.perf_counter() - t0)
+
+    def prefill(self, long: list[int]) -> float:
+        self.llm.reset()
         t0 = time.perf_counter()
-        llm.eval(long)
-        return len(steps) / dt, len(long) / (time.perf_counter() - t0)
+        self.llm.eval(long)
+        return len(long) / (time.perf_counter() - t0)
+
+    def once(self, prompt: list[int], steps: list[int], long: list[int]) -> tuple[float, float]:
+        return self.decode(prompt, steps), self.prefill(long)
 
     def close(self) -> None:
         self.llm.close()
 
 
 class LowbitEngine:
-    """One lowbit folder on the packed runtime and lowbit's decode loop, timed by :meth:`once`."""
+    """A packed model (``lowbit.runtime.load_packed``) on lowbit's decode loop, timed by
+    :meth:`decode` / :meth:`once`."""
 
-    def __init__(self, folder: Path, n_ctx: int):
+    def __init__(self, model, n_ctx: int):
         from lowbit.decoder import Decoder
-        from lowbit.runtime import load_packed
 
-        self.model, _, _ = load_packed(folder, verify=False, activations="int8")
-        self.dec = Decoder(self.model, max_len=n_ctx)
+        self.model = model
+        self.dec = Decoder(model, max_len=n_ctx)
         self.info = {"engine": "lowbit", "c_decode_step": self.dec.c_layers is not None}
 
-    def once(self, prompt: list[int], steps: list[int], long: list[int]) -> tuple[float, float]:
+    @classmethod
+    def load(cls, folder: Path, n_ctx: int, activations: str = "int8") -> LowbitEngine:
+        from lowbit.runtime import load_packed
+
+        return cls(load_packed(folder, verify=False, activations=activations)[0], n_ctx)
+
+    def decode(self, prompt: list[int], steps: list[int]) -> float:
         dec = self.dec
         dec.reset()
         dec.forward(torch.tensor(prompt))
@@ -108,12 +119,17 @@ class LowbitEngine:
         t0 = time.perf_counter()
         for tok in toks:
             dec.forward(tok)
-        dt = time.perf_counter() - t0
-        dec.reset()
+        return len(steps) / (time.perf_counter() - t0)
+
+    def prefill(self, long: list[int]) -> float:
+        self.dec.reset()
         lg = torch.tensor(long)
         t0 = time.perf_counter()
-        dec.forward(lg)
-        return len(steps) / dt, len(long) / (time.perf_counter() - t0)
+        self.dec.forward(lg)
+        return len(long) / (time.perf_counter() - t0)
+
+    def once(self, prompt: list[int], steps: list[int], long: list[int]) -> tuple[float, float]:
+        return self.decode(prompt, steps), self.prefill(long)
 
     def close(self) -> None:
         del self.dec, self.model
@@ -142,19 +158,11 @@ def round_robin(engines: list, prompt, steps, long, reps: int) -> list[dict]:
 
 
 def _folder_bytes(folder: Path) -> int:
-    """Bytes of every tensor the folder stores (its safetensors files)."""
-    from safetensors import safe_open
+    """Bytes of every tensor the folder stores (its safetensors headers, lowbit.stfile's reader)."""
+    from lowbit.stfile import MappedSafetensors
 
-    total = 0
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(f, "pt") as st:
-            for k in st.keys():
-                t = st.get_slice(k)
-                n = 1
-                for d in t.get_shape():
-                    n *= d
-                total += n * {"F32": 4, "F16": 2, "BF16": 2, "U8": 1, "I8": 1, "I32": 4, "I64": 8}[t.get_dtype()]
-    return total
+    return sum(end - begin for f in sorted(folder.glob("*.safetensors"))
+               for _, _, begin, end in MappedSafetensors(f).entries.values())
 
 
 def _quantize(folder: Path, args: list[str]) -> str:
@@ -225,7 +233,7 @@ def run(args, text_ids: list[int]) -> dict:
                 engines.append(LlamaCppEngine(Path(s["gguf"]), args.threads, repack, n_ctx))
                 owners.append(s)
         if s["kind"] == "lowbit":
-            engines.append(LowbitEngine(Path(s["folder"]), n_ctx))
+            engines.append(LowbitEngine.load(Path(s["folder"]), n_ctx))
             owners.append(s)
     print(f"{len(engines)} engines loaded; timing them round-robin", flush=True)
     for s, r in zip(owners, round_robin(engines, prompt, steps, long, args.reps), strict=True):

@@ -81,11 +81,20 @@ class Projections:
     fns: tuple[Callable, ...]  # the fused layer's decode_fn alone, or one callable per projection
     sizes: tuple[int, ...] | None  # output widths of the fused call; None: separate calls
     fused: PackedLinear | None  # the fused layer, whose buffers the original layers view
+    modules: tuple[nn.Module, ...]  # the projections themselves
 
     def __call__(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The decode steps (up to ``KERNEL_MAX_BATCH`` rows of ``h``): the kernels called directly."""
         if self.sizes is not None:
             return self.fns[0](h).split(self.sizes, dim=-1)
         return tuple(fn(h) for fn in self.fns)
+
+    def prompt(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Any number of rows (a prompt): the fused layer's forward (one GEMM or kernel call for all
+        projections), else each module's."""
+        if self.fused is not None:
+            return self.fused(h).split(self.sizes, dim=-1)
+        return tuple(m(h) for m in self.modules)
 
     @classmethod
     def of(cls, modules: list[nn.Module]) -> Projections:
@@ -93,7 +102,7 @@ class Projections:
         the originals then become views of the fused buffers, so no byte is duplicated."""
         fused = PackedLinear.concat(modules) if all(isinstance(m, PackedLinear) for m in modules) else None
         if fused is None:
-            return cls(tuple(_single(m) for m in modules), None, None)
+            return cls(tuple(_single(m) for m in modules), None, None, tuple(modules))
         r0 = 0
         for m in modules:  # the originals become views of the fused buffers
             r1 = r0 + m.out_features
@@ -107,7 +116,7 @@ class Projections:
             if fused.zero.shape[0] != 1:
                 m._buffers["zero"] = fused._buffers["zero"][r0:r1]
             r0 = r1
-        return cls((fused.decode_fn(),), tuple(m.out_features for m in modules), fused)
+        return cls((fused.decode_fn(),), tuple(m.out_features for m in modules), fused, tuple(modules))
 
 
 @dataclass(frozen=True)
@@ -247,12 +256,7 @@ class Decoder:
             attn, mlp = layer.self_attn, layer.mlp
             h = _rms(x, layer.input_layernorm)
             block = self.fast[i]
-            if fast:
-                q, k, v = block.qkv(h.view(t, -1))
-            elif block.qkv.fused is not None:  # one GEMM (and one activation rounding) for q/k/v
-                q, k, v = block.qkv.fused(h.view(t, -1)).split(block.qkv.sizes, dim=-1)
-            else:
-                q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+            q, k, v = block.qkv(h.view(t, -1)) if fast else block.qkv.prompt(h.view(t, -1))
             q = q.reshape(t, nh, hd).transpose(0, 1)
             k = k.reshape(t, nkv, hd).transpose(0, 1)
             v = v.reshape(t, nkv, hd).transpose(0, 1)
@@ -270,12 +274,8 @@ class Decoder:
                 x = x + block.down(F.silu(g).mul_(u)).view(1, t, -1)
             else:
                 x = x + attn.o_proj(o[None])
-                h = _rms(x, layer.post_attention_layernorm)
-                if block.gate_up.fused is not None:
-                    g, u = block.gate_up.fused(h.view(t, -1)).split(block.gate_up.sizes, dim=-1)
-                    x = x + mlp.down_proj(F.silu(g).mul_(u)).view(1, t, -1)
-                else:
-                    x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
+                g, u = block.gate_up.prompt(_rms(x, layer.post_attention_layernorm).view(t, -1))
+                x = x + mlp.down_proj(F.silu(g).mul_(u)).view(1, t, -1)
         self.pos = p1
         return self._logits(_rms(x[0, -1:], self.norm))
 

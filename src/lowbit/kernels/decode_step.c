@@ -129,18 +129,28 @@ static void lb_attention(const lb_layer *L, const float *q, int64_t pos, float *
         lb_attention_head(L, q, pos, hh, scores, att, avx2);
 }
 
-/* One block on the hidden state x (hidden floats, updated in place) at position pos; isa: the
- * resolved code path (0 portable, 1 AVX2). */
-static int lb_decode_layer(const lb_layer *L, float *x, int64_t pos, const float *cos, const float *ss,
-                           float *scratch, int nthreads, int isa)
+/* The pieces of the caller's scratch one block uses (see lowbit.decoder.Decoder for its size). */
+typedef struct {
+    float *h, *qkv, *att, *o, *gu, *act, *scores;
+} lb_bufs;
+
+static lb_bufs lb_layer_bufs(const lb_layer *L, float *scratch)
 {
-    const int64_t H = L->hidden, nh = L->nh, nkv = L->nkv, hd = L->hd, I = L->inter;
-    if (pos < 0 || pos >= L->max_len) return LB_EARG;
-    float *h = scratch, *qkv = h + H, *att = qkv + (nh + 2 * nkv) * hd, *o = att + nh * hd;
-    float *gu = o + H, *act = gu + 2 * I, *scores = act + I;
-    int err;
-    lb_rmsnorm(x, L->ln1, H, L->eps1, h);
-    if ((err = lb_project(L, L->qkv, h, qkv, nthreads, isa))) return err;
+    lb_bufs b;
+    b.h = scratch;
+    b.qkv = b.h + L->hidden;
+    b.att = b.qkv + (L->nh + 2 * L->nkv) * L->hd;
+    b.o = b.att + L->nh * L->hd;
+    b.gu = b.o + L->hidden;
+    b.act = b.gu + 2 * L->inter;
+    b.scores = b.act + L->inter;
+    return b;
+}
+
+/* RoPE on this token's q and k (in qkv), then its k and v into the caches at pos. */
+static void lb_rope_and_cache(const lb_layer *L, float *qkv, int64_t pos, const float *cos, const float *ss)
+{
+    const int64_t nh = L->nh, nkv = L->nkv, hd = L->hd;
     float *q = qkv, *k = qkv + nh * hd, *v = k + nkv * hd;
     lb_rope(q, nh, hd, cos, ss);
     lb_rope(k, nkv, hd, cos, ss);
@@ -148,19 +158,43 @@ static int lb_decode_layer(const lb_layer *L, float *x, int64_t pos, const float
         memcpy(L->kcache + (j * L->max_len + pos) * hd, k + j * hd, sizeof(float) * (size_t)hd);
         memcpy(L->vcache + (j * L->max_len + pos) * hd, v + j * hd, sizeof(float) * (size_t)hd);
     }
-    lb_attention(L, q, pos, scores, att, isa == LB_ISA_AVX2);
-    if ((err = lb_project(L, L->o, att, o, nthreads, isa))) return err;
-    for (int64_t i = 0; i < H; i++)
-        x[i] += o[i];
-    lb_rmsnorm(x, L->ln2, H, L->eps2, h);
-    if ((err = lb_project(L, L->gate_up, h, gu, nthreads, isa))) return err;
-    for (int64_t i = 0; i < I; i++) {
+}
+
+/* act = SiLU(gate) * up, gu = [gate | up] (n each). */
+static void lb_silu_mul(const float *gu, int64_t n, float *act)
+{
+    for (int64_t i = 0; i < n; i++) {
         const float g = gu[i];
-        act[i] = g / (1.0f + expf(-g)) * gu[I + i];
+        act[i] = g / (1.0f + expf(-g)) * gu[n + i];
     }
-    if ((err = lb_project(L, L->down, act, o, nthreads, isa))) return err;
-    for (int64_t i = 0; i < H; i++)
-        x[i] += o[i];
+}
+
+static void lb_add(float *x, const float *y, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++)
+        x[i] += y[i];
+}
+
+/* One block on the hidden state x (hidden floats, updated in place) at position pos; isa: the
+ * resolved code path (0 portable, 1 AVX2). */
+static int lb_decode_layer(const lb_layer *L, float *x, int64_t pos, const float *cos, const float *ss,
+                           float *scratch, int nthreads, int isa)
+{
+    const int64_t H = L->hidden;
+    if (pos < 0 || pos >= L->max_len) return LB_EARG;
+    const lb_bufs b = lb_layer_bufs(L, scratch);
+    int err;
+    lb_rmsnorm(x, L->ln1, H, L->eps1, b.h);
+    if ((err = lb_project(L, L->qkv, b.h, b.qkv, nthreads, isa))) return err;
+    lb_rope_and_cache(L, b.qkv, pos, cos, ss);
+    lb_attention(L, b.qkv, pos, b.scores, b.att, isa == LB_ISA_AVX2);
+    if ((err = lb_project(L, L->o, b.att, b.o, nthreads, isa))) return err;
+    lb_add(x, b.o, H);
+    lb_rmsnorm(x, L->ln2, H, L->eps2, b.h);
+    if ((err = lb_project(L, L->gate_up, b.h, b.gu, nthreads, isa))) return err;
+    lb_silu_mul(b.gu, L->inter, b.act);
+    if ((err = lb_project(L, L->down, b.act, b.o, nthreads, isa))) return err;
+    lb_add(x, b.o, H);
     return LB_OK;
 }
 
@@ -203,8 +237,10 @@ static int lb_decode_layers_team(const lb_layer *layers, int64_t n_layers, float
                                  const float *ss, float *scratch, int nthreads, int isa)
 {
     size_t mem_bytes = 0;
-    int64_t max_ng = 0, max_cols = 0;
+    int64_t max_ng = 0, max_cols = 0, max_len = 0;
     for (int64_t l = 0; l < n_layers; l++) {
+        if (pos < 0 || pos >= layers[l].max_len) return LB_EARG;
+        max_len = layers[l].max_len > max_len ? layers[l].max_len : max_len;
         const lb_weight *ws[4] = {layers[l].qkv, layers[l].o, layers[l].gate_up, layers[l].down};
         for (int i = 0; i < 4; i++) {
             const size_t b = lb_q8_team_bytes(ws[i]);
@@ -215,13 +251,8 @@ static int lb_decode_layers_team(const lb_layer *layers, int64_t n_layers, float
             max_cols = ws[i]->cols > max_cols ? ws[i]->cols : max_cols;
         }
     }
-    for (int64_t l = 0; l < n_layers; l++)
-        if (pos < 0 || pos >= layers[l].max_len) return LB_EARG;
     const size_t code_bytes = ((size_t)max_cols + 16 + 63) / 64 * 64;
     const size_t step_floats = (size_t)(4 * (max_ng + 16));
-    int64_t max_len = 0;
-    for (int64_t l = 0; l < n_layers; l++)
-        max_len = layers[l].max_len > max_len ? layers[l].max_len : max_len;
     const size_t step_bytes = sizeof(float) * ((step_floats + 15) / 16 * 16);
     const size_t per_thread = code_bytes + step_bytes + sizeof(float) * (size_t)((max_len + 15) / 16 * 16);
     uint8_t *mem = lb_alloc(mem_bytes + (size_t)nthreads * per_thread);
@@ -237,59 +268,42 @@ static int lb_decode_layers_team(const lb_layer *layers, int64_t n_layers, float
         float *own_scores = (float *)(own + code_bytes + step_bytes);
         for (int64_t l = 0; l < n_layers; l++) {
             const lb_layer *L = layers + l;
-            const int64_t H = L->hidden, nh = L->nh, nkv = L->nkv, hd = L->hd, I = L->inter;
-            float *h = scratch, *qkv = h + H, *att = qkv + (nh + 2 * nkv) * hd, *o = att + nh * hd;
-            float *gu = o + H, *act = gu + 2 * I;
+            const lb_bufs b = lb_layer_bufs(L, scratch);
 #pragma omp single
             {
-                if (l > 0) /* the previous block's down projection */
-                    for (int64_t i = 0; i < H; i++)
-                        x[i] += o[i];
-                lb_rmsnorm(x, L->ln1, H, L->eps1, h);
-                lb_q8_team_begin(&T, L->qkv, h, qkv, q8isa, mem);
+                if (l > 0) /* the previous block's down projection (same scratch layout) */
+                    lb_add(x, b.o, L->hidden);
+                lb_rmsnorm(x, L->ln1, L->hidden, L->eps1, b.h);
+                lb_q8_team_begin(&T, L->qkv, b.h, b.qkv, q8isa, mem);
             }
             lb_team_rows(&T, &s, team);
 #pragma omp single
-            {
-                float *q = qkv, *k = qkv + nh * hd, *v = k + nkv * hd;
-                lb_rope(q, nh, hd, cos, ss);
-                lb_rope(k, nkv, hd, cos, ss);
-                for (int64_t j = 0; j < nkv; j++) {
-                    memcpy(L->kcache + (j * L->max_len + pos) * hd, k + j * hd, sizeof(float) * (size_t)hd);
-                    memcpy(L->vcache + (j * L->max_len + pos) * hd, v + j * hd, sizeof(float) * (size_t)hd);
-                }
-            }
+            lb_rope_and_cache(L, b.qkv, pos, cos, ss);
             /* attention: heads over the team, each thread with its own scores */
 #pragma omp for schedule(static)
-            for (int64_t hh = 0; hh < nh; hh++)
-                lb_attention_head(L, qkv, pos, hh, own_scores, att, avx2);
+            for (int64_t hh = 0; hh < L->nh; hh++)
+                lb_attention_head(L, b.qkv, pos, hh, own_scores, b.att, avx2);
 #pragma omp single
-            lb_q8_team_begin(&T, L->o, att, o, q8isa, mem);
+            lb_q8_team_begin(&T, L->o, b.att, b.o, q8isa, mem);
             lb_team_rows(&T, &s, team);
 #pragma omp single
             {
-                for (int64_t i = 0; i < H; i++)
-                    x[i] += o[i];
-                lb_rmsnorm(x, L->ln2, H, L->eps2, h);
-                lb_q8_team_begin(&T, L->gate_up, h, gu, q8isa, mem);
+                lb_add(x, b.o, L->hidden);
+                lb_rmsnorm(x, L->ln2, L->hidden, L->eps2, b.h);
+                lb_q8_team_begin(&T, L->gate_up, b.h, b.gu, q8isa, mem);
             }
             lb_team_rows(&T, &s, team);
 #pragma omp single
             {
-                for (int64_t i = 0; i < I; i++) {
-                    const float g = gu[i];
-                    act[i] = g / (1.0f + expf(-g)) * gu[I + i];
-                }
-                lb_q8_team_begin(&T, L->down, act, o, q8isa, mem);
+                lb_silu_mul(b.gu, L->inter, b.act);
+                lb_q8_team_begin(&T, L->down, b.act, b.o, q8isa, mem);
             }
             lb_team_rows(&T, &s, team);
         }
     }
     if (n_layers > 0) {
         const lb_layer *L = layers + n_layers - 1;
-        const float *o = scratch + L->hidden + (L->nh + 2 * L->nkv) * L->hd + L->nh * L->hd;
-        for (int64_t i = 0; i < L->hidden; i++)
-            x[i] += o[i];
+        lb_add(x, lb_layer_bufs(L, scratch).o, L->hidden);
     }
     free(mem);
     return LB_OK;

@@ -96,11 +96,27 @@ static int lb_q8_path(const lb_weight *w, int isa) { return isa == 4 && lb_q8_mo
 
 LB_EXPORT int lb_q8_supported(const lb_weight *w) { return lb_check(w) == LB_OK && lb_q8_mode(w) >= 0; }
 
-/* Quantize one input row: per 32-column block d = max|x| / 127, q = round(x / d) (as x * (1 / d),
- * half to even); q in column order, permuted (xq), lane scales (dxl) and group sums of d * q. */
+/* One block of n <= 32 columns: d = max|x| / 127 (returned) and q = round(x * (1 / d)), half to
+ * even, clamped to +-127, in column order. */
+static float lb_q8_block(const float *x, int64_t n, int8_t *q)
+{
+    float amax = 0.0f;
+    for (int64_t c = 0; c < n; c++) {
+        const float a = x[c] < 0 ? -x[c] : x[c];
+        amax = a > amax ? a : amax;
+    }
+    const float dk = amax / 127.0f, id = dk > 0.0f ? 1.0f / dk : 0.0f;
+    for (int64_t c = 0; c < n; c++) {
+        float v = __builtin_nearbyintf(x[c] * id);
+        v = v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v;
+        q[c] = (int8_t)v;
+    }
+    return dk;
+}
+
 #ifdef LB_X86
-/* One whole block of 32 columns: its q (column order) and scale d, with the float32 operations of
- * the scalar loop below (vroundps is round-half-even, as nearbyintf in the default mode). */
+/* lb_q8_block of a whole block of 32 columns, with the same float32 operations (vroundps is
+ * round-half-even, as nearbyintf in the default mode). */
 static LB_AVX2 float lb_q8_block_avx2(const float *x, int8_t *q)
 {
     const __m256 sign = _mm256_set1_ps(-0.0f), lim = _mm256_set1_ps(127.0f), nlim = _mm256_set1_ps(-127.0f);
@@ -126,6 +142,8 @@ static LB_AVX2 float lb_q8_block_avx2(const float *x, int8_t *q)
 }
 #endif
 
+/* Quantize one input row: per 32-column block d = max|x| / 127, q = round(x / d) (as x * (1 / d),
+ * half to even); q in column order, permuted (xq), lane scales (dxl) and group sums of d * q. */
 static void lb_q8_prepare(const lb_q8call *Q, const float *x, int8_t *q, float *d, int8_t *xq, float *dxl, float *sx)
 {
     const int64_t cols = Q->c.w->cols, G = Q->c.G, cpb = Q->cpb, ub = Q->ub, UC = ub * cpb, lanes = ub / 4;
@@ -141,18 +159,7 @@ static void lb_q8_prepare(const lb_q8call *Q, const float *x, int8_t *q, float *
             continue;
         }
 #endif
-        float amax = 0.0f;
-        for (int64_t c = c0; c < c1; c++) {
-            const float a = x[c] < 0 ? -x[c] : x[c];
-            amax = a > amax ? a : amax;
-        }
-        const float dk = amax / 127.0f, id = dk > 0.0f ? 1.0f / dk : 0.0f;
-        d[k] = dk;
-        for (int64_t c = c0; c < c1; c++) {
-            float v = __builtin_nearbyintf(x[c] * id);
-            v = v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v;
-            q[c] = (int8_t)v;
-        }
+        d[k] = lb_q8_block(x + c0, c1 - c0, q + c0);
     }
     for (int64_t g = 0; g < Q->c.ng; g++) {
         const int64_t c0 = g * G, c1 = c0 + G < cols ? c0 + G : cols;
@@ -363,53 +370,25 @@ LB_EXPORT int lb_linear_q8(const lb_weight *w, const float *x, int64_t batch, fl
 
 /* ---------------------------------------------------------------- lb_q8_round */
 
-/* One row of lb_q8_round: per block of 32 columns d = max|x| / 127, out = d * round(x * (1 / d))
- * (half to even, clamped to +-127), the float32 operations of lb_q8_prepare. */
-static void lb_q8_round_row(const float *x, int64_t cols, float *out)
+/* One row of lb_q8_round: each block of 32 columns quantized as lb_q8_prepare does (the AVX2
+ * block quantizer for whole blocks when vec), then out = d * q. */
+static void lb_q8_round_row(const float *x, int64_t cols, float *out, int vec)
 {
+    int8_t q[32];
     for (int64_t c0 = 0; c0 < cols; c0 += 32) {
-        const int64_t c1 = c0 + 32 < cols ? c0 + 32 : cols;
-        float amax = 0.0f;
-        for (int64_t c = c0; c < c1; c++) {
-            const float a = x[c] < 0 ? -x[c] : x[c];
-            amax = a > amax ? a : amax;
-        }
-        const float dk = amax / 127.0f, id = dk > 0.0f ? 1.0f / dk : 0.0f;
-        for (int64_t c = c0; c < c1; c++) {
-            float v = __builtin_nearbyintf(x[c] * id);
-            v = v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v;
-            out[c] = dk * v;
-        }
-    }
-}
-
+        const int64_t n = c0 + 32 < cols ? 32 : cols - c0;
+        float dk;
 #ifdef LB_X86
-static LB_AVX2 void lb_q8_round_row_avx2(const float *x, int64_t cols, float *out)
-{
-    if (cols % 32) {
-        lb_q8_round_row(x, cols, out);
-        return;
-    }
-    const __m256 sign = _mm256_set1_ps(-0.0f), lim = _mm256_set1_ps(127.0f), nlim = _mm256_set1_ps(-127.0f);
-    for (int64_t c0 = 0; c0 < cols; c0 += 32) {
-        __m256 v[4], m = _mm256_setzero_ps();
-        for (int k = 0; k < 4; k++) {
-            v[k] = _mm256_loadu_ps(x + c0 + 8 * k);
-            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[k]));
-        }
-        __m128 s = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-        s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-        s = _mm_max_ss(s, _mm_movehdup_ps(s));
-        const float dk = _mm_cvtss_f32(s) / 127.0f, id = dk > 0.0f ? 1.0f / dk : 0.0f;
-        const __m256 vd = _mm256_set1_ps(dk), vid = _mm256_set1_ps(id);
-        for (int k = 0; k < 4; k++) {
-            __m256 q = _mm256_round_ps(_mm256_mul_ps(v[k], vid), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            q = _mm256_min_ps(_mm256_max_ps(q, nlim), lim);
-            _mm256_storeu_ps(out + c0 + 8 * k, _mm256_mul_ps(vd, q));
-        }
-    }
-}
+        if (vec && n == 32)
+            dk = lb_q8_block_avx2(x + c0, q);
+        else
 #endif
+            dk = lb_q8_block(x + c0, n, q);
+        for (int64_t c = 0; c < n; c++)
+            out[c0 + c] = dk * (float)q[c];
+    }
+    (void)vec;
+}
 
 /* out (rows, cols) = x rounded as lb_linear_q8 rounds its input (the float value d * q the
  * integer kernel multiplies), for paths that multiply in float (large batches); bit-identical
@@ -421,16 +400,8 @@ LB_EXPORT int lb_q8_round(const float *x, int64_t rows, int64_t cols, float *out
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(nthreads > 0 ? nthreads : 1) schedule(static) if (rows * cols >= 65536)
 #endif
-    for (int64_t r = 0; r < rows; r++) {
-#ifdef LB_X86
-        if (vec) {
-            lb_q8_round_row_avx2(x + r * cols, cols, out + r * cols);
-            continue;
-        }
-#endif
-        lb_q8_round_row(x + r * cols, cols, out + r * cols);
-    }
-    (void)vec;
+    for (int64_t r = 0; r < rows; r++)
+        lb_q8_round_row(x + r * cols, cols, out + r * cols, vec);
     (void)nthreads;
     return LB_OK;
 }

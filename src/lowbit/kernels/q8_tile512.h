@@ -9,20 +9,6 @@
 
 #define LB_Z_TARGET __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
 
-/* Integer dot of one 64-byte unit v with its permuted activations xq (64 * cpb bytes). */
-LB_INLINE LB_Z_TARGET __m512i lb_z_unit(__m512i acc, const __m512i v, const int8_t *xq, const int CPB)
-{
-    const int bits = 8 / CPB;
-    if (CPB == 1) return _mm512_dpbusd_epi32(acc, v, _mm512_load_si512((const void *)xq));
-    const __m512i mask = _mm512_set1_epi8((char)((1 << bits) - 1));
-#pragma GCC unroll 8
-    for (int h = 0; h < CPB; h++) {
-        const __m512i plane = _mm512_and_si512(h ? _mm512_srli_epi16(v, bits * h) : v, mask);
-        acc = _mm512_dpbusd_epi32(acc, plane, _mm512_load_si512((const void *)(xq + 64 * h)));
-    }
-    return acc;
-}
-
 /* Unit u (64 packed bytes) of a row; units at or past `nfast` (the tensor's last row only) are
  * read through a zero-padded copy so that no byte past the row is touched. */
 LB_INLINE LB_Z_TARGET __m512i lb_z_load(const uint8_t *row, int64_t u, int64_t nfast, int64_t row_bytes, int64_t pf)
@@ -37,115 +23,15 @@ LB_INLINE LB_Z_TARGET __m512i lb_z_load(const uint8_t *row, int64_t u, int64_t n
     return _mm512_loadu_si512((const void *)tmp);
 }
 
-/* Rows rid[0..4) (first nr real) times input b; MODE 0 / 1 as in q8_tile.h (L = 16 * G / UC lanes
- * per group in mode 1). sbuf: 4 rows of steps, each ng + 16 floats. */
-LB_INLINE LB_Z_TARGET void lb_z_tile(const lb_q8call *Q, const int64_t *rid, int nr, int64_t b, float *sbuf,
-                                     const int CPB, const int MODE)
-{
-    const lb_call *C = &Q->c;
-    const lb_weight *w = C->w;
-    const int64_t ng = C->ng, ngp = ng + 16, units = Q->units, G = C->G;
-    const int UC = 64 * CPB;
-    const int8_t *xq = Q->xq + b * Q->xqs;
-    const float *dxl = Q->dxl + b * Q->dxls;
-    const uint8_t *rowp[4];
-    int64_t nfast[4];
-    float zt[4][1];
-    __m512 total[4];
-#pragma GCC unroll 4
-    for (int r = 0; r < 4; r++) {
-        rowp[r] = w->packed + rid[r] * w->row_bytes;
-        nfast[r] = rid[r] == w->rows - 1 ? w->row_bytes / 64 : units;
-        lb_row_scales(C, rid[r], b, 1, sbuf + r * ngp, zt[r]);
-        total[r] = _mm512_setzero_ps();
-    }
-    const int64_t pf = C->prefetch;
-    if (MODE == 0) {
-        const int64_t upg = (G + UC - 1) / UC;
-        for (int64_t g = 0; g < ng; g++) {
-            const int64_t u0 = g * upg, u1 = u0 + upg < units ? u0 + upg : units;
-            __m512 facc[4];
-#pragma GCC unroll 4
-            for (int r = 0; r < 4; r++)
-                facc[r] = _mm512_setzero_ps();
-            for (int64_t u = u0; u < u1; u++) {
-                const __m512 dx = _mm512_load_ps(dxl + 16 * u);
-                const int8_t *xu = xq + u * UC;
-#pragma GCC unroll 4
-                for (int r = 0; r < 4; r++) {
-                    const __m512i v = lb_z_load(rowp[r], u, nfast[r], w->row_bytes, pf);
-                    const __m512i acc = lb_z_unit(_mm512_setzero_si512(), v, xu, CPB);
-                    facc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), dx, facc[r]);
-                }
-            }
-#pragma GCC unroll 4
-            for (int r = 0; r < 4; r++)
-                total[r] = _mm512_fmadd_ps(_mm512_set1_ps(sbuf[r * ngp + g]), facc[r], total[r]);
-        }
-    } else {
-        const int64_t L = 16 * G / UC; /* lanes per group: 1, 2, 4, 8, or 16 (one group per unit) */
-        const __m512i idx = L == 1 ? _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
-                            : L == 2 ? _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7)
-                            : L == 4 ? _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3)
-                            : L == 8 ? _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1)
-                                     : _mm512_setzero_si512();
-        for (int64_t u = 0; u < units; u++) {
-            const __m512 dx = _mm512_load_ps(dxl + 16 * u);
-            const int8_t *xu = xq + u * UC;
-#pragma GCC unroll 4
-            for (int r = 0; r < 4; r++) {
-                const __m512i v = lb_z_load(rowp[r], u, nfast[r], w->row_bytes, pf);
-                const __m512i acc = lb_z_unit(_mm512_setzero_si512(), v, xu, CPB);
-                const __m512 sv = _mm512_permutexvar_ps(idx, _mm512_loadu_ps(sbuf + r * ngp + u * UC / G));
-                total[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc), dx), sv, total[r]);
-            }
-        }
-    }
-#pragma GCC unroll 4
-    for (int r = 0; r < 4; r++) {
-        if (r >= nr)
-            break;
-        const float bias = w->bias ? w->bias[rid[r]] : 0.0f;
-        C->y[b * w->rows + rid[r]] = (_mm512_reduce_add_ps(total[r]) - zt[r][0]) + bias;
-    }
-}
-
-/* Rows r0..r1 (a block of 1 to 4) for every input. */
-LB_INLINE LB_Z_TARGET void lb_z_rows(const lb_q8call *Q, int64_t r0, int64_t r1, float *sbuf, const int CPB)
-{
-    int64_t rid[4];
-    const int n = (int)(r1 - r0);
-    for (int i = 0; i < 4; i++)
-        rid[i] = r0 + (i < n ? i : n - 1);
-    for (int64_t b = 0; b < Q->c.batch; b++) {
-        if (Q->mode == 0) lb_z_tile(Q, rid, n, b, sbuf, CPB, 0);
-        else lb_z_tile(Q, rid, n, b, sbuf, CPB, 1);
-    }
-}
-
-#define LB_Z_ROWS_FMT(FMT, CPB)                                                                        \
-    static LB_Z_TARGET void lb_z_rows_##FMT(const void *job, int64_t r0, int64_t r1, const lb_scratch *s) \
-    {                                                                                                  \
-        lb_z_rows((const lb_q8call *)job, r0, r1, s->steps, CPB);                                      \
-    }
-LB_Z_ROWS_FMT(u1, 8)
-LB_Z_ROWS_FMT(u2, 4)
-LB_Z_ROWS_FMT(u4, 2)
-LB_Z_ROWS_FMT(u8, 1)
-#undef LB_Z_ROWS_FMT
-
-static const lb_rows_fn lb_z_rows_by_fmt[LB_NFMT] = {
-    [LB_U1] = lb_z_rows_u1, [LB_U2] = lb_z_rows_u2, [LB_U4] = lb_z_rows_u4, [LB_U8] = lb_z_rows_u8,
-};
-
-/* Several inputs at once (prompts): R (2 or 4) rows x 4 inputs per tile, each unit of a row loaded and split
- * into its planes once for the 4 inputs (lb_z_tile decodes it again for every input). u2, u4, u8
- * (u1's 8 planes would not stay in registers: it runs lb_z_rows). Same sums in the same order as
- * lb_z_tile for each (row, input), so the results are bit-identical to it. */
+/* R rows (2 or 4; first nr real) times NB inputs b0.. (1 to 4): each unit of a row is loaded and split
+ * into its planes once for the NB inputs; per (row, input) the same integer and float sums in the
+ * same order whatever R and NB, so a prompt's results are bit-identical to one input at a time.
+ * MODE 0: groups of several whole units (or one group per row): float lane sums per group, scaled
+ * by the group's step at its end. MODE 1: one unit per group, or groups inside a unit (L = 16 * G /
+ * UC lanes each): a per-lane step vector per unit. sbuf: 4 rows of steps, each ng + 16 floats. */
 LB_INLINE LB_Z_TARGET void lb_z_gemm_tile(const lb_q8call *Q, const int64_t *rid, int nr, int64_t b0, float *sbuf,
-                                          const int CPB, const int MODE, const int R)
+                                          const int CPB, const int MODE, const int R, const int NB)
 {
-    enum { NB = 4 };
     const lb_call *C = &Q->c;
     const lb_weight *w = C->w;
     const int64_t ng = C->ng, ngp = ng + 16, units = Q->units, G = C->G;
@@ -153,8 +39,8 @@ LB_INLINE LB_Z_TARGET void lb_z_gemm_tile(const lb_q8call *Q, const int64_t *rid
     const __m512i mask = _mm512_set1_epi8((char)((1 << bits) - 1));
     const uint8_t *rowp[4];
     int64_t nfast[4];
-    float zt[4][NB];
-    __m512 total[4][NB];
+    float zt[4][4];
+    __m512 total[4][4];
 #pragma GCC unroll 4
     for (int r = 0; r < R; r++) {
         rowp[r] = w->packed + rid[r] * w->row_bytes;
@@ -174,7 +60,7 @@ LB_INLINE LB_Z_TARGET void lb_z_gemm_tile(const lb_q8call *Q, const int64_t *rid
     for (int64_t g = 0; g < n_outer; g++) {
         const int64_t u0 = MODE == 0 ? g * upg : g;
         const int64_t u1 = MODE == 0 ? (u0 + upg < units ? u0 + upg : units) : g + 1;
-        __m512 facc[4][NB];
+        __m512 facc[4][4];
 #pragma GCC unroll 4
         for (int r = 0; r < R; r++)
             for (int t = 0; t < NB; t++)
@@ -183,7 +69,7 @@ LB_INLINE LB_Z_TARGET void lb_z_gemm_tile(const lb_q8call *Q, const int64_t *rid
 #pragma GCC unroll 4
             for (int r = 0; r < R; r++) {
                 const __m512i v = lb_z_load(rowp[r], u, nfast[r], w->row_bytes, pf);
-                __m512i plane[4];
+                __m512i plane[8];
 #pragma GCC unroll 4
                 for (int h = 0; h < CPB; h++)
                     plane[h] = CPB == 1 ? v : _mm512_and_si512(h ? _mm512_srli_epi16(v, bits * h) : v, mask);
@@ -217,9 +103,44 @@ LB_INLINE LB_Z_TARGET void lb_z_gemm_tile(const lb_q8call *Q, const int64_t *rid
     }
 }
 
+/* Rows r0..r1 (a block of 1 to 4) for inputs b0.. of the call. */
+LB_INLINE LB_Z_TARGET void lb_z_rows_from(const lb_q8call *Q, int64_t r0, int64_t r1, float *sbuf, const int CPB,
+                                          int64_t b0)
+{
+    int64_t rid[4];
+    const int n = (int)(r1 - r0);
+    for (int i = 0; i < 4; i++)
+        rid[i] = r0 + (i < n ? i : n - 1);
+    for (int64_t b = b0; b < Q->c.batch; b++) {
+        if (Q->mode == 0) lb_z_gemm_tile(Q, rid, n, b, sbuf, CPB, 0, 4, 1);
+        else lb_z_gemm_tile(Q, rid, n, b, sbuf, CPB, 1, 4, 1);
+    }
+}
+
+LB_INLINE LB_Z_TARGET void lb_z_rows(const lb_q8call *Q, int64_t r0, int64_t r1, float *sbuf, const int CPB)
+{
+    lb_z_rows_from(Q, r0, r1, sbuf, CPB, 0);
+}
+
+/* One row kernel per layout (NAME: IMPL with CPB fixed), for the lb_rows_fn tables lb_linear_q8 picks
+ * from: lb_z_rows (one input per tile) here, lb_z_gemm_rows (4 inputs per tile) below. */
+#define LB_Z_FMT(NAME, IMPL, CPB)                                                                    \
+    static LB_Z_TARGET void NAME(const void *job, int64_t r0, int64_t r1, const lb_scratch *s)       \
+    {                                                                                                \
+        IMPL((const lb_q8call *)job, r0, r1, s->steps, CPB);                                         \
+    }
+LB_Z_FMT(lb_z_rows_u1, lb_z_rows, 8)
+LB_Z_FMT(lb_z_rows_u2, lb_z_rows, 4)
+LB_Z_FMT(lb_z_rows_u4, lb_z_rows, 2)
+LB_Z_FMT(lb_z_rows_u8, lb_z_rows, 1)
+
+static const lb_rows_fn lb_z_rows_by_fmt[LB_NFMT] = {
+    [LB_U1] = lb_z_rows_u1, [LB_U2] = lb_z_rows_u2, [LB_U4] = lb_z_rows_u4, [LB_U8] = lb_z_rows_u8,
+};
+
 /* Rows r0..r1 (a block of 1 to 4) for every input: inputs 4 at a time through lb_z_gemm_tile (all 4
  * rows at once where the codes take at most 2 planes, else in pairs), the rest one at a time through
- * lb_z_tile. */
+ * lb_z_rows_from. */
 LB_INLINE LB_Z_TARGET void lb_z_gemm_rows(const lb_q8call *Q, int64_t r0, int64_t r1, float *sbuf, const int CPB)
 {
     const int64_t batch = Q->c.batch, full = batch / 4 * 4;
@@ -231,35 +152,22 @@ LB_INLINE LB_Z_TARGET void lb_z_gemm_rows(const lb_q8call *Q, int64_t r0, int64_
             rid[i] = p + (i < n ? i : n - 1);
         for (int64_t b = 0; b < full; b += 4) {
             if (R == 4) {
-                if (Q->mode == 0) lb_z_gemm_tile(Q, rid, n, b, sbuf, CPB, 0, 4);
-                else lb_z_gemm_tile(Q, rid, n, b, sbuf, CPB, 1, 4);
+                if (Q->mode == 0) lb_z_gemm_tile(Q, rid, n, b, sbuf, CPB, 0, 4, 4);
+                else lb_z_gemm_tile(Q, rid, n, b, sbuf, CPB, 1, 4, 4);
             } else {
-                if (Q->mode == 0) lb_z_gemm_tile(Q, rid, n, b, sbuf, CPB, 0, 2);
-                else lb_z_gemm_tile(Q, rid, n, b, sbuf, CPB, 1, 2);
+                if (Q->mode == 0) lb_z_gemm_tile(Q, rid, n, b, sbuf, CPB, 0, 2, 4);
+                else lb_z_gemm_tile(Q, rid, n, b, sbuf, CPB, 1, 2, 4);
             }
         }
     }
-    if (full < batch) {
-        int64_t rid[4];
-        const int n = (int)(r1 - r0);
-        for (int i = 0; i < 4; i++)
-            rid[i] = r0 + (i < n ? i : n - 1);
-        for (int64_t b = full; b < batch; b++) {
-            if (Q->mode == 0) lb_z_tile(Q, rid, n, b, sbuf, CPB, 0);
-            else lb_z_tile(Q, rid, n, b, sbuf, CPB, 1);
-        }
-    }
+    if (full < batch)
+        lb_z_rows_from(Q, r0, r1, sbuf, CPB, full);
 }
 
-#define LB_Z_GEMM_FMT(FMT, CPB)                                                                             \
-    static LB_Z_TARGET void lb_z_gemm_##FMT(const void *job, int64_t r0, int64_t r1, const lb_scratch *s) \
-    {                                                                                                       \
-        lb_z_gemm_rows((const lb_q8call *)job, r0, r1, s->steps, CPB);                                      \
-    }
-LB_Z_GEMM_FMT(u2, 4)
-LB_Z_GEMM_FMT(u4, 2)
-LB_Z_GEMM_FMT(u8, 1)
-#undef LB_Z_GEMM_FMT
+LB_Z_FMT(lb_z_gemm_u2, lb_z_gemm_rows, 4)
+LB_Z_FMT(lb_z_gemm_u4, lb_z_gemm_rows, 2)
+LB_Z_FMT(lb_z_gemm_u8, lb_z_gemm_rows, 1)
+#undef LB_Z_FMT
 
 /* The several-input kernels by layout (u1: the one-input tiles). */
 static const lb_rows_fn lb_z_gemm_by_fmt[LB_NFMT] = {
