@@ -67,10 +67,10 @@ def stage_budget(args, work: Path, score) -> dict:
     t0 = time.time()
     if args.bits is not None:  # a uniform grid (e.g. ternary) with GPTQ instead of the planner
         config = QuantConfig(bits=args.bits, group_size=args.group_size, rotate=args.rotate)
-        method = GPTQ(calib="wiki-train", calib_tokens=16384, sample="random")
+        method = GPTQ(calib=args.train_text, calib_tokens=16384, sample="random")
     else:
         config = QuantConfig(bits=4, rotate=args.rotate)
-        method = Budget(budget_bpw=args.budget_bpw, calib="wiki-train")
+        method = Budget(budget_bpw=args.budget_bpw, calib=args.train_text)
     if not (folder / "lowbit.json").exists():
         quantize_to_dir(args.model, str(folder), config, method=method, progress=False)
     meta = json.loads((folder / "lowbit.json").read_text())
@@ -88,7 +88,8 @@ def stage_blockap(args, work: Path, fp, score) -> tuple[dict, list]:
     from lowbit.io import reference_identity, save_quantized
 
     folder = work / "blockap"
-    method = BlockAP(calib_tokens=args.blockap_tokens, epochs=args.epochs, work_dir=str(work / "blockap-work"),
+    method = BlockAP(calib=args.train_text, calib_tokens=args.blockap_tokens, epochs=args.epochs,
+                     work_dir=str(work / "blockap-work"), loss=args.loss,
                      time_budget=args.blockap_minutes * 60 if args.blockap_minutes else None)
     if not (folder / "lowbit.json").exists():
         model, tokenizer, _ = load(str(work / "budget"))
@@ -99,7 +100,10 @@ def stage_blockap(args, work: Path, fp, score) -> tuple[dict, list]:
             reference = copy.deepcopy(fp)
             rotate_model_(reference)
         t0 = time.time()
+        model.to(args.device)
+        reference = reference.to(args.device) if reference is not fp else copy.deepcopy(fp).to(args.device)
         report = method.apply(model, model.lowbit_config, tokenizer, progress=not args.quiet, reference=reference)
+        model.to("cpu")
         seconds = sum(b["seconds"] for b in report["blocks"])
         save_quantized(model, tokenizer, folder, info={**reference_identity(args.model), "method": "budget+blockap",
                        "quantize_seconds": round(seconds, 1), "report": report,
@@ -114,6 +118,8 @@ def stage_blockap(args, work: Path, fp, score) -> tuple[dict, list]:
 
 
 def stage_e2e(args, work: Path, score) -> tuple[dict, list]:
+    import torch
+
     from lowbit.api import load
     from lowbit.io import read_meta
     from lowbit.qat import TrainConfig, run
@@ -122,14 +128,16 @@ def stage_e2e(args, work: Path, score) -> tuple[dict, list]:
     init = work / "blockap"
     quant = {k: v for k, v in read_meta(init)["quant_config"].items() if k not in ROTATION_FIELDS}
     cfg = TrainConfig(out=str(work / "e2e"), quant=QuantConfig(**quant), steps=args.e2e_steps, model=args.model,
-                      data="wiki-train", init=str(init), train_params="scales", lr=args.e2e_lr,
-                      scale_lr=args.e2e_lr, batch_size=8, seq_len=256, warmup=min(10, args.e2e_steps - 1))  # fmt: skip
+                      data=args.train_text, init=str(init), train_params=args.e2e_params, lr=args.e2e_lr,
+                      scale_lr=args.e2e_scale_lr or args.e2e_lr, batch_size=args.e2e_batch, seq_len=256,
+                      warmup=min(10, args.e2e_steps - 1))  # fmt: skip
     resume = (work / "e2e" / "checkpoint.pt").exists() or (work / "e2e" / "lowbit.json").exists()
     result = run(cfg, resume=resume, progress=not args.quiet).result
     model = load(str(work / "e2e"))[0]
     curve = [{"step": r["step"], "loss": r["loss"]} for r in _metrics(work / "e2e")]
     return {"stage": "e2e", **score(model), "seconds": result.get("train_seconds"),
-            "tokens": result.get("train_tokens"), "steps": args.e2e_steps, "lr": args.e2e_lr}, curve  # fmt: skip
+            "tokens": result.get("train_tokens"), "steps": args.e2e_steps, "lr": args.e2e_lr,
+            "params": args.e2e_params, "batch": args.e2e_batch, "device": "cuda" if torch.cuda.is_available() else "cpu"}, curve  # fmt: skip
 
 
 def _metrics(folder: Path) -> list[dict]:
@@ -206,8 +214,15 @@ def main() -> None:
     p.add_argument("--blockap-tokens", type=int, default=65536, help="Block-AP calibration tokens")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--blockap-minutes", type=float, default=None, help="Block-AP time budget (steps cut to fit)")
+    p.add_argument("--loss", default="mse", choices=("normed", "mse"), help="Block-AP objective (see BlockAP.loss)")
     p.add_argument("--e2e-steps", type=int, default=0, help="end-to-end step-size training steps (0: skip)")
     p.add_argument("--e2e-lr", type=float, default=2e-5, help="step-size lr (EfficientQAT E2E-QP: 1e-5 to 2e-5)")
+    p.add_argument("--e2e-params", default="scales", choices=("scales", "all"),
+                   help="end to end: step sizes only (E2E-QP) or all weights too")
+    p.add_argument("--e2e-scale-lr", type=float, default=None, help="step-size lr with --e2e-params all (default --e2e-lr)")
+    p.add_argument("--e2e-batch", type=int, default=8, help="end to end: windows of 256 tokens per step")
+    p.add_argument("--train-text", default="wiki-train", help="calibration and training text (a name or a file)")
+    p.add_argument("--device", default="cpu", help="Block-AP's device (cpu, cuda); lowbit train picks the GPU itself")
     p.add_argument("--data", default="wiki-eval")
     p.add_argument("--eval-tokens", type=int, default=16384)
     p.add_argument("--work", default=None, help="stage folders (default runs/blockwise-B)")
@@ -234,7 +249,8 @@ def main() -> None:
     results = json.loads(out.read_text()) if out.is_file() else {"runs": {}}
     commit = os.popen("git rev-parse --short HEAD 2>/dev/null").read().strip()
     rec = {"command": shlex.join(["python", *sys.argv]), "commit": commit, "cpu": cpu_model(), "cpu_flags": " ".join(cpu_flags(BLOCKWISE_FLAGS)),
-           "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"), "model": args.model,
+           "threads": torch.get_num_threads(), "device": args.device,
+           "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "date": time.strftime("%Y-%m-%d"), "model": args.model,
            "data": args.data, "stages": []}  # fmt: skip
 
     def save():

@@ -254,3 +254,40 @@ def test_time_budget_cuts_steps_per_block_and_resume_keeps_them(setup, tmp_path,
     assert again["steps_per_block"] == fitted
     with pytest.raises(LowbitError, match="time_budget"):
         BlockAP(time_budget=0)
+
+
+def test_normed_objective_reads_each_output_through_the_next_norm(setup):
+    """The default objective sees block i's output as block i+1's input norm (the final norm after the last
+    block) does, so one token with massive activations (SmolLM2's first position) cannot dominate it."""
+    from lowbit.blockwise import _next_norm
+
+    _tok, _calib, fp, _evals = setup
+    layers = fp.model.layers
+    assert _next_norm(fp, layers, 0) is layers[1].input_layernorm
+    assert _next_norm(fp, layers, len(layers) - 1) is fp.model.norm
+    view = _next_norm(fp, layers, 0)
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randn(2, 8, 64, generator=gen)
+    out = y + 0.1 * torch.randn(2, 8, 64, generator=gen)
+    massive_y, massive_out = y.clone(), out.clone()
+    massive_y[:, 0] *= 1000  # the first position's state 1000x larger in target and output alike
+    massive_out[:, 0] = massive_y[:, 0] + 0.1 * torch.randn(2, 64, generator=gen)
+
+    def normed(a, b):
+        return torch.nn.functional.mse_loss(view(a), view(b)).item()
+
+    def raw(a, b):
+        return torch.nn.functional.mse_loss(a, b).item()
+
+    # the raw MSE follows the first position's error alone (its energy is ~1e6 times each other token's);
+    # through the norm every token counts by its error relative to its own size
+    assert abs(raw(massive_out, massive_y) - raw(out, y)) < 0.2 * raw(out, y)
+    assert normed(massive_out, massive_y) < 0.9 * normed(out, y)
+    weights = {"normed": None, "mse": None}
+    for loss in weights:
+        model = copy.deepcopy(fp)
+        rtn(model, CONFIG)
+        method = _method(_calib, loss=loss)
+        weights[loss] = method.apply(model, CONFIG, _tok, progress=False, reference=fp)["blocks"]
+    assert all(b["mse_final"] < b["mse_initial"] for b in weights["normed"] + weights["mse"])
+    assert [b["mse_initial"] for b in weights["normed"]] != [b["mse_initial"] for b in weights["mse"]]

@@ -70,6 +70,12 @@ class BlockAP:
         metadata={"help": "AdamW learning rate of the step sizes, relative to each layer's mean step size "
                   "(min-max zero points: in code levels); 0 keeps them fixed"},
     )
+    loss: str = field(
+        default="mse",
+        metadata={"help": "block objective: mse (EfficientQAT's, on the raw block outputs) or normed (the outputs as "
+                  "the next block reads them, each token through the next norm, so no token dominates)",
+                  "choices": ("normed", "mse")},
+    )
     schedule: str = field(
         default="cosine", metadata={"help": "learning-rate schedule within a block (cosine: down to lr/20)",
                                     "choices": ("cosine", "constant")},
@@ -103,6 +109,7 @@ class BlockAP:
             (self.save_every >= 1, f"save_every {self.save_every}: use 1 or more"),
             (self.max_cache_gb > 0, f"max_cache_gb {self.max_cache_gb}: use a positive size"),
             (self.schedule in ("cosine", "constant"), f"schedule {self.schedule!r}: use cosine or constant"),
+            (self.loss in ("normed", "mse"), f"loss {self.loss!r}: use normed or mse"),
             (self.sample in ("first", "random"), f"sample {self.sample!r}: use first or random"),
             (self.time_budget is None or self.time_budget > 0, f"time_budget {self.time_budget}: use a positive time"),
         ]
@@ -176,11 +183,41 @@ def _reference(model: nn.Module, reference, given: bool) -> nn.Module:
         return copy.deepcopy(model)
     if getattr(reference, "lowbit_config", None) is not None:
         raise LowbitError("the reference passed to Block-AP is quantized: pass the full-precision model")
+    devices = {p.device for m in (model, reference) for p in m.parameters()}
+    if len(devices) > 1:
+        raise LowbitError(f"Block-AP needs the model and its reference on one device (found {sorted(map(str, devices))}): "
+                          "move both with .to(device) first")  # fmt: skip
     q = {k: tuple(v.shape) for k, v in model.state_dict().items() if ".quantizer." not in k}
     r = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
     if q != r:
         raise LowbitError("the reference is not the model that was quantized (weights differ in names or shapes)")
     return reference
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _next_norm(fp: nn.Module, fp_layers: nn.ModuleList, i: int):
+    """The norm that reads block ``i``'s output first: block ``i + 1``'s input norm, or the final norm.
+
+    Its output is what the rest of the network computes from, one token at a time and free of the
+    residual stream's scale: in SmolLM2 the first position's hidden state holds ~98% of the stream's
+    energy from the 12th block on (massive activations), so a raw MSE trains for that token alone.
+    Falls back to a weightless RMS norm when the model names its norms otherwise."""
+    norm = None
+    if i + 1 < len(fp_layers):
+        norm = getattr(fp_layers[i + 1], "input_layernorm", None)
+    else:
+        decoder = fp.get_decoder() if hasattr(fp, "get_decoder") else None
+        norm = getattr(decoder, "norm", None)
+    if isinstance(norm, nn.Module):
+        return norm
+    return _rms_normalize
+
+
+def _rms_normalize(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
 
 
 def _block_output(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
@@ -201,6 +238,7 @@ class _Run:
         self.start = start
         self.kwargs: dict[str, dict[int, dict]] = {"fp": {}, "q": {}}
         self.streams: Streams | None = None
+        self.device = next(model.parameters()).device
 
     def execute(self) -> dict:
         params = [p for m in (self.model, self.fp) for p in m.parameters()]
@@ -241,11 +279,11 @@ class _Run:
         hidden_size = None
         for rows in self._batches():
             for key, model, layers in (("fp", self.fp, self.fp_layers), ("q", self.model, self.q_layers)):
-                hidden, kwargs = _capture_block_inputs(model, layers, [self.ids[rows]])[0]
+                hidden, kwargs = _capture_block_inputs(model, layers, [self.ids[rows].to(self.device)])[0]
                 if self.streams is None:
                     hidden_size = hidden.shape[-1]
                     shape = (len(self.ids), self.ids.shape[1], hidden_size)
-                    self.streams = Streams(shape, self.m.cache_dir, self.m.max_cache_gb, self.m.work_dir)
+                    self.streams = Streams(shape, self.m.cache_dir, self.m.max_cache_gb, self.m.work_dir, self.device)
                 getattr(self.streams, key)[rows] = hidden.float()
                 self.kwargs[key].setdefault(rows.stop - rows.start, kwargs)
 
@@ -256,14 +294,23 @@ class _Run:
 
     @torch.no_grad()
     def _relative_mse(self, block: nn.Module) -> float:
-        """sum (q_block(x_q) - y)^2 / sum y^2 over every calibration window."""
+        """sum (v(q_block(x_q)) - v(y))^2 / sum v(y)^2 over every calibration window, v the objective's view
+        of a block output (the next norm for ``loss="normed"``, the identity for ``"mse"``)."""
         err = energy = 0.0
+        view = self._view(block)
         for rows in self._batches():
-            y = self.streams.fp[rows]
-            out = _block_output(block, self.streams.q[rows], self.kwargs["q"][rows.stop - rows.start])
+            y = view(self.streams.fp[rows])
+            out = view(_block_output(block, self.streams.q[rows], self.kwargs["q"][rows.stop - rows.start]))
             err += (out - y).double().pow(2).sum().item()
             energy += y.double().pow(2).sum().item()
         return err / max(energy, 1e-30)
+
+    def _view(self, block: nn.Module):
+        """How the objective sees block ``i``'s output: through the full-precision model's next norm."""
+        if self.m.loss == "mse":
+            return _identity
+        i = next(k for k, layer in enumerate(self.q_layers) if layer is block)
+        return _next_norm(self.fp, self.fp_layers, i)
 
     # one block -----------------------------------------------------------------------------------
     def _order(self, block: int, epoch: int) -> list[torch.Tensor]:
@@ -284,7 +331,7 @@ class _Run:
             t_pass = time.time()
             initial, init_state, step, spent = self._relative_mse(q_block), clone_state(q_block), 0, 0.0
             self._pass_seconds = time.time() - t_pass  # one forward pass of the block over every window
-        trainer = _BlockTrainer(q_block, self.m)
+        trainer = _BlockTrainer(q_block, self.m, self._view(q_block))
         if current is not None and current["block"] == i:
             trainer.load(current["trainer"])
         per_epoch = len(self._batches())
@@ -382,8 +429,8 @@ class _BlockTrainer:
     """The trainable tensors of one quantized block (latent weights; step sizes and, for min-max grids,
     latent zero points rounded straight-through) and their AdamW optimizer."""
 
-    def __init__(self, block: nn.Module, method: BlockAP):
-        self.block, self.m = block, method
+    def __init__(self, block: nn.Module, method: BlockAP, view=None):
+        self.block, self.m, self.view = block, method, view or _identity
         self.linears = [m for m in block.modules() if isinstance(m, QuantizedLinear)]
         groups, self.zeros, self.hooks = [], [], []
         for module in self.linears:
@@ -409,7 +456,7 @@ class _BlockTrainer:
             factor = low + (1.0 - low) * 0.5 * (1.0 + math.cos(math.pi * step / total))
         for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
             group["lr"] = base * factor
-        loss = F.mse_loss(_block_output(self.block, x, kwargs), y)
+        loss = F.mse_loss(self.view(_block_output(self.block, x, kwargs)), self.view(y))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

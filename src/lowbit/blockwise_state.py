@@ -36,10 +36,14 @@ STREAMS = "blockap-streams"
 class Streams:
     """The two streams ``fp`` and ``q``, each (windows, seq_len, hidden) float32, in RAM or on disk."""
 
-    def __init__(self, shape: tuple[int, int, int], cache_dir: str | None, max_cache_gb: float, fallback: str | None):
+    def __init__(self, shape: tuple[int, int, int], cache_dir: str | None, max_cache_gb: float, fallback: str | None,
+                 device: torch.device | str = "cpu"):  # fmt: skip
         self.shape = shape
         self.nbytes = 2 * math.prod(shape) * 4
         self.folder: Path | None = None
+        if torch.device(device).type != "cpu":  # on an accelerator the streams stay in its memory
+            self.fp, self.q = torch.empty(shape, device=device), torch.empty(shape, device=device)
+            return
         if cache_dir is None and self.nbytes <= max_cache_gb * 1e9:
             self.fp, self.q = torch.empty(shape), torch.empty(shape)
             return
