@@ -89,7 +89,7 @@ def stage_blockap(args, work: Path, fp, score) -> tuple[dict, list]:
 
     folder = work / "blockap"
     method = BlockAP(calib=args.train_text, calib_tokens=args.blockap_tokens, epochs=args.epochs,
-                     work_dir=str(work / "blockap-work"), loss=args.loss,
+                     work_dir=str(work / "blockap-work"), loss=args.loss, check_windows=args.check_windows,
                      time_budget=args.blockap_minutes * 60 if args.blockap_minutes else None)
     if not (folder / "lowbit.json").exists():
         model, tokenizer, _ = load(str(work / "budget"))
@@ -125,19 +125,57 @@ def stage_e2e(args, work: Path, score) -> tuple[dict, list]:
     from lowbit.qat import TrainConfig, run
     from lowbit.surgery import ROTATION_FIELDS, QuantConfig
 
-    init = work / "blockap"
+    init = work / ("budget" if args.no_blockap else "blockap")
     quant = {k: v for k, v in read_meta(init)["quant_config"].items() if k not in ROTATION_FIELDS}
     cfg = TrainConfig(out=str(work / "e2e"), quant=QuantConfig(**quant), steps=args.e2e_steps, model=args.model,
                       data=args.train_text, init=str(init), train_params=args.e2e_params, lr=args.e2e_lr,
                       scale_lr=args.e2e_scale_lr or args.e2e_lr, batch_size=args.e2e_batch, seq_len=256,
-                      warmup=min(10, args.e2e_steps - 1))  # fmt: skip
+                      warmup=min(10, args.e2e_steps - 1), eval_every=args.e2e_eval_every, eval_text=args.data)  # fmt: skip
     resume = (work / "e2e" / "checkpoint.pt").exists() or (work / "e2e" / "lowbit.json").exists()
     result = run(cfg, resume=resume, progress=not args.quiet).result
     model = load(str(work / "e2e"))[0]
     curve = [{"step": r["step"], "loss": r["loss"]} for r in _metrics(work / "e2e")]
+    held_out = work / "e2e" / "eval.jsonl"
+    if held_out.is_file():  # KL on the first --eval-every-tokens of the held-out text, during training
+        rows = [json.loads(line) for line in held_out.read_text().splitlines() if line.strip()]
+        by_step = {r["step"]: r for r in rows}
+        for point in curve:
+            if point["step"] in by_step:
+                point.update(tokens=by_step[point["step"]]["tokens"], eval_kl=by_step[point["step"]]["eval_kl"])
     return {"stage": "e2e", **score(model), "seconds": result.get("train_seconds"),
             "tokens": result.get("train_tokens"), "steps": args.e2e_steps, "lr": args.e2e_lr,
             "params": args.e2e_params, "batch": args.e2e_batch, "device": "cuda" if torch.cuda.is_available() else "cpu"}, curve  # fmt: skip
+
+
+def target_kl(args) -> float | None:
+    """The issue's KL target of this run: ternary 2.0, <= 2.5 bits/weight 1.5, <= 3.5 bits/weight 0.35."""
+    if args.bits is not None:
+        return 2.0 if args.bits <= 1.6 else None
+    return 1.5 if args.budget_bpw <= 2.5 else 0.35 if args.budget_bpw <= 3.5 else None
+
+
+def extrapolate(curve: list[dict], target: float | None) -> dict | None:
+    """Tokens until the held-out KL reaches ``target``, from a power law KL = a * tokens^-b fitted (least
+    squares in log-log) to the end-to-end curve's last half; None without a target or two points."""
+    import math
+
+    points = [(c["tokens"], c["eval_kl"]) for c in curve if "eval_kl" in c and c["tokens"] > 0]
+    points = points[len(points) // 2 :] if len(points) >= 4 else points
+    if target is None or len(points) < 2:
+        return None
+    xs, ys = [math.log(t) for t, _ in points], [math.log(k) for _, k in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / max(sum((x - mx) ** 2 for x in xs), 1e-12)
+    a, b = math.exp(my - slope * mx), -slope
+    fit = {"target": target, "a": a, "b": b, "points": len(points)}
+    if b <= 0:
+        fit["text"] = f"The held-out KL did not fall over the last {len(points)} points: no extrapolation to {target}."
+        return fit
+    fit["tokens_to_target"] = (a / target) ** (1 / b)
+    fit["text"] = (f"Power law fitted to the last {len(points)} points: KL = {a:.3g} x tokens^-{b:.3f}; it reaches "
+                   f"the target {target} after ~{fit['tokens_to_target']:.3g} end-to-end tokens (an extrapolation "
+                   "far outside the measured range when that is much more than the last point).")  # fmt: skip
+    return fit
 
 
 def _metrics(folder: Path) -> list[dict]:
@@ -154,7 +192,7 @@ def write_markdown(path: Path, results: dict) -> None:
             "",
             f"`{rec['command']}` on {rec['cpu']} ({rec['cpu_flags']}), {rec['threads']} torch threads, {rec['date']}; "
             f"model {rec['model']}, held-out text {rec['data']} ({rec['stages'][0]['eval_tokens']} tokens, windows of "
-            "512; calibration and training on wiki-train), KL to the full-precision model per token.",
+            f"512; calibration and training on {rec.get('train_text', 'wiki-train')}), KL to the full-precision model per token.",
             "",
             "| stage | bits/weight (linears) | KL | perplexity | top-1 | tokens | seconds | cumulative minutes |",
             "|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -166,6 +204,13 @@ def write_markdown(path: Path, results: dict) -> None:
                 f"| {s['stage']} | {s['bits_per_weight_linear']:.3f} | {s['kl_to_reference']:.4f} | {s['perplexity']:.2f} "
                 f"| {s['top1_agreement']:.4f} | {s['tokens']} | {s['seconds']:.0f} | {total / 60:.1f} |"
             )
+        held = [c for c in rec.get("e2e_curve", []) if "eval_kl" in c]
+        if held:
+            lines += ["", "End-to-end held-out curve (KL on the first 4,096 held-out tokens, tokens trained -> KL): "
+                      + ", ".join(f"{c['tokens']:,} -> {c['eval_kl']:.3f}" for c in held)]  # fmt: skip
+            fit = rec.get("extrapolation")
+            if fit:
+                lines += ["", fit["text"]]
         curve = rec.get("blocks", [])
         if curve:
             lines += ["", "Block-AP relative MSE per block (before -> after): " + ", ".join(
@@ -181,7 +226,7 @@ def write_plot(path: Path, results: dict) -> None:
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4))
     for key, rec in sorted(results["runs"].items()):
         stages = rec["stages"]
         ax1.plot([s["stage"] for s in stages], [s["kl_to_reference"] for s in stages], marker="o",
@@ -191,13 +236,28 @@ def write_plot(path: Path, results: dict) -> None:
             x = [b["block"] for b in blocks]
             line = ax2.plot(x, [b["mse_initial"] for b in blocks], linestyle="--")[0]
             ax2.plot(x, [b["mse_final"] for b in blocks], color=line.get_color(), label=key)
+        held = [c for c in rec.get("e2e_curve", []) if "eval_kl" in c]
+        if held:
+            line = ax3.plot([c["tokens"] for c in held], [c["eval_kl"] for c in held], marker="o", label=key)[0]
+            fit = rec.get("extrapolation")
+            if fit and fit.get("tokens_to_target"):
+                xs = [held[0]["tokens"], fit["tokens_to_target"]]
+                ax3.plot(xs, [fit["a"] * x ** -fit["b"] for x in xs], linestyle=":", color=line.get_color())
+                ax3.axhline(fit["target"], color=line.get_color(), linewidth=0.6)
+    ax3.set_xscale("log")
+    ax3.set_yscale("log")
+    ax3.set_xlabel("end-to-end training tokens")
+    ax3.set_ylabel("held-out KL (dotted: power-law fit; line: target)")
+    if ax3.lines:
+        ax3.legend(fontsize=8)
     ax1.set_yscale("log")
     ax1.set_ylabel("KL to full precision (held-out text)")
     ax1.legend(fontsize=8)
     ax2.set_yscale("log")
     ax2.set_xlabel("decoder block")
     ax2.set_ylabel("relative MSE (dashed: start, solid: after Block-AP)")
-    ax2.legend(fontsize=8)
+    if ax2.lines:
+        ax2.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -214,6 +274,7 @@ def main() -> None:
     p.add_argument("--blockap-tokens", type=int, default=65536, help="Block-AP calibration tokens")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--blockap-minutes", type=float, default=None, help="Block-AP time budget (steps cut to fit)")
+    p.add_argument("--check-windows", type=int, default=0, help="Block-AP windows held out for the revert test")
     p.add_argument("--loss", default="mse", choices=("normed", "mse"), help="Block-AP objective (see BlockAP.loss)")
     p.add_argument("--e2e-steps", type=int, default=0, help="end-to-end step-size training steps (0: skip)")
     p.add_argument("--e2e-lr", type=float, default=2e-5, help="step-size lr (EfficientQAT E2E-QP: 1e-5 to 2e-5)")
@@ -221,6 +282,8 @@ def main() -> None:
                    help="end to end: step sizes only (E2E-QP) or all weights too")
     p.add_argument("--e2e-scale-lr", type=float, default=None, help="step-size lr with --e2e-params all (default --e2e-lr)")
     p.add_argument("--e2e-batch", type=int, default=8, help="end to end: windows of 256 tokens per step")
+    p.add_argument("--no-blockap", action="store_true", help="end to end straight from the start point")
+    p.add_argument("--e2e-eval-every", type=int, default=None, help="score the held-out text every N e2e steps")
     p.add_argument("--train-text", default="wiki-train", help="calibration and training text (a name or a file)")
     p.add_argument("--device", default="cpu", help="Block-AP's device (cpu, cuda); lowbit train picks the GPU itself")
     p.add_argument("--data", default="wiki-eval")
@@ -251,7 +314,7 @@ def main() -> None:
     rec = {"command": shlex.join(["python", *sys.argv]), "commit": commit, "cpu": cpu_model(), "cpu_flags": " ".join(cpu_flags(BLOCKWISE_FLAGS)),
            "threads": torch.get_num_threads(), "device": args.device,
            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "date": time.strftime("%Y-%m-%d"), "model": args.model,
-           "data": args.data, "stages": []}  # fmt: skip
+           "data": args.data, "train_text": args.train_text, "stages": []}  # fmt: skip
 
     def save():
         results["runs"][key] = rec
@@ -263,12 +326,14 @@ def main() -> None:
     rec["stages"].append(stage_budget(args, work, score))
     print(json.dumps(rec["stages"][-1]), flush=True)
     save()
-    stage, rec["blocks"] = stage_blockap(args, work, fp, score)
-    rec["stages"].append(stage)
-    print(json.dumps(stage), flush=True)
-    save()
+    if not args.no_blockap:
+        stage, rec["blocks"] = stage_blockap(args, work, fp, score)
+        rec["stages"].append(stage)
+        print(json.dumps(stage), flush=True)
+        save()
     if args.e2e_steps:
         stage, rec["e2e_curve"] = stage_e2e(args, work, score)
+        rec["extrapolation"] = extrapolate(rec["e2e_curve"], target_kl(args))
         rec["stages"].append(stage)
         print(json.dumps(stage), flush=True)
         save()

@@ -291,3 +291,44 @@ def test_normed_objective_reads_each_output_through_the_next_norm(setup):
         weights[loss] = method.apply(model, CONFIG, _tok, progress=False, reference=fp)["blocks"]
     assert all(b["mse_final"] < b["mse_initial"] for b in weights["normed"] + weights["mse"])
     assert [b["mse_initial"] for b in weights["normed"]] != [b["mse_initial"] for b in weights["mse"]]
+
+
+def test_check_windows_are_never_trained_on_and_carry_the_error_report(setup, monkeypatch):
+    from lowbit import blockwise
+
+    tok, calib, fp, _evals = setup
+    seen = set()  # every window index of every training mini-batch
+    original_order = blockwise._Run._order
+
+    def order(self, block, epoch):
+        batches = original_order(self, block, epoch)
+        seen.update(int(i) for batch in batches for i in batch)
+        return batches
+
+    monkeypatch.setattr(blockwise._Run, "_order", order)
+    model = copy.deepcopy(fp)
+    rtn(model, CONFIG)
+    start = copy.deepcopy(model)
+    report = _method(calib, check_windows=16).apply(model, CONFIG, tok, progress=False, reference=fp)
+    n = report["windows"]  # 2048 tokens in windows of 32: 64, the last 16 held out
+    assert n == 64 and seen and max(seen) < n - 16 and len(seen) == n - 16
+    # the before/after errors are those of the held-out windows: recomputed here for block 0
+    ids = calibration_windows(tok, calib, 2048, 32, "random", 0)[n - 16 :]
+    layer = fp.model.layers[0]
+
+    def block0_error(m):
+        from lowbit.ptq import _capture_block_inputs
+
+        x, kw = _capture_block_inputs(fp, fp.model.layers, [ids])[0]
+        xq, kwq = _capture_block_inputs(m, m.model.layers, [ids])[0]
+        with torch.no_grad():
+            y = layer(x, **kw)
+            y = y[0] if isinstance(y, tuple) else y
+            out = m.model.layers[0](xq, **kwq)
+            out = out[0] if isinstance(out, tuple) else out
+        return ((out - y).double().pow(2).sum() / y.double().pow(2).sum()).item()
+
+    assert report["blocks"][0]["mse_initial"] == pytest.approx(block0_error(start), rel=1e-5)
+    assert report["blocks"][0]["mse_final"] == pytest.approx(block0_error(model), rel=1e-5)
+    with pytest.raises(LowbitError, match="multiple of batch_size"):
+        BlockAP(check_windows=3)

@@ -628,3 +628,40 @@ def test_train_from_a_rotated_mixed_folder_without_bits_resumes_exactly(sample_t
     a, b = _checkpoint_model(tmp_path / "unbroken"), _checkpoint_model(tmp_path / "broken")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert "model.norm.mix" in a  # the rotated tied head's final-norm mix is trained state, kept on resume
+
+
+def test_eval_every_writes_a_held_out_curve_that_survives_a_kill(tiny_model_dir, sample_text_file, tmp_path, monkeypatch):
+    from lowbit.data import get_text, tokenize_windows
+    from lowbit.evaluation import evaluate
+    from lowbit.models import load_model
+
+    kw = dict(eval_every=3, eval_text=str(sample_text_file), eval_every_tokens=256, warmup=2)
+    unbroken = tmp_path / "unbroken"
+    qat.run(_cfg(tiny_model_dir, sample_text_file, unbroken, **kw), progress=False)
+    rows = [json.loads(line) for line in (unbroken / qat.loop.EVAL_CURVE).read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3, 6, 8] and [r["tokens"] for r in rows] == [3 * 128, 6 * 128, 8 * 128]
+    assert all(r["eval_kl"] > 0 and r["eval_tokens"] > 0 for r in rows) and rows[0]["eval_kl"] != rows[-1]["eval_kl"]
+    # the last score is the saved student's KL to the teacher on the same held-out windows (up to the
+    # step sizes' fp16 rounding for storage)
+    teacher, tok = load_model(str(tiny_model_dir))
+    windows = tokenize_windows(tok, get_text(str(sample_text_file)), 32, max_tokens=256, bos=False)
+    saved = load_quantized(unbroken)[0]
+    assert evaluate(saved, windows, reference=teacher, progress=False)["kl_to_reference"] == pytest.approx(
+        rows[-1]["eval_kl"], rel=1e-2
+    )
+
+    broken = tmp_path / "broken"
+    save = qat.loop.save_checkpoint
+
+    def save_then_die(path, *args, **kwargs):
+        save(path, *args, **kwargs)
+        if args[3] == 6:
+            raise _Killed
+
+    monkeypatch.setattr(qat.loop, "save_checkpoint", save_then_die)
+    with pytest.raises(_Killed):
+        qat.run(_cfg(tiny_model_dir, sample_text_file, broken, **kw), progress=False)
+    monkeypatch.setattr(qat.loop, "save_checkpoint", save)
+    qat.run(_cfg(tiny_model_dir, sample_text_file, broken, **kw), resume=True, progress=False)
+    again = [json.loads(line) for line in (broken / qat.loop.EVAL_CURVE).read_text().splitlines()]
+    assert [(r["step"], r["eval_kl"]) for r in again] == [(r["step"], r["eval_kl"]) for r in rows]

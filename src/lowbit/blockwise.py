@@ -76,6 +76,11 @@ class BlockAP:
                   "the next block reads them, each token through the next norm, so no token dominates)",
                   "choices": ("normed", "mse")},
     )
+    check_windows: int = field(
+        default=0,
+        metadata={"help": "hold this many calibration windows out of training and measure each block's error before "
+                  "and after (the revert test) on them alone; 0: on every (training) window"},
+    )
     schedule: str = field(
         default="cosine", metadata={"help": "learning-rate schedule within a block (cosine: down to lr/20)",
                                     "choices": ("cosine", "constant")},
@@ -107,6 +112,8 @@ class BlockAP:
             (self.batch_size >= 1, f"batch_size {self.batch_size}: use 1 or more"),
             (self.calib_tokens >= 1 and self.seq_len >= 1, "calib_tokens and seq_len must be positive"),
             (self.save_every >= 1, f"save_every {self.save_every}: use 1 or more"),
+            (isinstance(self.check_windows, int) and self.check_windows >= 0 and self.check_windows % max(self.batch_size, 1) == 0,
+             f"check_windows {self.check_windows}: use 0 or a multiple of batch_size ({self.batch_size})"),
             (self.max_cache_gb > 0, f"max_cache_gb {self.max_cache_gb}: use a positive size"),
             (self.schedule in ("cosine", "constant"), f"schedule {self.schedule!r}: use cosine or constant"),
             (self.loss in ("normed", "mse"), f"loss {self.loss!r}: use normed or mse"),
@@ -131,6 +138,9 @@ class BlockAP:
         ids = calibration_windows(tokenizer, self.calib, self.calib_tokens, self.seq_len, self.sample, self.seed)
         if ids.ndim != 2 or len(ids) == 0:
             raise LowbitError(f"{self.calib} gave no window of {self.seq_len} tokens: use a longer text or --seq-len")
+        if self.check_windows and len(ids) <= self.check_windows:
+            raise LowbitError(f"check_windows {self.check_windows} leaves none of the {len(ids)} calibration windows to "
+                              "train on: raise calib_tokens or lower check_windows")  # fmt: skip
         given = getattr(model, "lowbit_config", None) is not None
         fp = _reference(model, reference, given)
         if given:
@@ -264,9 +274,14 @@ class _Run:
         return self._report()
 
     # streams -------------------------------------------------------------------------------------
-    def _batches(self) -> list[slice]:
+    def _batches(self, start: int = 0) -> list[slice]:
         n, b = len(self.ids), self.m.batch_size
-        return [slice(i, min(i + b, n)) for i in range(0, n, b)]
+        return [slice(i, min(i + b, n)) for i in range(start, n, b)]
+
+    @property
+    def _n_train(self) -> int:
+        """The windows trained on: all, or all but the last ``check_windows``."""
+        return len(self.ids) - self.m.check_windows
 
     def _restore_done(self) -> None:
         for i in range(self.state["done"]):
@@ -298,7 +313,7 @@ class _Run:
         of a block output (the next norm for ``loss="normed"``, the identity for ``"mse"``)."""
         err = energy = 0.0
         view = self._view(block)
-        for rows in self._batches():
+        for rows in self._batches(self._n_train if self.m.check_windows else 0):
             y = view(self.streams.fp[rows])
             out = view(_block_output(block, self.streams.q[rows], self.kwargs["q"][rows.stop - rows.start]))
             err += (out - y).double().pow(2).sum().item()
@@ -316,7 +331,7 @@ class _Run:
     def _order(self, block: int, epoch: int) -> list[torch.Tensor]:
         """The mini-batches (window indices) of one epoch: a pure function of (seed, block, epoch)."""
         seed = int(np.random.SeedSequence([self.m.seed, block, epoch]).generate_state(1)[0])
-        perm = torch.randperm(len(self.ids), generator=torch.Generator().manual_seed(seed))
+        perm = torch.randperm(self._n_train, generator=torch.Generator().manual_seed(seed))
         return list(torch.split(perm, self.m.batch_size))
 
     def _block(self, i: int) -> None:
@@ -324,17 +339,18 @@ class _Run:
         q_block = self.q_layers[i]
         with torch.no_grad():
             self._forward_in_place(self.fp_layers[i], "fp")  # the fp stream becomes block i's targets
+        self._pass_seconds = time.time() - t0  # one forward pass of the block over every window
         current = self.state.get("current")
         if current is not None and current["block"] == i:
             initial, init_state, step, spent = current["mse_initial"], current["initial_state"], current["step"], current["seconds"]
         else:
-            t_pass = time.time()
+            t_check = time.time()
             initial, init_state, step, spent = self._relative_mse(q_block), clone_state(q_block), 0, 0.0
-            self._pass_seconds = time.time() - t_pass  # one forward pass of the block over every window
+            self._check_seconds = time.time() - t_check  # the error measured once (before; again after)
         trainer = _BlockTrainer(q_block, self.m, self._view(q_block))
         if current is not None and current["block"] == i:
             trainer.load(current["trainer"])
-        per_epoch = len(self._batches())
+        per_epoch = math.ceil(self._n_train / self.m.batch_size)
         total = self.state.get("steps_per_block") or self.m.epochs * per_epoch
         probing = self.m.time_budget is not None and "steps_per_block" not in self.state
         bar = tqdm(total=total, initial=step, desc=f"Block-AP {i + 1}/{len(self.q_layers)}", unit="step",
@@ -362,13 +378,13 @@ class _Run:
         self._finish_block(i, initial, init_state, total, spent, t0)
 
     def _fit_time_budget(self, total: int, step_seconds: float) -> int:
-        """Steps per block that fit ``time_budget`` over all blocks, from the measured seconds per step and
-        per forward pass over the windows (each block runs four: targets, error before and after, the
-        quantized stream)."""
+        """Steps per block that fit ``time_budget`` over all blocks, from the measured seconds per step, per
+        forward pass over the windows (two a block: targets, the quantized stream) and per error measure
+        (two: before and after; on ``check_windows`` alone when set)."""
         blocks = len(self.q_layers)
         per_block = self.m.time_budget / blocks
         step_seconds = max(step_seconds, 1e-6)
-        overhead = 4.0 * getattr(self, "_pass_seconds", 0.0)
+        overhead = 2.0 * getattr(self, "_pass_seconds", 0.0) + 2.0 * getattr(self, "_check_seconds", 0.0)
         fitted = max(PROBE_STEPS, min(total, int((per_block - overhead) / step_seconds)))
         self.state["steps_per_block"] = fitted
         self.state["step_seconds_measured"] = round(step_seconds, 4)

@@ -20,7 +20,7 @@ DTYPES = ("auto", "fp32", "bf16")
 FIRST_TOKENS = ("random", "bos")
 
 # Settings that may differ between a run and its --resume: they do not change the trained model.
-RESUME_MAY_CHANGE = frozenset({"save_every", "log_every", "keep_checkpoint"})
+RESUME_MAY_CHANGE = frozenset({"save_every", "log_every", "keep_checkpoint", "eval_every", "eval_text", "eval_every_tokens"})
 
 # option groups of ``lowbit train``, in the order they are shown (field metadata "group")
 DATA, QUANT, OPTIM, GENERATION, RUN = (
@@ -128,6 +128,15 @@ class TrainConfig:
     save_every: int = field(default=50, metadata=_positive("checkpoint every N steps (and at the end)", RUN))
     log_every: int = field(default=1, metadata=_positive("metrics.jsonl line every N steps", RUN))
     keep_checkpoint: bool = field(default=False, metadata=_opt("keep checkpoint.pt after the run finishes", RUN))
+    eval_every: int | None = field(
+        default=None,
+        metadata=_positive("also score the student every N steps (and at the end) on --eval-text: KL to the teacher "
+                           "per token, perplexity, top-1, one line per score in eval.jsonl (the held-out curve)", RUN),
+    )
+    eval_text: str = field(default="wiki-eval", metadata=_opt("held-out text of --eval-every (a name or a file)", RUN))
+    eval_every_tokens: int = field(
+        default=4096, metadata=_positive("tokens of --eval-text scored each time (windows of 512)", RUN)
+    )
 
     def __post_init__(self):
         if isinstance(self.quant, dict):
@@ -182,6 +191,10 @@ class TrainConfig:
             )
         if self.data_free is not None and self.data_free < self.seq_len:
             raise LowbitError(f"--data-free {self.data_free} is less than one window of seq-len {self.seq_len} tokens")
+        if self.eval_every is not None and (not isinstance(self.eval_every, int) or self.eval_every < 1):
+            raise LowbitError(f"eval-every must be a positive number of steps, got {self.eval_every!r}")
+        if self.eval_every is not None and self.fsdp:
+            raise LowbitError("--eval-every scores the whole student on one process, which --fsdp shards: drop one")
         if self.init not in INITS and not is_quantized_dir(self.init):
             raise LowbitError(f"--init must be rtn, gptq or a lowbit quantized folder, got {self.init!r}")
 

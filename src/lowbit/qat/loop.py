@@ -331,11 +331,12 @@ def _start_training(cfg, ctx, teacher, tokenizer, checkpoint: dict | None, progr
     return training
 
 
-def _train_logged(cfg, out, ctx, training: _Training, teacher, windows, data_record, progress) -> float:
+def _train_logged(cfg, out, ctx, training: _Training, teacher, windows, data_record, progress, tokenizer=None) -> float:
     """:func:`optimize` with metrics appended to ``metrics.jsonl`` (rank 0) and checkpoints saved;
     a NaN/inf loss stops it with the last checkpoint untouched."""
     metrics_file = open(out / METRICS, "a") if ctx.is_main else None
     saved_step = training.start_step if (out / CHECKPOINT).is_file() else None
+    scorer = _HeldOut(cfg, out, teacher, tokenizer, training.start_step) if cfg.eval_every and ctx.is_main else None
 
     def on_log(row):
         if metrics_file is not None:
@@ -344,6 +345,8 @@ def _train_logged(cfg, out, ctx, training: _Training, teacher, windows, data_rec
 
     def on_step(step, elapsed):
         nonlocal saved_step
+        if scorer is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+            scorer(training.student, step, elapsed)
         if step % cfg.save_every == 0 or step == cfg.steps:
             t = training
             if not _weights_finite(t.student, ctx):
@@ -379,6 +382,37 @@ def _train_logged(cfg, out, ctx, training: _Training, teacher, windows, data_rec
             metrics_file.close()
 
 
+EVAL_CURVE = "eval.jsonl"
+
+
+class _HeldOut:
+    """``--eval-every``: the student scored on held-out windows against the teacher's cached log-probs,
+    one line per score in ``eval.jsonl`` (lines after the resumed step are dropped and replayed)."""
+
+    def __init__(self, cfg: TrainConfig, out: Path, teacher: nn.Module, tokenizer, start_step: int):
+        from lowbit.data import get_text, tokenize_windows, tokenizer_adds_bos
+        from lowbit.evaluation import cache_reference
+
+        windows = tokenize_windows(tokenizer, get_text(cfg.eval_text), min(512, cfg.seq_len),
+                                   max_tokens=cfg.eval_every_tokens, bos=tokenizer_adds_bos(tokenizer))  # fmt: skip
+        self.windows = windows.to(next(teacher.parameters()).device)
+        self.reference = cache_reference(teacher, self.windows, batch_size=4, progress=False)
+        self.tokens_per_step = cfg.global_batch * cfg.seq_len
+        self.path = out / EVAL_CURVE
+        truncate_metrics(self.path, start_step)
+
+    def __call__(self, student: nn.Module, step: int, elapsed: float) -> None:
+        from lowbit.evaluation import evaluate
+
+        q = evaluate(student, self.windows, reference=self.reference, progress=False)
+        student.train()
+        row = {"step": step, "tokens": step * self.tokens_per_step, "elapsed": round(elapsed, 1),
+               "eval_kl": q["kl_to_reference"], "eval_perplexity": q["perplexity"],
+               "eval_top1": q["top1_agreement"], "eval_tokens": q["tokens"]}  # fmt: skip
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
 def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> TrainRun:
     """Run (or resume) QAT as ``cfg`` says, in the folder ``cfg.out``: the quantized model,
     ``metrics.jsonl``, ``loss.png``, ``train_config.json`` and ``train_result.json``.
@@ -410,7 +444,7 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> TrainR
             write_run_config(out, cfg, data_record, ctx.world)
         truncate_metrics(out / METRICS, training.start_step)
     ctx.barrier()
-    elapsed = _train_logged(cfg, out, ctx, training, teacher, windows, data_record, progress)
+    elapsed = _train_logged(cfg, out, ctx, training, teacher, windows, data_record, progress, tokenizer)
     return finish(cfg, out, ctx, training.student, teacher, tokenizer, data_record, elapsed, training.start_step)
 
 
