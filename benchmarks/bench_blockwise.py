@@ -142,6 +142,8 @@ def stage_e2e(args, work: Path, score) -> tuple[dict, list]:
         for point in curve:
             if point["step"] in by_step:
                 point.update(tokens=by_step[point["step"]]["tokens"], eval_kl=by_step[point["step"]]["eval_kl"])
+        if 0 in by_step:  # the start point, scored before the first step
+            curve.insert(0, {"step": 0, "tokens": 0, "eval_kl": by_step[0]["eval_kl"]})
     return {"stage": "e2e", **score(model), "seconds": result.get("train_seconds"),
             "tokens": result.get("train_tokens"), "steps": args.e2e_steps, "lr": args.e2e_lr,
             "params": args.e2e_params, "batch": args.e2e_batch, "device": "cuda" if torch.cuda.is_available() else "cpu"}, curve  # fmt: skip
@@ -291,6 +293,7 @@ def main() -> None:
     p.add_argument("--work", default=None, help="stage folders (default runs/blockwise-B)")
     p.add_argument("--out", default="benchmarks/results/blockwise.json")
     p.add_argument("--md", default="benchmarks/results/blockwise.md")
+    p.add_argument("--tag", default=None, help="suffix of this run's key in the results (beside other runs at the same bits)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -303,7 +306,7 @@ def main() -> None:
 
         args.bits = parse_bits(args.bits)
     name = f"{args.budget_bpw:g}" if args.bits is None else f"{args.bits:g}b-g{args.group_size or 'channel'}"
-    key = f"{name}{'-rot' if args.rotate else ''}"
+    key = f"{name}{'-rot' if args.rotate else ''}{'-' + args.tag if args.tag else ''}"
     work = Path(args.work or f"runs/blockwise-{key}")
     work.mkdir(parents=True, exist_ok=True)
     fp, tokenizer, _ = load(args.model)

@@ -639,7 +639,7 @@ def test_eval_every_writes_a_held_out_curve_that_survives_a_kill(tiny_model_dir,
     unbroken = tmp_path / "unbroken"
     qat.run(_cfg(tiny_model_dir, sample_text_file, unbroken, **kw), progress=False)
     rows = [json.loads(line) for line in (unbroken / qat.loop.EVAL_CURVE).read_text().splitlines()]
-    assert [r["step"] for r in rows] == [3, 6, 8] and [r["tokens"] for r in rows] == [3 * 128, 6 * 128, 8 * 128]
+    assert [r["step"] for r in rows] == [0, 3, 6, 8] and [r["tokens"] for r in rows] == [0, 3 * 128, 6 * 128, 8 * 128]
     assert all(r["eval_kl"] > 0 and r["eval_tokens"] > 0 for r in rows) and rows[0]["eval_kl"] != rows[-1]["eval_kl"]
     # the last score is the saved student's KL to the teacher on the same held-out windows (up to the
     # step sizes' fp16 rounding for storage)

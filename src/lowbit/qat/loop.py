@@ -337,6 +337,8 @@ def _train_logged(cfg, out, ctx, training: _Training, teacher, windows, data_rec
     metrics_file = open(out / METRICS, "a") if ctx.is_main else None
     saved_step = training.start_step if (out / CHECKPOINT).is_file() else None
     scorer = _HeldOut(cfg, out, teacher, tokenizer, training.start_step) if cfg.eval_every and ctx.is_main else None
+    if scorer is not None:
+        scorer.start(training.student, training.start_step)
 
     def on_log(row):
         if metrics_file is not None:
@@ -400,6 +402,11 @@ class _HeldOut:
         self.tokens_per_step = cfg.global_batch * cfg.seq_len
         self.path = out / EVAL_CURVE
         truncate_metrics(self.path, start_step)
+
+    def start(self, student: nn.Module, step: int) -> None:
+        """The first point of the curve: the student before its first step (a fresh run only)."""
+        if step == 0:
+            self(student, 0, 0.0)
 
     def __call__(self, student: nn.Module, step: int, elapsed: float) -> None:
         from lowbit.evaluation import evaluate
