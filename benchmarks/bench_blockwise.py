@@ -238,7 +238,7 @@ def write_plot(path: Path, results: dict) -> None:
             x = [b["block"] for b in blocks]
             line = ax2.plot(x, [b["mse_initial"] for b in blocks], linestyle="--")[0]
             ax2.plot(x, [b["mse_final"] for b in blocks], color=line.get_color(), label=key)
-        held = [c for c in rec.get("e2e_curve", []) if "eval_kl" in c]
+        held = [c for c in rec.get("e2e_curve", []) if "eval_kl" in c and c["tokens"] > 0]
         if held:
             line = ax3.plot([c["tokens"] for c in held], [c["eval_kl"] for c in held], marker="o", label=key)[0]
             fit = rec.get("extrapolation")
