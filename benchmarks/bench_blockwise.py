@@ -208,7 +208,7 @@ def write_markdown(path: Path, results: dict) -> None:
             )
         held = [c for c in rec.get("e2e_curve", []) if "eval_kl" in c]
         if held:
-            lines += ["", "End-to-end held-out curve (KL on the first 4,096 held-out tokens, tokens trained -> KL): "
+            lines += ["", "End-to-end held-out curve (KL on the first 4,096 held-out tokens in windows of the training length, tokens trained -> KL): "
                       + ", ".join(f"{c['tokens']:,} -> {c['eval_kl']:.3f}" for c in held)]  # fmt: skip
             fit = rec.get("extrapolation")
             if fit:

@@ -135,7 +135,7 @@ class TrainConfig:
     )
     eval_text: str = field(default="wiki-eval", metadata=_opt("held-out text of --eval-every (a name or a file)", RUN))
     eval_every_tokens: int = field(
-        default=4096, metadata=_positive("tokens of --eval-text scored each time (windows of 512)", RUN)
+        default=4096, metadata=_positive("tokens of --eval-text scored each time (in windows of --seq-len, at most 512)", RUN)
     )
 
     def __post_init__(self):
