@@ -212,7 +212,9 @@ def write_markdown(path: Path, results: dict) -> None:
                       + ", ".join(f"{c['tokens']:,} -> {c['eval_kl']:.3f}" for c in held)]  # fmt: skip
             fit = rec.get("extrapolation")
             if fit:
-                lines += ["", fit["text"]]
+                lines += ["", fit["text"] + " The end-to-end runs decay the learning rate on a cosine schedule, so the "
+                          "curve's tail flattens partly by design and the fit overstates the tokens needed; a "
+                          "constant-rate run would be the honest basis for an extrapolation."]  # fmt: skip
         curve = rec.get("blocks", [])
         if curve:
             lines += ["", "Block-AP relative MSE per block (before -> after): " + ", ".join(

@@ -8,8 +8,11 @@ Stages, in order, each only when it applies (docs/methods.md, "Auto"):
 2. **byte-budget plan + GPTQ** (:class:`lowbit.planner.Budget`): minutes;
 3. **Block-AP** (:class:`lowbit.blockwise.BlockAP`) with 60% of what is left of ``time_budget``: each
    decoder block trained to reproduce the full-precision block, steps per block cut to fit;
-4. **end to end** (EfficientQAT's E2E-QP, :func:`lowbit.qat.train` with ``train_params="scales"``) in the
-   rest: KL distillation from the full-precision model, step sizes only.
+4. **end to end** (:func:`lowbit.qat.train`) in the rest: KL distillation from the full-precision model on
+   all weights and step sizes (ParetoQ's rates). EfficientQAT's E2E-QP trains the step sizes only; on the
+   default model all weights did better in less time (3.5 bits/weight after Block-AP: KL 0.444 -> 0.402 in
+   60 steps, against 0.428 after 80 steps of step sizes; ternary g64 from GPTQ: 3.21 -> 2.82, where step
+   sizes alone did not move it; benchmarks/results/blockwise.md).
 
 Without ``time_budget`` the pipeline stops after stage 2 (post-training only). The report records each
 stage's seconds and tokens, and what was skipped and why.
@@ -32,8 +35,8 @@ from lowbit.surgery import QuantConfig
 
 MIN_BLOCKAP_SECONDS = 120.0  # below this, Block-AP's measured step and stream passes leave too few steps to help
 MIN_E2E_SECONDS = 60.0
-E2E_SHARE = 0.4  # of the time left after the plan and GPTQ: end-to-end step sizes (Block-AP gets the rest)
-E2E_LR, E2E_BATCH, E2E_SEQ_LEN = 2e-5, 8, 256  # EfficientQAT's E2E-QP step-size rate; 2,048 tokens a step
+E2E_SHARE = 0.4  # of the time left after the plan and GPTQ: end to end (Block-AP gets the rest)
+E2E_BATCH, E2E_SEQ_LEN = 8, 256  # 2,048 tokens a step; rates: ParetoQ's for the model's default bits
 
 
 @register_method
@@ -110,14 +113,15 @@ class Auto:
         return {"stages": stages, "skipped": skipped, "plan": plan, "seconds": round(time.time() - t0, 1)}
 
     def _e2e(self, model: nn.Module, fp: nn.Module, tokenizer, left: float, progress: bool) -> dict:
-        """EfficientQAT's end-to-end phase: KL distillation from ``fp`` on the step sizes only, as many
-        steps as fit in ``left`` seconds (timed on two probe steps, which also train)."""
+        """The end-to-end phase: KL distillation from ``fp`` on all weights and step sizes, as many steps as
+        fit in ``left`` seconds (timed on two probe steps, which also train)."""
         from lowbit.qat import train
+        from lowbit.qat.config import default_lr
 
         start = time.time()
         config = dataclasses.replace(model.lowbit_config, rotate=False, rotation_steps=0)  # rotated already
-        settings = dict(data=self.calib, seq_len=min(E2E_SEQ_LEN, self.seq_len), teacher=fp, train_params="scales",
-                        lr=E2E_LR, scale_lr=E2E_LR, batch_size=E2E_BATCH)  # fmt: skip
+        settings = dict(data=self.calib, seq_len=min(E2E_SEQ_LEN, self.seq_len), teacher=fp, train_params="all",
+                        lr=default_lr(config.bits), batch_size=E2E_BATCH)  # fmt: skip
         probe = train(model, config, tokenizer, steps=2, warmup=0, progress=False, **settings)
         step_seconds = (time.time() - start) / 2
         steps = int((left - (time.time() - start)) / step_seconds)
