@@ -101,7 +101,7 @@ def stage_blockap(args, work: Path, fp, score) -> tuple[dict, list]:
             rotate_model_(reference)
         t0 = time.time()
         model.to(args.device)
-        reference = reference.to(args.device) if reference is not fp else copy.deepcopy(fp).to(args.device)
+        reference.to(args.device)  # fp (or its rotated copy) is not used after this stage
         report = method.apply(model, model.lowbit_config, tokenizer, progress=not args.quiet, reference=reference)
         model.to("cpu")
         seconds = sum(b["seconds"] for b in report["blocks"])

@@ -308,11 +308,11 @@ class _Run:
             stream[rows] = _block_output(block, stream[rows], self.kwargs[key][rows.stop - rows.start])
 
     @torch.no_grad()
-    def _relative_mse(self, block: nn.Module) -> float:
-        """sum (v(q_block(x_q)) - v(y))^2 / sum v(y)^2 over every calibration window, v the objective's view
-        of a block output (the next norm for ``loss="normed"``, the identity for ``"mse"``)."""
+    def _relative_mse(self, i: int) -> float:
+        """sum (v(q_block(x_q)) - v(y))^2 / sum v(y)^2 over the check windows (every window without them) for
+        block ``i``, v the objective's view of a block output (:meth:`_view`)."""
         err = energy = 0.0
-        view = self._view(block)
+        block, view = self.q_layers[i], self._view(i)
         for rows in self._batches(self._n_train if self.m.check_windows else 0):
             y = view(self.streams.fp[rows])
             out = view(_block_output(block, self.streams.q[rows], self.kwargs["q"][rows.stop - rows.start]))
@@ -320,12 +320,10 @@ class _Run:
             energy += y.double().pow(2).sum().item()
         return err / max(energy, 1e-30)
 
-    def _view(self, block: nn.Module):
-        """How the objective sees block ``i``'s output: through the full-precision model's next norm."""
-        if self.m.loss == "mse":
-            return _identity
-        i = next(k for k, layer in enumerate(self.q_layers) if layer is block)
-        return _next_norm(self.fp, self.fp_layers, i)
+    def _view(self, i: int):
+        """How the objective sees block ``i``'s output: as it is (``loss="mse"``) or through the
+        full-precision model's next norm (``"normed"``)."""
+        return _identity if self.m.loss == "mse" else _next_norm(self.fp, self.fp_layers, i)
 
     # one block -----------------------------------------------------------------------------------
     def _order(self, block: int, epoch: int) -> list[torch.Tensor]:
@@ -345,9 +343,9 @@ class _Run:
             initial, init_state, step, spent = current["mse_initial"], current["initial_state"], current["step"], current["seconds"]
         else:
             t_check = time.time()
-            initial, init_state, step, spent = self._relative_mse(q_block), clone_state(q_block), 0, 0.0
+            initial, init_state, step, spent = self._relative_mse(i), clone_state(q_block), 0, 0.0
             self._check_seconds = time.time() - t_check  # the error measured once (before; again after)
-        trainer = _BlockTrainer(q_block, self.m, self._view(q_block))
+        trainer = _BlockTrainer(q_block, self.m, self._view(i))
         if current is not None and current["block"] == i:
             trainer.load(current["trainer"])
         per_epoch = math.ceil(self._n_train / self.m.batch_size)
@@ -402,12 +400,12 @@ class _Run:
     def _finish_block(self, i: int, initial: float, init_state: dict, steps: int, spent: float, t0: float) -> None:
         """Measure the snapped block, put its start back if training made it worse, advance the q stream."""
         q_block = self.q_layers[i]
-        final = self._relative_mse(q_block)
+        final = self._relative_mse(i)
         reverted = final > initial
         if reverted:
             q_block.load_state_dict(init_state)
             _snap_block_(q_block)
-            final = self._relative_mse(q_block)
+            final = self._relative_mse(i)
         with torch.no_grad():
             self._forward_in_place(q_block, "q")
         seconds = spent + time.time() - t0

@@ -331,7 +331,7 @@ def _start_training(cfg, ctx, teacher, tokenizer, checkpoint: dict | None, progr
     return training
 
 
-def _train_logged(cfg, out, ctx, training: _Training, teacher, windows, data_record, progress, tokenizer=None) -> float:
+def _train_logged(cfg, out, ctx, training: _Training, teacher, tokenizer, windows, data_record, progress) -> float:
     """:func:`optimize` with metrics appended to ``metrics.jsonl`` (rank 0) and checkpoints saved;
     a NaN/inf loss stops it with the last checkpoint untouched."""
     metrics_file = open(out / METRICS, "a") if ctx.is_main else None
@@ -451,7 +451,7 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> TrainR
             write_run_config(out, cfg, data_record, ctx.world)
         truncate_metrics(out / METRICS, training.start_step)
     ctx.barrier()
-    elapsed = _train_logged(cfg, out, ctx, training, teacher, windows, data_record, progress, tokenizer)
+    elapsed = _train_logged(cfg, out, ctx, training, teacher, tokenizer, windows, data_record, progress)
     return finish(cfg, out, ctx, training.student, teacher, tokenizer, data_record, elapsed, training.start_step)
 
 
