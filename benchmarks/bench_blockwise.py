@@ -130,7 +130,8 @@ def stage_e2e(args, work: Path, score) -> tuple[dict, list]:
     cfg = TrainConfig(out=str(work / "e2e"), quant=QuantConfig(**quant), steps=args.e2e_steps, model=args.model,
                       data=args.train_text, init=str(init), train_params=args.e2e_params, lr=args.e2e_lr,
                       scale_lr=args.e2e_scale_lr or args.e2e_lr, batch_size=args.e2e_batch, seq_len=256,
-                      warmup=min(10, args.e2e_steps - 1), eval_every=args.e2e_eval_every, eval_text=args.data)  # fmt: skip
+                      warmup=min(10, args.e2e_steps - 1), schedule=args.e2e_schedule, eval_every=args.e2e_eval_every,
+                      eval_text=args.data)  # fmt: skip
     resume = (work / "e2e" / "checkpoint.pt").exists() or (work / "e2e" / "lowbit.json").exists()
     result = run(cfg, resume=resume, progress=not args.quiet).result
     model = load(str(work / "e2e"))[0]
@@ -145,7 +146,7 @@ def stage_e2e(args, work: Path, score) -> tuple[dict, list]:
         if 0 in by_step:  # the start point, scored before the first step
             curve.insert(0, {"step": 0, "tokens": 0, "eval_kl": by_step[0]["eval_kl"]})
     return {"stage": "e2e", **score(model), "seconds": result.get("train_seconds"),
-            "tokens": result.get("train_tokens"), "steps": args.e2e_steps, "lr": args.e2e_lr,
+            "tokens": result.get("train_tokens"), "steps": args.e2e_steps, "lr": args.e2e_lr, "schedule": args.e2e_schedule,
             "params": args.e2e_params, "batch": args.e2e_batch, "device": "cuda" if torch.cuda.is_available() else "cpu"}, curve  # fmt: skip
 
 
@@ -211,10 +212,15 @@ def write_markdown(path: Path, results: dict) -> None:
             lines += ["", "End-to-end held-out curve (KL on the first 4,096 held-out tokens in windows of the training length, tokens trained -> KL): "
                       + ", ".join(f"{c['tokens']:,} -> {c['eval_kl']:.3f}" for c in held)]  # fmt: skip
             fit = rec.get("extrapolation")
-            if fit:
-                lines += ["", fit["text"] + " The end-to-end runs decay the learning rate on a cosine schedule, so the "
+            e2e = next((s for s in rec["stages"] if s["stage"] == "e2e"), {})
+            if fit and e2e.get("schedule", "cosine") == "cosine":
+                lines += ["", fit["text"] + " This run decays the learning rate on a cosine schedule, so the "
                           "curve's tail flattens partly by design and the fit overstates the tokens needed; a "
-                          "constant-rate run would be the honest basis for an extrapolation."]  # fmt: skip
+                          "constant-rate run (`--e2e-schedule constant`) is the honest basis for an extrapolation."]  # fmt: skip
+            elif fit:
+                lines += ["", fit["text"] + " Constant learning rate after a 10-step warm-up: the curve is not bent "
+                          "by a schedule. A power law without a floor is the optimistic reading (a KL floor above "
+                          "the target would make it unreachable at any token count)."]  # fmt: skip
         curve = rec.get("blocks", [])
         if curve:
             lines += ["", "Block-AP relative MSE per block (before -> after): " + ", ".join(
@@ -287,6 +293,8 @@ def main() -> None:
     p.add_argument("--e2e-scale-lr", type=float, default=None, help="step-size lr with --e2e-params all (default --e2e-lr)")
     p.add_argument("--e2e-batch", type=int, default=8, help="end to end: windows of 256 tokens per step")
     p.add_argument("--no-blockap", action="store_true", help="end to end straight from the start point")
+    p.add_argument("--e2e-schedule", default="cosine", choices=("cosine", "constant"),
+                   help="end-to-end lr after warm-up; constant gives a curve that can be extrapolated")
     p.add_argument("--e2e-eval-every", type=int, default=None, help="score the held-out text every N e2e steps")
     p.add_argument("--train-text", default="wiki-train", help="calibration and training text (a name or a file)")
     p.add_argument("--device", default="cpu", help="Block-AP's device (cpu, cuda); lowbit train picks the GPU itself")

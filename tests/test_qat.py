@@ -20,7 +20,7 @@ from lowbit import qat
 from lowbit.cli import UsageError, main
 from lowbit.errors import LowbitError
 from lowbit.io import load_quantized, save_quantized
-from lowbit.qat import TrainConfig, distillation_loss, lr_multiplier, param_groups, step_indices
+from lowbit.qat import TrainConfig, distillation_loss, lr_multiplier, make_optimizer, param_groups, step_indices
 from lowbit.surgery import QuantConfig, quantize_model, quantized_modules
 
 
@@ -85,6 +85,26 @@ def test_lr_warmup_then_cosine_to_zero():
     assert mult[4] == pytest.approx(1.0)
     assert all(a >= b for a, b in itertools.pairwise(mult[4:]))
     assert mult[steps] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_lr_constant_schedule_holds_the_rate_after_warmup():
+    steps, warmup = 20, 4
+    mult = [lr_multiplier(s, warmup, steps, "constant") for s in range(steps + 1)]
+    assert mult[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert mult[4:] == pytest.approx([1.0] * (steps - 3))
+
+
+def test_schedule_is_validated_and_reaches_the_optimizer(tiny_model):
+    with pytest.raises(LowbitError, match="schedule"):
+        TrainConfig(out="o", quant=QuantConfig(bits=2), data="wiki-train", steps=4, schedule="linear")
+    cfg = TrainConfig(out="o", quant=QuantConfig(bits=2), data="wiki-train", steps=4, warmup=1, lr=1e-3, schedule="constant")
+    optimizer, scheduler = make_optimizer(tiny_model, cfg)
+    rates = []
+    for _ in range(4):
+        optimizer.step()
+        scheduler.step()
+        rates.append(optimizer.param_groups[0]["lr"])
+    assert rates == pytest.approx([1e-3] * 4)
 
 
 def test_data_order_is_a_function_of_seed_and_step():

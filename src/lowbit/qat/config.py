@@ -15,6 +15,7 @@ from lowbit.options import parse_positive_int
 from lowbit.surgery import QuantConfig
 
 LOSSES = ("kl", "ce", "mix")
+SCHEDULES = ("cosine", "constant")
 INITS = ("rtn", "gptq")
 DTYPES = ("auto", "fp32", "bf16")
 FIRST_TOKENS = ("random", "bos")
@@ -97,6 +98,11 @@ class TrainConfig:
     warmup: int = field(
         default=0, metadata=_opt("linear warm-up steps before the cosine decay", OPTIM, show_default=True)
     )
+    schedule: str = field(
+        default="cosine",
+        metadata=_opt("learning rate after the warm-up: cosine (decay to zero at the last step) or constant (a curve "
+                      "that can be extrapolated or continued)", OPTIM, choices=SCHEDULES, show_default=True),
+    )  # fmt: skip
     grad_clip: float = field(default=1.0, metadata=_opt("max gradient norm (0: off)", OPTIM))
     loss: str = field(
         default="kl",
@@ -165,6 +171,8 @@ class TrainConfig:
             raise LowbitError(f"warmup must be in [0, steps) = [0, {self.steps}), got {self.warmup}")
         if self.loss not in LOSSES:
             raise LowbitError(f"unknown loss {self.loss!r}: choose one of {', '.join(LOSSES)}")
+        if self.schedule not in SCHEDULES:
+            raise LowbitError(f"unknown schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
         if not 0.0 <= self.kl_weight <= 1.0:
             raise LowbitError(f"kl-weight must be in [0, 1], got {self.kl_weight}")
         for name in ("lr", "scale_lr", "weight_decay", "grad_clip", "kl_weight"):

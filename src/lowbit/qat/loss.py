@@ -19,10 +19,13 @@ if TYPE_CHECKING:
     from lowbit.qat.config import TrainConfig
 
 
-def lr_multiplier(step: int, warmup: int, steps: int) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine decay to zero at ``steps``."""
+def lr_multiplier(step: int, warmup: int, steps: int, schedule: str = "cosine") -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to zero at ``steps`` (``schedule="cosine"``)
+    or the full rate to the end (``"constant"``: a run whose loss curve can be extrapolated, or continued)."""
     if step < warmup:
         return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
     progress = (step - warmup) / max(1, steps - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
@@ -92,12 +95,13 @@ def param_groups(model: nn.Module, lr: float, scale_lr: float, weight_decay: flo
 
 
 def make_optimizer(student: nn.Module, cfg: TrainConfig):
-    """AdamW over :func:`param_groups` and its warm-up + cosine schedule (per optimizer step). With
+    """AdamW over :func:`param_groups` and its warm-up + cosine (or constant) schedule (per optimizer step). With
     ``cfg.train_params == "scales"`` everything but the quantizers' step sizes is frozen first."""
     if cfg.train_params == "scales":
         for name, p in student.named_parameters():
             if not name.endswith("quantizer.alpha"):
                 p.requires_grad_(False)
     optimizer = torch.optim.AdamW(param_groups(student, cfg.lr, cfg.scale_lr, cfg.weight_decay), betas=(0.9, 0.95))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, cfg.warmup, cfg.steps))
+    multiplier = lambda s: lr_multiplier(s, cfg.warmup, cfg.steps, cfg.schedule)  # noqa: E731
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
     return optimizer, scheduler
