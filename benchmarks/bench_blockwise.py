@@ -157,27 +157,50 @@ def target_kl(args) -> float | None:
     return 1.5 if args.budget_bpw <= 2.5 else 0.35 if args.budget_bpw <= 3.5 else None
 
 
-def extrapolate(curve: list[dict], target: float | None) -> dict | None:
-    """Tokens until the held-out KL reaches ``target``, from a power law KL = a * tokens^-b fitted (least
-    squares in log-log) to the end-to-end curve's last half; None without a target or two points."""
+def _power_law(points: list[tuple[float, float]], floor: float = 0.0) -> tuple[float, float, float]:
+    """(a, b, squared error) of KL = floor + a * tokens^-b, least squares in log-log on KL - floor."""
     import math
 
-    points = [(c["tokens"], c["eval_kl"]) for c in curve if "eval_kl" in c and c["tokens"] > 0]
-    points = points[len(points) // 2 :] if len(points) >= 4 else points
-    if target is None or len(points) < 2:
-        return None
-    xs, ys = [math.log(t) for t, _ in points], [math.log(k) for _, k in points]
+    xs, ys = [math.log(t) for t, _ in points], [math.log(k - floor) for _, k in points]
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / max(sum((x - mx) ** 2 for x in xs), 1e-12)
     a, b = math.exp(my - slope * mx), -slope
-    fit = {"target": target, "a": a, "b": b, "points": len(points)}
+    return a, b, sum((floor + a * t**-b - k) ** 2 for t, k in points)
+
+
+def extrapolate(curve: list[dict], target: float | None, scale: float = 1.0) -> dict | None:
+    """Tokens until the held-out KL reaches ``target``, read off the end-to-end curve (``eval_kl`` per
+    ``tokens``, on the short in-training measure, times ``scale``: the final measure's KL over the
+    curve's last point, so that the curve is on the target's measure). Two fits: a power law
+    KL = a * tokens^-b on the curve's last half (no floor), and KL = c + a *
+    tokens^-b on all of it (c, the floor, by grid search: when c >= target no token count reaches it).
+    The two readings can differ by orders of magnitude on a short, noisy curve: read them as a range.
+    None without a target or two points."""
+    points = [(c["tokens"], c["eval_kl"] * scale) for c in curve if "eval_kl" in c and c["tokens"] > 0]
+    if target is None or len(points) < 2:
+        return None
+    tail = points[len(points) // 2 :] if len(points) >= 4 else points
+    a, b, _ = _power_law(tail)
+    fit = {"target": target, "scale": scale, "a": a, "b": b, "points": len(tail)}
     if b <= 0:
-        fit["text"] = f"The held-out KL did not fall over the last {len(points)} points: no extrapolation to {target}."
+        fit["text"] = f"The held-out KL did not fall over the last {len(tail)} points: no extrapolation to {target}."
         return fit
     fit["tokens_to_target"] = (a / target) ** (1 / b)
-    fit["text"] = (f"Power law fitted to the last {len(points)} points: KL = {a:.3g} x tokens^-{b:.3f}; it reaches "
-                   f"the target {target} after ~{fit['tokens_to_target']:.3g} end-to-end tokens (an extrapolation "
-                   "far outside the measured range when that is much more than the last point).")  # fmt: skip
+    fit["text"] = (f"Power law fitted to the last {len(tail)} points of the curve (times {scale:.3f}, the final "
+                   f"measure's ratio to the curve's at its last point): KL = {a:.3g} x tokens^-{b:.3f}; it reaches "
+                   f"the target {target} after ~{fit['tokens_to_target']:.3g} end-to-end tokens (no floor).")  # fmt: skip
+    if len(points) >= 4:
+        low = min(k for _, k in points)
+        best = min((_power_law(points, low * i / 200) + (low * i / 200,) for i in range(200)), key=lambda f: f[2])
+        fa, fb, _, floor = best
+        fit["floor"] = {"c": floor, "a": fa, "b": fb, "points": len(points)}
+        if floor >= target or fb <= 0:
+            fit["text"] += (f" With a floor (KL = c + a x tokens^-b on all {len(points)} points): c = {floor:.3f}, "
+                            f"at or above the target: this recipe would not reach {target} at any token count.")  # fmt: skip
+        else:
+            fit["floor"]["tokens_to_target"] = (fa / (target - floor)) ** (1 / fb)
+            fit["text"] += (f" With a floor (KL = c + a x tokens^-b on all {len(points)} points): c = {floor:.3f}, "
+                            f"target after ~{fit['floor']['tokens_to_target']:.3g} tokens.")  # fmt: skip
     return fit
 
 
@@ -219,8 +242,7 @@ def write_markdown(path: Path, results: dict) -> None:
                           "constant-rate run (`--e2e-schedule constant`) is the honest basis for an extrapolation."]  # fmt: skip
             elif fit:
                 lines += ["", fit["text"] + " Constant learning rate after a 10-step warm-up: the curve is not bent "
-                          "by a schedule. A power law without a floor is the optimistic reading (a KL floor above "
-                          "the target would make it unreachable at any token count)."]  # fmt: skip
+                          "by a schedule; the two fits are a range, not an estimate to trust to the digit."]  # fmt: skip
         curve = rec.get("blocks", [])
         if curve:
             lines += ["", "Block-AP relative MSE per block (before -> after): " + ", ".join(
@@ -346,7 +368,9 @@ def main() -> None:
         save()
     if args.e2e_steps:
         stage, rec["e2e_curve"] = stage_e2e(args, work, score)
-        rec["extrapolation"] = extrapolate(rec["e2e_curve"], target_kl(args))
+        last = next((c for c in reversed(rec["e2e_curve"]) if "eval_kl" in c), None)
+        scale = stage["kl_to_reference"] / last["eval_kl"] if last else 1.0
+        rec["extrapolation"] = extrapolate(rec["e2e_curve"], target_kl(args), scale)
         rec["stages"].append(stage)
         print(json.dumps(stage), flush=True)
         save()
