@@ -157,6 +157,15 @@ def target_kl(args) -> float | None:
     return 1.5 if args.budget_bpw <= 2.5 else 0.35 if args.budget_bpw <= 3.5 else None
 
 
+def fit_record(rec: dict, target: float | None) -> dict | None:
+    """The extrapolation of one run's end-to-end curve, on the final measure (see :func:`extrapolate`)."""
+    curve, e2e = rec.get("e2e_curve", []), next((s for s in rec["stages"] if s["stage"] == "e2e"), None)
+    last = next((c for c in reversed(curve) if "eval_kl" in c), None)
+    if e2e is None or last is None:
+        return None
+    return extrapolate(curve, target, e2e["kl_to_reference"] / last["eval_kl"])
+
+
 def _power_law(points: list[tuple[float, float]], floor: float = 0.0) -> tuple[float, float, float]:
     """(a, b, squared error) of KL = floor + a * tokens^-b, least squares in log-log on KL - floor."""
     import math
@@ -298,7 +307,7 @@ def write_plot(path: Path, results: dict) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
-    what = p.add_mutually_exclusive_group(required=True)
+    what = p.add_mutually_exclusive_group()
     what.add_argument("--budget-bpw", type=float, help="start from the byte-budget planner + GPTQ")
     what.add_argument("--bits", help="start from GPTQ on one grid instead (e.g. ternary)")
     p.add_argument("--group-size", type=int, default=None, help="with --bits: inputs per scale (default per channel)")
@@ -327,7 +336,24 @@ def main() -> None:
     p.add_argument("--md", default="benchmarks/results/blockwise.md")
     p.add_argument("--tag", default=None, help="suffix of this run's key in the results (beside other runs at the same bits)")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: refit every stored run's extrapolation, rewrite --md and its plot from --out")
     args = p.parse_args()
+    if args.report_only:
+        from lowbit.quantizers import parse_bits
+
+        results = json.loads(Path(args.out).read_text())
+        for rec in results["runs"].values():
+            if rec.get("e2e_curve"):  # the run's own flags say which target applies
+                run = p.parse_args(shlex.split(rec["command"])[2:])
+                run.bits = None if run.bits is None else parse_bits(run.bits)
+                rec["extrapolation"] = fit_record(rec, target_kl(run))
+        Path(args.out).write_text(json.dumps(results, indent=2))
+        write_markdown(Path(args.md), results)
+        write_plot(Path(args.md).with_suffix(".png"), results)
+        return
+    if args.bits is None and args.budget_bpw is None:
+        p.error("give --budget-bpw B or --bits BITS (or --report-only)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
@@ -368,10 +394,8 @@ def main() -> None:
         save()
     if args.e2e_steps:
         stage, rec["e2e_curve"] = stage_e2e(args, work, score)
-        last = next((c for c in reversed(rec["e2e_curve"]) if "eval_kl" in c), None)
-        scale = stage["kl_to_reference"] / last["eval_kl"] if last else 1.0
-        rec["extrapolation"] = extrapolate(rec["e2e_curve"], target_kl(args), scale)
         rec["stages"].append(stage)
+        rec["extrapolation"] = fit_record(rec, target_kl(args))
         print(json.dumps(stage), flush=True)
         save()
 
