@@ -278,17 +278,22 @@ def write_plot(path: Path, results: dict) -> None:
             line = ax2.plot(x, [b["mse_initial"] for b in blocks], linestyle="--")[0]
             ax2.plot(x, [b["mse_final"] for b in blocks], color=line.get_color(), label=key)
         held = [c for c in rec.get("e2e_curve", []) if "eval_kl" in c and c["tokens"] > 0]
-        if held:
-            line = ax3.plot([c["tokens"] for c in held], [c["eval_kl"] for c in held], marker="o", label=key)[0]
-            fit = rec.get("extrapolation")
-            if fit and fit.get("tokens_to_target"):
-                xs = [held[0]["tokens"], fit["tokens_to_target"]]
+        fit = rec.get("extrapolation")
+        if held and fit and "scale" in fit:  # on the final measure (the fit's scale), to the fit's horizon
+            line = ax3.plot([c["tokens"] for c in held], [c["eval_kl"] * fit["scale"] for c in held], marker="o",
+                            markersize=3, label=key)[0]  # fmt: skip
+            horizon = min(max(fit.get("tokens_to_target", 0), 10 * held[-1]["tokens"]), 1e9)
+            xs = [held[0]["tokens"] * (horizon / held[0]["tokens"]) ** (i / 40) for i in range(41)]
+            if fit.get("b", 0) > 0:
                 ax3.plot(xs, [fit["a"] * x ** -fit["b"] for x in xs], linestyle=":", color=line.get_color())
-                ax3.axhline(fit["target"], color=line.get_color(), linewidth=0.6)
+            if "floor" in fit:
+                f = fit["floor"]
+                ax3.plot(xs, [f["c"] + f["a"] * x ** -f["b"] for x in xs], linestyle="--", color=line.get_color())
+            ax3.axhline(fit["target"], color="grey", linewidth=0.6)
     ax3.set_xscale("log")
     ax3.set_yscale("log")
     ax3.set_xlabel("end-to-end training tokens")
-    ax3.set_ylabel("held-out KL (dotted: power-law fit; line: target)")
+    ax3.set_ylabel("held-out KL, final measure\n(dotted: power law; dashed: with floor; grey: target)")
     if ax3.lines:
         ax3.legend(fontsize=8)
     ax1.set_yscale("log")
