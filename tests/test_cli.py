@@ -225,3 +225,17 @@ def test_bench_json_reports_speed_and_memory(tmp_path, tiny_model_dir, capsys):
     assert result["resident_over_account"] == pytest.approx(result["resident_bytes"] / (header_bytes + stored))
     code, _, err = _run(capsys, "bench", "--model", out, "--activations", "int4")  # argparse: one line, exit 2
     _assert_one_line_error(code, err, "bench: argument --activations: invalid choice: 'int4'")
+
+
+def test_text_output_prints_a_pipeline_report_as_one_line_per_stage(capsys):
+    from lowbit.cli import _print
+
+    report = {"stages": [{"stage": "budget+gptq", "seconds": 233.6, "tokens": 24576},
+                         {"stage": "blockap", "seconds": 564.2, "tokens": 1044480, "blocks": [{"block": 0}]}],
+              "skipped": {"e2e": "12 s left of the time budget (needs 60)"}, "plan": {"a": 1}}  # fmt: skip
+    _print({"quantize_seconds": 800.0, "report": report}, as_json=False)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("report") and "lowbit.json" in lines[1] and "plan" not in lines[1]
+    assert lines[3].split() == ["budget+gptq", "233.6", "24,576"]
+    assert lines[4].split() == ["blockap", "564.2", "1,044,480"]
+    assert lines[5].split()[:2] == ["e2e", "skipped"] and "time budget" in lines[5]
