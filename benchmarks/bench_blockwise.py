@@ -157,9 +157,13 @@ def target_kl(args) -> float | None:
     return 1.5 if args.budget_bpw <= 2.5 else 0.35 if args.budget_bpw <= 3.5 else None
 
 
+def _e2e_stage(rec: dict) -> dict | None:
+    return next((s for s in rec["stages"] if s["stage"] == "e2e"), None)
+
+
 def fit_record(rec: dict, target: float | None) -> dict | None:
     """The extrapolation of one run's end-to-end curve, on the final measure (see :func:`extrapolate`)."""
-    curve, e2e = rec.get("e2e_curve", []), next((s for s in rec["stages"] if s["stage"] == "e2e"), None)
+    curve, e2e = rec.get("e2e_curve", []), _e2e_stage(rec)
     last = next((c for c in reversed(curve) if "eval_kl" in c), None)
     if e2e is None or last is None:
         return None
@@ -244,8 +248,7 @@ def write_markdown(path: Path, results: dict) -> None:
             lines += ["", "End-to-end held-out curve (KL on the first 4,096 held-out tokens in windows of the training length, tokens trained -> KL): "
                       + ", ".join(f"{c['tokens']:,} -> {c['eval_kl']:.3f}" for c in held)]  # fmt: skip
             fit = rec.get("extrapolation")
-            e2e = next((s for s in rec["stages"] if s["stage"] == "e2e"), {})
-            if fit and e2e.get("schedule", "cosine") == "cosine":
+            if fit and (_e2e_stage(rec) or {}).get("schedule", "cosine") == "cosine":
                 lines += ["", fit["text"] + " This run decays the learning rate on a cosine schedule, so the "
                           "curve's tail flattens partly by design and the fit overstates the tokens needed; a "
                           "constant-rate run (`--e2e-schedule constant`) is the honest basis for an extrapolation."]  # fmt: skip

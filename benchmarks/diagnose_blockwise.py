@@ -43,6 +43,7 @@ def main() -> None:
     with torch.no_grad():
         out = fp(ids, output_hidden_states=True)
         ref_logp = out.logits.float().log_softmax(-1)
+        ref_std = out.logits.float().std(-1).mean()
         ref_final = out.hidden_states[-1]
         rotated = copy.deepcopy(fp)
         rotate_model_(rotated)  # rotated folders (seed 0, as lowbit quantize --rotate) keep a rotated stream
@@ -60,7 +61,7 @@ def main() -> None:
             kls = [(ref_logp.exp() * (ref_logp - (logits * t).log_softmax(-1))).sum(-1).mean().item() for t in TAUS]
             h, r = o.hidden_states[-1], rot_final if m.lowbit_config.rotate else ref_final
             rel = ((h - r).double().pow(2).sum() / r.double().pow(2).sum()).item()
-            std = (logits.std(-1).mean() / out.logits.float().std(-1).mean()).item()
+            std = (logits.std(-1).mean() / ref_std).item()
             lines.append(f"| {folder} | {kls[TAUS.index(1.0)]:.3f} | {rel:.3f} | {std:.3f} | "
                          + " / ".join(f"{k:.3f}" for k in kls) + " |")  # fmt: skip
             print(lines[-1], flush=True)

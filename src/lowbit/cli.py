@@ -67,20 +67,20 @@ def _print(result: dict, as_json: bool) -> None:
         print(json.dumps(result, indent=2, default=str, allow_nan=False))
         return
     width = max(len(k) for k in result)
-    stages = None
+    report = None
     for key, value in result.items():
         if isinstance(value, dict) and isinstance(value.get("stages"), list):  # a pipeline's report (auto)
-            stages, value = value, "per stage below (whole report: --json, or the folder's lowbit.json)"
+            report, value = value, "per stage below (whole report: --json, or the folder's lowbit.json)"
         elif isinstance(value, float):
             value = f"{value:.6g}"
         elif isinstance(value, (dict, list)):
             value = json.dumps(value, default=str, allow_nan=False)
         print(f"{key:<{width}}  {value}")
-    if stages is not None:
+    if report is not None:
         print(f"{'stage':<12}{'seconds':>10}{'tokens':>12}")
-        for stage in stages["stages"]:
+        for stage in report["stages"]:
             print(f"{stage.get('stage', '?'):<12}{stage.get('seconds', 0):>10.1f}{stage.get('tokens', 0):>12,}")
-        for name, why in stages.get("skipped", {}).items():
+        for name, why in report.get("skipped", {}).items():
             print(f"{name:<12}{'skipped':>10}  {why}")
 
 

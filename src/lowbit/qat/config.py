@@ -96,7 +96,7 @@ class TrainConfig:
     seq_len: int = field(default=256, metadata=_positive("tokens per training window", OPTIM))
     grad_accum: int = field(default=1, metadata=_positive("micro-steps per optimizer step", OPTIM))
     warmup: int = field(
-        default=0, metadata=_opt("linear warm-up steps before the cosine decay", OPTIM, show_default=True)
+        default=0, metadata=_opt("linear warm-up steps before --schedule takes over", OPTIM, show_default=True)
     )
     schedule: str = field(
         default="cosine",

@@ -8,6 +8,7 @@ parameter group. LLM-QAT (Liu et al. 2023) distils from the full-precision model
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import TYPE_CHECKING
 
@@ -102,6 +103,6 @@ def make_optimizer(student: nn.Module, cfg: TrainConfig):
             if not name.endswith("quantizer.alpha"):
                 p.requires_grad_(False)
     optimizer = torch.optim.AdamW(param_groups(student, cfg.lr, cfg.scale_lr, cfg.weight_decay), betas=(0.9, 0.95))
-    multiplier = lambda s: lr_multiplier(s, cfg.warmup, cfg.steps, cfg.schedule)  # noqa: E731
+    multiplier = functools.partial(lr_multiplier, warmup=cfg.warmup, steps=cfg.steps, schedule=cfg.schedule)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
     return optimizer, scheduler
