@@ -36,8 +36,8 @@ class Scorer:
     def __init__(self, fp, tokenizer, data: str, tokens: int):
         import torch
 
-        from lowbit.data import get_text, tokenize_windows, tokenizer_adds_bos
-        from lowbit.evaluation import cache_reference
+        from lowbit.eval.data import get_text, tokenize_windows, tokenizer_adds_bos
+        from lowbit.eval.evaluation import cache_reference
 
         self.windows = tokenize_windows(tokenizer, get_text(data), 512, max_tokens=tokens,
                                         bos=tokenizer_adds_bos(tokenizer))  # fmt: skip
@@ -47,7 +47,7 @@ class Scorer:
     def __call__(self, model) -> dict:
         import torch
 
-        from lowbit.evaluation import evaluate, size_account
+        from lowbit.eval.evaluation import evaluate, size_account
 
         with torch.inference_mode():
             q = evaluate(model, self.windows, reference=self.reference, batch_size=4, progress=False)
@@ -59,9 +59,9 @@ class Scorer:
 
 def stage_budget(args, work: Path, score) -> dict:
     from lowbit.api import load, quantize_to_dir
-    from lowbit.methods import GPTQ
-    from lowbit.planner import Budget
-    from lowbit.surgery import QuantConfig
+    from lowbit.budget.planner import Budget
+    from lowbit.ptq.methods import GPTQ
+    from lowbit.quant.surgery import QuantConfig
 
     folder = work / "budget"
     t0 = time.time()
@@ -84,8 +84,9 @@ def stage_budget(args, work: Path, score) -> dict:
 
 def stage_blockap(args, work: Path, fp, score) -> tuple[dict, list]:
     from lowbit.api import load
-    from lowbit.blockwise import BlockAP
-    from lowbit.io import reference_identity, save_quantized
+    from lowbit.eval.models import reference_identity
+    from lowbit.store.folder import save_quantized
+    from lowbit.train.blockap import BlockAP
 
     folder = work / "blockap"
     method = BlockAP(calib=args.train_text, calib_tokens=args.blockap_tokens, epochs=args.epochs,
@@ -95,7 +96,7 @@ def stage_blockap(args, work: Path, fp, score) -> tuple[dict, list]:
         model, tokenizer, _ = load(str(work / "budget"))
         reference = fp
         if args.rotate:  # the targets are the rotated full-precision blocks (seed 0, as the start point)
-            from lowbit.rotation import rotate_model_
+            from lowbit.quant.rotation import rotate_model_
 
             reference = copy.deepcopy(fp)
             rotate_model_(reference)
@@ -121,9 +122,9 @@ def stage_e2e(args, work: Path, score) -> tuple[dict, list]:
     import torch
 
     from lowbit.api import load
-    from lowbit.io import read_meta
-    from lowbit.qat import TrainConfig, run
-    from lowbit.surgery import ROTATION_FIELDS, QuantConfig
+    from lowbit.quant.surgery import ROTATION_FIELDS, QuantConfig
+    from lowbit.store.folder import read_meta
+    from lowbit.train import TrainConfig, run
 
     init = work / ("budget" if args.no_blockap else "blockap")
     quant = {k: v for k, v in read_meta(init)["quant_config"].items() if k not in ROTATION_FIELDS}
@@ -218,7 +219,7 @@ def extrapolate(curve: list[dict], target: float | None, scale: float = 1.0) -> 
 
 
 def _metrics(folder: Path) -> list[dict]:
-    from lowbit.qat import METRICS, read_metrics
+    from lowbit.train import METRICS, read_metrics
 
     return read_metrics(folder / METRICS) if (folder / METRICS).exists() else []
 
@@ -348,7 +349,7 @@ def main() -> None:
                    help="run nothing: refit every stored run's extrapolation, rewrite --md and its plot from --out")
     args = p.parse_args()
     if args.report_only:
-        from lowbit.quantizers import parse_bits
+        from lowbit.quant.quantizers import parse_bits
 
         results = json.loads(Path(args.out).read_text())
         for rec in results["runs"].values():
@@ -368,7 +369,7 @@ def main() -> None:
     from lowbit.api import load
 
     if args.bits is not None:
-        from lowbit.quantizers import parse_bits
+        from lowbit.quant.quantizers import parse_bits
 
         args.bits = parse_bits(args.bits)
     name = f"{args.budget_bpw:g}" if args.bits is None else f"{args.bits:g}b-g{args.group_size or 'channel'}"

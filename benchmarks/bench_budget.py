@@ -28,8 +28,8 @@ def run_budget(bpw: float, args, fp, tokenizer) -> dict:
     import copy
 
     from lowbit.api import eval_model
-    from lowbit.planner import Budget
-    from lowbit.surgery import QuantConfig
+    from lowbit.budget.planner import Budget
+    from lowbit.quant.surgery import QuantConfig
 
     method = Budget(
         budget_bpw=bpw, then_method=args.then_method, calib_tokens=args.calib_tokens, fisher_tokens=args.fisher_tokens
@@ -90,7 +90,7 @@ def main() -> None:
     p.add_argument("--data", default="wiki-eval", help="held-out eval text")
     p.add_argument("--eval-tokens", type=int, default=16384)
     p.add_argument("--then-method", default="gptq", choices=("gptq", "rtn"))
-    p.add_argument("--rotate", action="store_true", help="rotate first (QuaRot-style, lowbit.rotation)")
+    p.add_argument("--rotate", action="store_true", help="rotate first (QuaRot-style, lowbit.quant.rotation)")
     p.add_argument("--calib-tokens", type=int, default=16384, help="GPTQ calibration tokens")
     p.add_argument("--fisher-tokens", type=int, default=8192, help="Fisher sensitivity tokens")
     p.add_argument("--out", default="benchmarks/results/budget.json")

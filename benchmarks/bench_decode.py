@@ -3,7 +3,7 @@ quality cost of the int8-activation kernels.
 
 For each quantized folder of the default model (made with ``lowbit quantize`` if missing):
 
-1. ``lowbit.runtime.bench`` with ``activations="int8"`` and ``"float"`` on lowbit's decode loop,
+1. ``lowbit.runtime.packed.bench`` with ``activations="int8"`` and ``"float"`` on lowbit's decode loop,
    and int8 on the transformers forward: prefill / decode tokens/s of the packed model and of the
    fp32 ``transformers`` model in the same process (greedy decode with KV cache, batch 1; the fp32
    model also on lowbit's loop), resident memory of each (a fresh process's RSS growth while it
@@ -38,10 +38,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lowbit import __version__, kernels
-from lowbit.data import get_text, tokenize_windows
-from lowbit.models import DEFAULT_MODEL, load_model
-from lowbit.runtime import bench, load_packed
+from lowbit import __version__
+from lowbit.eval.data import get_text, tokenize_windows
+from lowbit.eval.models import DEFAULT_MODEL, load_model
+from lowbit.runtime import kernels
+from lowbit.runtime.packed import bench, load_packed
 
 # folder -> lowbit quantize arguments
 FOLDERS = {
@@ -232,7 +233,7 @@ def markdown(r: dict) -> str:
         f"best of {r['repeats']}. Each row's fp32 reference (`transformers` model, same loop) ran in the same process "
         "right after the packed model. Resident: growth of a fresh process's RSS while it loads the model and "
         "decodes 24 tokens (after load: before decoding), over a baseline that already holds torch, transformers, the kernels, an empty model "
-        "of the architecture and the tokenizer (`lowbit.resident.measure_resident`); size account: the bytes the "
+        "of the architecture and the tokenizer (`lowbit.runtime.resident.measure_resident`); size account: the bytes the "
         "folder stores (fp32: parameter bytes).",
         "",
         "| folder | head | activations | engine | decode tok/s | fp32 transformers decode tok/s | decode speedup | "

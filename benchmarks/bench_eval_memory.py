@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from lowbit.fsio import atomic_write  # noqa: E402
+from lowbit.store.fsio import atomic_write  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 TOP_K = 64
@@ -44,8 +44,8 @@ def build_models(work: Path, hidden: int, layers: int) -> tuple[Path, Path, int]
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from lowbit.api import quantize_to_dir
-    from lowbit.models import DEFAULT_MODEL, cached_model_dir
-    from lowbit.surgery import QuantConfig
+    from lowbit.eval.models import DEFAULT_MODEL, cached_model_dir
+    from lowbit.quant.surgery import QuantConfig
 
     tokenizer = AutoTokenizer.from_pretrained(cached_model_dir(DEFAULT_MODEL))
     vocab = len(tokenizer)

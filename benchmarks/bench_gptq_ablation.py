@@ -15,10 +15,10 @@ import time
 import torch
 
 import lowbit
-from lowbit.data import get_text, tokenize_windows
-from lowbit.evaluation import cache_reference, evaluate
-from lowbit.methods import GPTQ, RTN
-from lowbit.surgery import QuantConfig
+from lowbit.eval.data import get_text, tokenize_windows
+from lowbit.eval.evaluation import cache_reference, evaluate
+from lowbit.ptq.methods import GPTQ, RTN
+from lowbit.quant.surgery import QuantConfig
 
 RANDOM_65K = {"calib": "wiki-train", "calib_tokens": 65536, "sample": "random"}
 VARIANTS = {

@@ -12,8 +12,8 @@ For each quantized folder (default: ``runs/q4g32`` and ``runs/ternary-ch`` of th
    closely but not bit for bit.
 3. Decode speed: batch-1 forward of one token at a time after a 16-token prompt, with KV cache
    (teacher-forced, so no sampling cost): llama.cpp on the GGUF, the same weights dequantized into
-   a plain fp32 PyTorch model, and lowbit's packed runtime (``lowbit.runtime.load_packed`` on
-   lowbit's decode loop ``lowbit.decoder.Decoder``, int8 and float activations); all with the same
+   a plain fp32 PyTorch model, and lowbit's packed runtime (``lowbit.runtime.packed.load_packed`` on
+   lowbit's decode loop ``lowbit.runtime.decoder.Decoder``, int8 and float activations); all with the same
    thread count. Median of ``--reps`` runs.
 
 Usage (2 cores shared; keep it short)::
@@ -51,11 +51,11 @@ sys.path.insert(0, str(Path(__file__).parent))  # llamacpp_speed, machine, bench
 from llamacpp_speed import LlamaCppEngine, LowbitEngine  # noqa: E402
 
 from lowbit import __version__
-from lowbit.data import get_text
-from lowbit.evaluation import compare_logits
+from lowbit.eval.data import get_text
+from lowbit.eval.evaluation import compare_logits
 from lowbit.gguf import export_gguf
-from lowbit.io import load_quantized
 from lowbit.peers.llamacpp import llamacpp_logits, open_llamacpp
+from lowbit.store.folder import load_quantized
 
 DEFAULT_DIRS = ["runs/q4g16:f32", "runs/q4g32", "runs/qat/qat-ternary", "runs/ternary-down", "runs/ternary-ch"]
 NOTES = [
@@ -115,7 +115,7 @@ def torch_decode_speed(model, prompt: list[int], steps: list[int], reps: int) ->
 def dense_fp32(model):
     """The same model with every quantized linear replaced by a plain fp32 nn.Linear holding its
     dequantized weight (the fake-quant modules would re-quantize the weight at every step)."""
-    from lowbit.surgery import QuantizedLinear, set_module
+    from lowbit.quant.surgery import QuantizedLinear, set_module
 
     with torch.no_grad():
         for name, module in list(model.named_modules()):
@@ -132,8 +132,8 @@ def packed_decode_speed(folder: Path, prompt: list[int], steps: list[int], reps:
     """lowbit's own packed runtime (C kernels), when this checkout has it: int8 activations (the
     default, as llama.cpp) as ``tok_s``, exact float activations as ``float_tok_s``."""
     try:
-        from lowbit.decoder import unsupported_reason
-        from lowbit.runtime import load_packed
+        from lowbit.runtime.decoder import unsupported_reason
+        from lowbit.runtime.packed import load_packed
 
         out = {}
         for mode, key in (("int8", "tok_s"), ("float", "float_tok_s")):
@@ -411,8 +411,8 @@ def main() -> None:
     if args.speed:
         import llamacpp_speed
 
-        from lowbit import kernels
-        from lowbit.models import load_model
+        from lowbit.eval.models import load_model
+        from lowbit.runtime import kernels
 
         kernels.set_num_threads(args.threads)
         _, tok = load_model()

@@ -44,9 +44,9 @@ import torch
 import torch.nn.functional as F
 from machine import cpu_flags, cpu_model
 
-from lowbit import kernels
-from lowbit.packed_linear import KERNEL_MAX_BATCH, PackedLinear
-from lowbit.quantizers import QuantizedWeight
+from lowbit.quant.quantizers import QuantizedWeight
+from lowbit.runtime import kernels
+from lowbit.runtime.packed_linear import KERNEL_MAX_BATCH, PackedLinear
 
 # (label, layout, n_levels, group_size)
 FORMATS = [

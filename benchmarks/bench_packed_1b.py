@@ -7,9 +7,9 @@ The model is bench_streaming.py's random Llama (hidden 2048, intermediate 5632, 
 4 KV heads, vocab 32000, bf16 shards; built there, reused here). Each setting is quantized with
 ``lowbit quantize --stream`` (RTN), then:
 
-1. lowbit's packed runtime (``lowbit.runtime.bench``: ``load_packed`` maps the file, lowbit's decode
+1. lowbit's packed runtime (``lowbit.runtime.packed.bench``: ``load_packed`` maps the file, lowbit's decode
    loop, int8 activations): decode tok/s after a ``--prompt-tokens`` prompt, best of ``--reps``; resident
-   memory of a fresh process after loading and decoding (RSS growth, ``lowbit.resident``), against
+   memory of a fresh process after loading and decoding (RSS growth, ``lowbit.runtime.resident``), against
    the bytes the folder stores;
 2. ``lowbit export --format gguf`` of the same folder (every tensor exact: Q4_0 for 4-bit g32 and
    2-bit per-channel, TQ2_0 for ternary per-channel: 2048 and 5632 are multiples of 256), then
@@ -50,7 +50,7 @@ LLAMACPP_CHILD = r"""
 import json, sys, time
 import numpy as np
 from lowbit.peers.llamacpp import open_llamacpp
-from lowbit.resident import proc_kib
+from lowbit.memory import proc_kib
 path, threads, prompt_n, steps_n, reps, repack = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6] == "1"
 before = proc_kib("/proc/self/status", "VmRSS")
 llm = open_llamacpp(path, n_ctx=prompt_n + steps_n + 8, n_threads=threads, logits_all=False, extra_bufts=repack)
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from lowbit.gguf import export_gguf
-    from lowbit.runtime import bench
+    from lowbit.runtime.packed import bench
 
     work = Path(args.work or ROOT / "benchmarks" / "work" / ("streaming-tiny" if args.tiny else "streaming"))
     prefix = Path(args.results) if args.results else (work / "packed_1b" if args.tiny else ROOT / "benchmarks/results/packed_1b")

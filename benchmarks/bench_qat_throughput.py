@@ -8,7 +8,7 @@ repeats so that a busy machine hurts all of them alike:
 - ``qat-kl``: QAT as ``lowbit train`` runs it by default: plus the frozen teacher's forward and the KL.
 - ``qat-ce-compiled`` / ``qat-kl-compiled``: the same with ``lowbit train --compile`` (fused fake-quant).
 
-All use :func:`lowbit.qat.optimize`, the loop ``lowbit train`` runs, on the same wiki-train windows.
+All use :func:`lowbit.train.optimize`, the loop ``lowbit train`` runs, on the same wiki-train windows.
 Throughput is tokens / second over the timed steps (the first ``--warm`` steps are not timed);
 peak memory is the process's ``ru_maxrss``. Target: qat-ce >= 0.7x fp-ft.
 
@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from lowbit.fsio import atomic_write
+from lowbit.store.fsio import atomic_write
 
 RESULTS = Path(__file__).parent / "results"
 MODES = ("fp-ft", "qat-ce", "qat-kl", "qat-ce-compiled", "qat-kl-compiled")
@@ -41,10 +41,10 @@ def child(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from lowbit import qat
-    from lowbit.data import get_text, tokenize_windows
-    from lowbit.models import load_model
-    from lowbit.surgery import QuantConfig, quantize_model
+    from lowbit import train as qat
+    from lowbit.eval.data import get_text, tokenize_windows
+    from lowbit.eval.models import load_model
+    from lowbit.quant.surgery import QuantConfig, quantize_model
 
     model, tokenizer = load_model(args.model)
     n_steps = args.warm + args.steps

@@ -30,10 +30,10 @@ from machine import cpu_model  # noqa: E402
 def run_point(fp, tokenizer, windows, reference, bits: float, group: int | None, rotate: bool, args) -> dict:
     import torch
 
-    from lowbit.evaluation import evaluate, size_account
-    from lowbit.methods import GPTQ, RTN, calibration_windows
-    from lowbit.rotation import rotate_for_
-    from lowbit.surgery import QuantConfig
+    from lowbit.eval.evaluation import evaluate, size_account
+    from lowbit.ptq.methods import GPTQ, RTN, calibration_windows
+    from lowbit.quant.rotation_learn import rotate_for_
+    from lowbit.quant.surgery import QuantConfig
 
     model = copy.deepcopy(fp)
     steps = args.rotation_steps if rotate else 0
@@ -151,8 +151,8 @@ def main() -> None:
     import torch
 
     from lowbit.api import load
-    from lowbit.data import get_text, tokenize_windows, tokenizer_adds_bos
-    from lowbit.evaluation import cache_reference
+    from lowbit.eval.data import get_text, tokenize_windows, tokenizer_adds_bos
+    from lowbit.eval.evaluation import cache_reference
 
     fp, tokenizer, _ = load(args.model)
     windows = tokenize_windows(tokenizer, get_text(args.data), 512, max_tokens=args.eval_tokens,

@@ -56,7 +56,7 @@ def build_model(path: Path, shapes: dict, calib: str, seed: int = 0) -> None:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from lowbit.data import get_text
+    from lowbit.eval.data import get_text
 
     if (path / "model.safetensors.index.json").is_file():
         return
@@ -119,7 +119,7 @@ def run_quantize(model: Path, out: Path, method: str, stream: bool, extra: list[
 
 def identical(a: Path, b: Path) -> bool:
     """Whether two quantized folders store the same tensors (read tensor by tensor, mapped)."""
-    from lowbit.stfile import MappedSafetensors
+    from lowbit.store.stfile import MappedSafetensors
 
     fa, fb = MappedSafetensors(a / "model.safetensors"), MappedSafetensors(b / "model.safetensors")
     if sorted(fa.keys()) != sorted(fb.keys()):
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(r), flush=True)
         same[method] = identical(outs[True], outs[False])
     ckpt = sum(f.stat().st_size for f in model.glob("*.safetensors"))
-    from lowbit.stfile import Checkpoint
+    from lowbit.store.stfile import Checkpoint
 
     params = Checkpoint(model).nbytes_as(torch.float32) // 4
     write_results({

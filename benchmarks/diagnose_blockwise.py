@@ -32,8 +32,8 @@ def main() -> None:
     import torch
 
     from lowbit.api import load
-    from lowbit.methods import calibration_windows
-    from lowbit.rotation import rotate_model_
+    from lowbit.ptq.methods import calibration_windows
+    from lowbit.quant.rotation import rotate_model_
 
     fp, tok, _ = load(args.model)
     ids = calibration_windows(tok, "wiki-train", 65536, 512, "random", 0)[:8]

@@ -12,7 +12,7 @@ Subjects, all from the default model (SmolLM2-135M):
   head as Q8_0).
 
 lowbit's rows also give the resident memory of a fresh process that loads the folder and decodes 24
-tokens on lowbit's loop, over the bytes the folder stores (:func:`lowbit.resident.measure_resident`);
+tokens on lowbit's loop, over the bytes the folder stores (:func:`lowbit.runtime.resident.measure_resident`);
 ``ternary-ch-u2-head8`` stores its ternary codes at 2 bits (``--ternary-storage u2``), which the
 runtime reads in place (the default 1.6-bit t5 codes are unpacked to 2 bits in memory).
 
@@ -95,11 +95,11 @@ class LlamaCppEngine:
 
 
 class LowbitEngine:
-    """A packed model (``lowbit.runtime.load_packed``) on lowbit's decode loop, timed by
+    """A packed model (``lowbit.runtime.packed.load_packed``) on lowbit's decode loop, timed by
     :meth:`decode` / :meth:`once`."""
 
     def __init__(self, model, n_ctx: int):
-        from lowbit.decoder import Decoder
+        from lowbit.runtime.decoder import Decoder
 
         self.model = model
         self.dec = Decoder(model, max_len=n_ctx)
@@ -107,7 +107,7 @@ class LowbitEngine:
 
     @classmethod
     def load(cls, folder: Path, n_ctx: int, activations: str = "int8") -> LowbitEngine:
-        from lowbit.runtime import load_packed
+        from lowbit.runtime.packed import load_packed
 
         return cls(load_packed(folder, verify=False, activations=activations)[0], n_ctx)
 
@@ -158,8 +158,8 @@ def round_robin(engines: list, prompt, steps, long, reps: int) -> list[dict]:
 
 
 def _folder_bytes(folder: Path) -> int:
-    """Bytes of every tensor the folder stores (its safetensors headers, lowbit.stfile's reader)."""
-    from lowbit.stfile import MappedSafetensors
+    """Bytes of every tensor the folder stores (its safetensors headers, lowbit.store.stfile's reader)."""
+    from lowbit.store.stfile import MappedSafetensors
 
     return sum(end - begin for f in sorted(folder.glob("*.safetensors"))
                for _, _, begin, end in MappedSafetensors(f).entries.values())
@@ -175,10 +175,10 @@ def _quantize(folder: Path, args: list[str]) -> str:
 def run(args, text_ids: list[int]) -> dict:
     from bench_matvec import memory_bandwidth
 
+    from lowbit.eval.models import load_model
     from lowbit.gguf import export_gguf
-    from lowbit.models import load_model
     from lowbit.peers.llamacpp import gguf_account, quantize_gguf, repack_mode, write_fp_gguf
-    from lowbit.resident import measure_resident
+    from lowbit.runtime.resident import measure_resident
 
     work = Path(args.speed_dir)
     work.mkdir(parents=True, exist_ok=True)

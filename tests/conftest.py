@@ -95,7 +95,7 @@ def tiny_model():
 
 @pytest.fixture
 def tiny_model_dir(tmp_path):
-    """A saved tiny Llama + tokenizer folder, loadable by lowbit.models.load_model."""
+    """A saved tiny Llama + tokenizer folder, loadable by lowbit.eval.models.load_model."""
     tokenizer = tiny_tokenizer()
     model = tiny_llama(vocab_size=len(tokenizer))
     path = tmp_path / "tiny-llama"
@@ -113,7 +113,7 @@ def sample_text_file(tmp_path):
 
 def six_bit_weight(rows: int = 24, cols: int = 40, group: int = 16):
     """A 6-bit min-max quantized random weight (groups of ``group``) and a random bias, seeded."""
-    from lowbit.quantizers import make_quantizer
+    from lowbit.quant.quantizers import make_quantizer
 
     torch.manual_seed(0)
     q = make_quantizer(6, "minmax", group)

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from conftest import SAMPLE_TEXT, tiny_llama, tiny_tokenizer
-from lowbit.auto import Auto
-from lowbit.cli import main
+from lowbit.budget.auto import Auto
+from lowbit.cli.main import main
 from lowbit.errors import LowbitError
-from lowbit.evaluation import size_account
-from lowbit.surgery import QuantConfig
+from lowbit.eval.evaluation import size_account
+from lowbit.quant.surgery import QuantConfig
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from conftest import SAMPLE_TEXT, tiny_llama, tiny_tokenizer
-from lowbit.cli import main
+from lowbit.cli.main import main
 
 
 def out_row(name: str, argv: list[str], needle: str):
@@ -36,8 +36,9 @@ def out_row(name: str, argv: list[str], needle: str):
 def _write_inputs(root: Path) -> dict[str, Path]:
     """The module's inputs: a tiny model, a quantized copy, texts, configs and broken folders."""
     from lowbit.api import load, quantize
-    from lowbit.io import reference_identity, save_quantized
-    from lowbit.surgery import QuantConfig
+    from lowbit.eval.models import reference_identity
+    from lowbit.quant.surgery import QuantConfig
+    from lowbit.store.folder import save_quantized
 
     tokenizer = tiny_tokenizer()
     tiny = root / "tiny"
@@ -331,7 +332,7 @@ def test_json_output_is_strict_json(inputs, capsys):
 
 def test_a_non_finite_result_is_refused(monkeypatch, capsys):
     """A NaN that slipped into a result fails the command instead of printing NaN."""
-    import lowbit.cli as cli
+    import lowbit.cli.main as cli
 
     monkeypatch.setattr(cli, "cmd_info", lambda args: {"model": "m", "perplexity": float("nan")})
     code = main(["info", "m", "--json"])
@@ -341,7 +342,7 @@ def test_a_non_finite_result_is_refused(monkeypatch, capsys):
 
 
 def test_unexpected_exception_is_one_line_with_exit_1(monkeypatch, capsys):
-    import lowbit.cli as cli
+    import lowbit.cli.main as cli
 
     def broken(args):
         raise RuntimeError("boom\nsecond line")
@@ -428,7 +429,7 @@ def test_sigint_during_import_is_one_line(tmp_path):
                     os.kill(os.getpid(), signal.SIGINT)
                 return None
         sys.meta_path.insert(0, Hook())
-        from lowbit.cli import main
+        from lowbit.cli.main import main
         sys.exit(main(["info", sys.argv[1]]))
         """
     )

@@ -16,13 +16,13 @@ import torch
 from torch import nn
 
 from conftest import tiny_llama, tiny_tokenizer
-from lowbit.blockwise import BlockAP
 from lowbit.errors import LowbitError
-from lowbit.evaluation import evaluate
-from lowbit.io import load_quantized, save_quantized
-from lowbit.methods import calibration_windows, make_method, method_class
-from lowbit.ptq import gptq, rtn
-from lowbit.surgery import QuantConfig, QuantizedLinear, quantized_modules
+from lowbit.eval.evaluation import evaluate
+from lowbit.ptq.gptq import gptq, rtn
+from lowbit.ptq.methods import calibration_windows, make_method, method_class
+from lowbit.quant.surgery import QuantConfig, QuantizedLinear, quantized_modules
+from lowbit.store.folder import load_quantized, save_quantized
+from lowbit.train.blockap import BlockAP
 
 TESTS = Path(__file__).parent
 CONFIG = QuantConfig(bits=2, group_size=32)
@@ -123,8 +123,8 @@ _KILLED_RUN = """
 import os, signal, sys, torch
 sys.path.insert(0, {tests!r})
 from conftest import tiny_llama, tiny_tokenizer
-from lowbit.blockwise import BlockAP
-from lowbit.surgery import QuantConfig
+from lowbit.train.blockap import BlockAP
+from lowbit.quant.surgery import QuantConfig
 tok = tiny_tokenizer()
 calls = [0]
 original = torch.optim.AdamW.step
@@ -220,7 +220,7 @@ def test_work_dir_of_something_else_is_refused(setup, tmp_path):
 
 
 def test_registered_and_on_the_command_line(capsys, tmp_path, tiny_model_dir, sample_text_file):
-    from lowbit.cli import main
+    from lowbit.cli.main import main
 
     assert method_class("blockap") is BlockAP
     assert make_method("blockap", epochs=3, damp=0.1).epochs == 3  # other methods' settings ignored
@@ -239,7 +239,7 @@ def test_registered_and_on_the_command_line(capsys, tmp_path, tiny_model_dir, sa
 
 
 def test_time_budget_cuts_steps_per_block_and_resume_keeps_them(setup, tmp_path, monkeypatch):
-    import lowbit.blockwise as bw
+    import lowbit.train.blockap as bw
 
     tok, calib, fp, _ = setup
     clock = iter(range(0, 10**6))  # a fake clock: every time.time() call advances one "second"
@@ -259,7 +259,7 @@ def test_time_budget_cuts_steps_per_block_and_resume_keeps_them(setup, tmp_path,
 def test_normed_objective_reads_each_output_through_the_next_norm(setup):
     """The default objective sees block i's output as block i+1's input norm (the final norm after the last
     block) does, so one token with massive activations (SmolLM2's first position) cannot dominate it."""
-    from lowbit.blockwise import _next_norm
+    from lowbit.train.blockap import _next_norm
 
     _tok, _calib, fp, _evals = setup
     layers = fp.model.layers
@@ -294,7 +294,7 @@ def test_normed_objective_reads_each_output_through_the_next_norm(setup):
 
 
 def test_check_windows_are_never_trained_on_and_carry_the_error_report(setup, monkeypatch):
-    from lowbit import blockwise
+    from lowbit.train import blockap as blockwise
 
     tok, calib, fp, _evals = setup
     seen = set()  # every window index of every training mini-batch
@@ -317,10 +317,10 @@ def test_check_windows_are_never_trained_on_and_carry_the_error_report(setup, mo
     layer = fp.model.layers[0]
 
     def block0_error(m):
-        from lowbit.ptq import _capture_block_inputs
+        from lowbit.ptq.blocks import capture_block_inputs
 
-        x, kw = _capture_block_inputs(fp, fp.model.layers, [ids])[0]
-        xq, kwq = _capture_block_inputs(m, m.model.layers, [ids])[0]
+        x, kw = capture_block_inputs(fp, fp.model.layers, [ids])[0]
+        xq, kwq = capture_block_inputs(m, m.model.layers, [ids])[0]
         with torch.no_grad():
             y = layer(x, **kw)
             y = y[0] if isinstance(y, tuple) else y

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import SAMPLE_TEXT
-from lowbit.cli import main
+from lowbit.cli.main import main
 
 EVAL_KEYS = {
     "perplexity",
@@ -212,7 +212,7 @@ def test_bench_json_reports_speed_and_memory(tmp_path, tiny_model_dir, capsys):
     stored = sum(nbytes for _, _, nbytes in tensors.values())
     assert result["size_account_bytes"] == result["file_bytes"] == header_bytes + stored
     # the fp32 reference's account: 4 bytes per parameter (tied once) plus its float buffers
-    from lowbit.models import load_model
+    from lowbit.eval.models import load_model
 
     ref, _ = load_model(str(tiny_model_dir))
     params = sum(p.numel() for p in ref.parameters())
@@ -228,7 +228,7 @@ def test_bench_json_reports_speed_and_memory(tmp_path, tiny_model_dir, capsys):
 
 
 def test_text_output_prints_a_pipeline_report_as_one_line_per_stage(capsys):
-    from lowbit.cli import _print
+    from lowbit.cli.main import _print
 
     report = {"stages": [{"stage": "budget+gptq", "seconds": 233.6, "tokens": 24576},
                          {"stage": "blockap", "seconds": 564.2, "tokens": 1044480, "blocks": [{"block": 0}]}],

@@ -1,4 +1,4 @@
-"""Tests for lowbit.data: synthetic text and a fake gensim wheel for unit tests, real text under ``real``."""
+"""Tests for lowbit.eval.data: synthetic text and a fake gensim wheel for unit tests, real text under ``real``."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from lowbit import data
 from lowbit.errors import LowbitError
+from lowbit.eval import data
 
 WORDS = "the cat sat on a mat and dog ran to park".split()
 

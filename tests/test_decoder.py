@@ -1,4 +1,4 @@
-"""lowbit's lean decode loop (lowbit.decoder.Decoder) against the transformers forward."""
+"""lowbit's lean decode loop (lowbit.runtime.decoder.Decoder) against the transformers forward."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from conftest import tiny_llama, tiny_tokenizer
-from lowbit.decoder import Decoder, resolve_engine, unsupported_reason
 from lowbit.errors import LowbitError
-from lowbit.io import save_quantized
-from lowbit.packed_linear import PackedLinear
-from lowbit.ptq import rtn
-from lowbit.runtime import generate, load_packed, module_bytes, time_decode
-from lowbit.surgery import QuantConfig
+from lowbit.ptq.gptq import rtn
+from lowbit.quant.surgery import QuantConfig
+from lowbit.runtime.decoder import Decoder, resolve_engine, unsupported_reason
+from lowbit.runtime.packed import generate, load_packed, module_bytes, time_decode
+from lowbit.runtime.packed_linear import PackedLinear
+from lowbit.store.folder import save_quantized
 
 
 def tiny_qwen2(vocab_size=128, seed=0):
@@ -81,7 +81,7 @@ def test_decoder_on_packed_model_fuses_without_copies(tmp_path, cfg, make):
     attn = packed.model.layers[0].self_attn
     assert attn.k_proj.packed.data_ptr() == attn.q_proj.packed.data_ptr() + attn.q_proj.packed.numel()
     assert module_bytes(packed) == before
-    from lowbit import kernels
+    from lowbit.runtime import kernels
 
     assert (decoder.c_layers is not None) == kernels.available()  # single steps: every block in one C call
     got = step_logits(decoder, ids, 4)
@@ -120,7 +120,7 @@ def test_decode_step_honours_portable_isa(tmp_path, monkeypatch, activations):
     """LOWBIT_ISA=portable reaches the C decode step (its projections and attention loops): the
     logits match the default path's up to float summation order, and, where the default is AVX2,
     differ from them (so the switch is not ignored); forcing the ISA by argument agrees exactly."""
-    from lowbit import kernels
+    from lowbit.runtime import kernels
 
     if not kernels.available():
         pytest.skip("lowbit kernels unavailable")
@@ -193,7 +193,7 @@ def test_decode_step_thread_team_equals_per_projection_threads(tmp_path):
     """With int8 activations and 2+ threads a single-token step runs on one OpenMP team
     (lb_decode_layers_team); one thread runs each projection on its own (lb_run_rows). Every row
     is computed by the same kernel either way, so the logits agree bit for bit."""
-    from lowbit import kernels
+    from lowbit.runtime import kernels
 
     if not kernels.available() or not kernels.has_openmp():
         pytest.skip("needs the kernels with OpenMP")

@@ -12,13 +12,13 @@ import pytest
 
 from conftest import SAMPLE_TEXT, tiny_llama, tiny_tokenizer
 from lowbit.api import eval_model
-from lowbit.cli import main
-from lowbit.data import tokenize_windows
+from lowbit.cli.main import main
 from lowbit.errors import LowbitError
-from lowbit.evaluation import cache_reference, evaluate
-from lowbit.ptq import rtn
-from lowbit.resident import peak_resident_bytes as peak_memory_bytes
-from lowbit.surgery import QuantConfig
+from lowbit.eval.data import tokenize_windows
+from lowbit.eval.evaluation import cache_reference, evaluate
+from lowbit.memory import peak_resident_bytes as peak_memory_bytes
+from lowbit.ptq.gptq import rtn
+from lowbit.quant.surgery import QuantConfig
 
 
 @pytest.fixture(scope="module")

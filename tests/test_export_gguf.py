@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from conftest import SAMPLE_TEXT, tiny_tokenizer
-from lowbit.cli import main
+from lowbit.cli.main import main
 from lowbit.errors import LowbitError
-from lowbit.evaluation import compare_logits
+from lowbit.eval.evaluation import compare_logits
 from lowbit.gguf import dequantize_tensor, export_gguf
-from lowbit.io import load_quantized, save_quantized
-from lowbit.surgery import QuantConfig, quantize_model
+from lowbit.quant.surgery import QuantConfig, quantize_model
+from lowbit.store.folder import load_quantized, save_quantized
 
 gguf = pytest.importorskip("gguf")
 HAVE_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
@@ -350,7 +350,7 @@ def test_llamacpp_matches_lowbit(tmp_path, bits, group, fallback, ternary, kind,
 
 def _shrink_steps(model):
     """Halve the 8-bit steps so that codes clip at the LSQ bound -128 (Q8_0's int8 holds it)."""
-    from lowbit.surgery import quantized_modules
+    from lowbit.quant.surgery import quantized_modules
 
     for _, m in quantized_modules(model):
         m.quantizer.alpha.data.mul_(0.5)

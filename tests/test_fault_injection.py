@@ -23,10 +23,11 @@ from pathlib import Path
 import pytest
 
 from conftest import SAMPLE_TEXT, tiny_llama, tiny_tokenizer
-from lowbit import api, fsio
+from lowbit import api
 from lowbit.errors import LowbitError
-from lowbit.io import open_folder
 from lowbit.pareto.store import RESULTS_FILE, ResultStore, is_store
+from lowbit.store import fsio
+from lowbit.store.folder import open_folder
 
 SEEDS = (0, 1, 2)  # 0 and 1 kill at a drawn file-system operation, 2 after a drawn delay
 
@@ -38,8 +39,8 @@ import matplotlib.pyplot  # noqa: F401
 import gguf  # noqa: F401
 import torch  # noqa: F401
 import transformers.models.llama.modeling_llama  # noqa: F401
-import lowbit.gguf.export, lowbit.pareto.sweep, lowbit.qat.loop  # noqa: F401
-from lowbit.cli import main
+import lowbit.gguf.export, lowbit.pareto.sweep, lowbit.train.loop  # noqa: F401
+from lowbit.cli.main import main
 
 os_write, os_open, os_close = os.write, os.open, os.close
 

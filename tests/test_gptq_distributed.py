@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lowbit.cli import main
-from lowbit.io import weight_files
+from lowbit.cli.main import main
+from lowbit.eval.models import weight_files
 
 
 def _torchrun(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:

@@ -20,8 +20,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowbit.ptq import gptq_quantize_weight
-from lowbit.quantizers import make_quantizer
+from lowbit.ptq.gptq import gptq_quantize_weight
+from lowbit.quant.quantizers import make_quantizer
 
 MSE_RATIOS = torch.linspace(1.0, 0.2, 40).tolist()
 

@@ -1,4 +1,4 @@
-"""GPTQ's true-sequential order and calibration sampling (lowbit.ptq / lowbit.methods)."""
+"""GPTQ's true-sequential order and calibration sampling (lowbit.ptq.gptq / lowbit.ptq.methods)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from conftest import tiny_llama, tiny_tokenizer
-from lowbit.evaluation import evaluate
-from lowbit.methods import calibration_windows
-from lowbit.ptq import _block_hessians, _capture_block_inputs, _stages, find_decoder_layers, gptq
-from lowbit.surgery import QuantConfig, is_linear
+from lowbit.eval.evaluation import evaluate
+from lowbit.ptq.blocks import block_hessians, capture_block_inputs, find_decoder_layers, linear_stages
+from lowbit.ptq.gptq import gptq
+from lowbit.ptq.methods import calibration_windows
+from lowbit.quant.surgery import QuantConfig, is_linear
 
 
 def _ids(n, length, seed=0, vocab=128):
@@ -23,8 +24,8 @@ def test_stages_follow_the_llama_block():
     block = find_decoder_layers(model)[0]
     names = {m: n for n, m in block.named_modules()}
     linears = {names[m]: m for m in block.modules() if is_linear(m)}
-    first = _capture_block_inputs(model, find_decoder_layers(model), [_ids(2, 16)])[0]
-    stages = _stages(block, linears, first)
+    first = capture_block_inputs(model, find_decoder_layers(model), [_ids(2, 16)])[0]
+    stages = linear_stages(block, linears, first)
     assert stages == [
         ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
         ["self_attn.o_proj"],
@@ -68,13 +69,13 @@ def test_linears_reading_one_input_share_one_hessian():
     torch.manual_seed(0)
     model = tiny_llama(vocab_size=100, hidden=64, layers=1).eval()
     layers = find_decoder_layers(model)
-    store = _capture_block_inputs(model, layers, list(torch.randint(0, 100, (4, 16)).split(2)))
+    store = capture_block_inputs(model, layers, list(torch.randint(0, 100, (4, 16)).split(2)))
     linears = {n: m for n, m in layers[0].named_modules() if isinstance(m, torch.nn.Linear)}
     seen = {n: [] for n in linears}
     handles = [m.register_forward_hook(lambda mod, a, o, n=n: seen[n].append(a[0].reshape(-1, a[0].shape[-1])))
                for n, m in linears.items()]  # fmt: skip
     with torch.no_grad():
-        hessians = _block_hessians(layers[0], linears, store)
+        hessians = block_hessians(layers[0], linears, store)
     for h in handles:
         h.remove()
     assert hessians["self_attn.q_proj"] is hessians["self_attn.k_proj"] is hessians["self_attn.v_proj"]

@@ -10,11 +10,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowbit import kernels, packed_linear
 from lowbit.errors import LowbitError
-from lowbit.packed_linear import KERNEL_MAX_BATCH, PackedLinear, compact_scale, kernel_layout
-from lowbit.packing import LAYOUT_LEVELS, pack_codes, row_bytes
-from lowbit.quantizers import QuantizedWeight, make_quantizer
+from lowbit.quant.packing import LAYOUT_LEVELS, pack_codes, row_bytes
+from lowbit.quant.quantizers import QuantizedWeight, make_quantizer
+from lowbit.runtime import kernels, packed_linear
+from lowbit.runtime.packed_linear import KERNEL_MAX_BATCH, PackedLinear, compact_scale, kernel_layout
 
 HAVE_KERNELS = kernels.available()
 needs_kernels = pytest.mark.skipif(not HAVE_KERNELS, reason="lowbit kernels unavailable (no C compiler)")
@@ -302,7 +302,7 @@ def test_no_compiler_falls_back_with_one_warning(monkeypatch, tmp_path):
 def test_compile_cache_is_keyed_and_atomic(monkeypatch, tmp_path):
     """The library lands in $LOWBIT_CACHE/<sha>/liblowbit.so, built once from every source, no temp
     files left; a change to any source or header gets a new folder."""
-    from lowbit.kernels import build
+    from lowbit.runtime.kernels import build
 
     cc = build.compiler()
     if cc is None:

@@ -12,10 +12,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowbit import kernels
 from lowbit.errors import LowbitError
-from lowbit.packed_linear import PackedLinear
-from lowbit.packing import LAYOUT_LEVELS
+from lowbit.quant.packing import LAYOUT_LEVELS
+from lowbit.runtime import kernels
+from lowbit.runtime.packed_linear import PackedLinear
 from test_kernels import assert_close, random_quantized, struct
 
 HAVE_KERNELS = kernels.available()
@@ -171,7 +171,7 @@ def test_packed_linear_int8_activations():
 
 
 def test_q8_round_matches_oracle():
-    from lowbit.packed_linear import q8_round
+    from lowbit.runtime.packed_linear import q8_round
 
     x = torch.randn(3, 5, 70) * torch.logspace(-3, 2, 70)
     assert torch.equal(q8_round(x), q8_activations(x.reshape(-1, 70)).reshape(3, 5, 70))
@@ -183,7 +183,7 @@ def test_q8_round_matches_oracle():
 def test_c_q8_round_is_bit_identical(isa, cols):
     """kernels.q8_round (the large-batch paths' activation rounding, in C) equals the PyTorch
     definition bit for bit, zero blocks, ties and widths that are not a multiple of 32 included."""
-    from lowbit.packed_linear import q8_round
+    from lowbit.runtime.packed_linear import q8_round
 
     if isa == "avx2" and not kernels.q8_isa_ok("avx2"):
         pytest.skip("no AVX2")

@@ -1,4 +1,4 @@
-"""Tests for lowbit.models: tiny random models for unit tests, the real default model under ``real``."""
+"""Tests for lowbit.eval.models: tiny random models for unit tests, the real default model under ``real``."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from lowbit import models as lm
 from lowbit.errors import LowbitError
+from lowbit.eval import models as lm
 
 CORPUS = ["the cat sat on the mat .", "a dog ran to the park and the cat sat still ."]
 
@@ -193,7 +193,7 @@ def test_stale_tmp_dir_of_dead_process_removed() -> None:
 def test_killed_conversion_leaves_no_cache_entry(isolated_cache: Path) -> None:
     script = (
         "import time\n"
-        "from lowbit import models\n"
+        "from lowbit.eval import models\n"
         "def build(tmp):\n"
         "    (tmp / 'config.json').write_text('{}')\n"
         "    print('building', flush=True)\n"

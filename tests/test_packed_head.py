@@ -12,15 +12,15 @@ import torch
 from safetensors import safe_open
 
 from conftest import tiny_llama, tiny_tokenizer
-from lowbit import kernels
-from lowbit.decoder import Decoder
 from lowbit.errors import LowbitError
-from lowbit.io import load_quantized, save_quantized
-from lowbit.packed_linear import PackedLinear, kernel_layout
-from lowbit.packing import LAYOUT_LEVELS, packed_nbytes
-from lowbit.ptq import rtn
-from lowbit.runtime import PackedEmbedding, load_packed, module_bytes
-from lowbit.surgery import QuantConfig
+from lowbit.ptq.gptq import rtn
+from lowbit.quant.packing import LAYOUT_LEVELS, packed_nbytes
+from lowbit.quant.surgery import QuantConfig
+from lowbit.runtime import kernels
+from lowbit.runtime.decoder import Decoder
+from lowbit.runtime.packed import PackedEmbedding, load_packed, module_bytes
+from lowbit.runtime.packed_linear import PackedLinear, kernel_layout
+from lowbit.store.folder import load_quantized, save_quantized
 
 HIDDEN = 128  # groups of 32 and 64 are real groups (several per row)
 TABLE = "model.embed_tokens"
@@ -141,7 +141,7 @@ def test_embedding_dequantizes_only_the_rows_looked_up(tmp_path, monkeypatch, bi
     emb = packed.get_input_embeddings()
     if not use_kernels:
         monkeypatch.setenv("LOWBIT_KERNELS", "0")
-    import lowbit.runtime as runtime
+    import lowbit.runtime.packed as runtime
 
     decoded_rows = []
     real_dequantize, real_unpack = kernels.dequantize, runtime.unpack_codes

@@ -1,4 +1,4 @@
-"""Property tests for lowbit.packing: every layout round-trips every code it can hold."""
+"""Property tests for lowbit.quant.packing: every layout round-trips every code it can hold."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lowbit.errors import LowbitError
-from lowbit.packing import (
+from lowbit.quant.packing import (
     LAYOUT_LEVELS,
     default_layout,
     layout_bits_per_code,

@@ -17,10 +17,9 @@ import pytest
 import torch
 
 from conftest import SAMPLE_TEXT, tiny_llama, tiny_tokenizer
-from lowbit import methods
-from lowbit.cli import main
+from lowbit.cli.main import main
 from lowbit.errors import LowbitError
-from lowbit.evaluation import cache_reference, evaluate
+from lowbit.eval.evaluation import cache_reference, evaluate
 from lowbit.pareto import (
     ResultStore,
     SweepSpec,
@@ -31,8 +30,9 @@ from lowbit.pareto import (
     summary_lines,
 )
 from lowbit.pareto import sweep as pareto_sweep
-from lowbit.ptq import rtn
-from lowbit.surgery import QuantConfig
+from lowbit.ptq import methods
+from lowbit.ptq.gptq import rtn
+from lowbit.quant.surgery import QuantConfig
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Numbers that must repeat exactly on a re-run (timings and run ids may not).
@@ -121,7 +121,7 @@ def test_qat_points_need_a_step_budget():
 
 @dataclass
 class FakeQAT:
-    """Stands in for ``lowbit.qat.QAT`` behind ``make_method("qat", ...)``: quantizes with RTN and
+    """Stands in for ``lowbit.train.QAT`` behind ``make_method("qat", ...)``: quantizes with RTN and
     reports a training record, so the sweep's handling of a training method is tested without training."""
 
     name: ClassVar[str] = "qat"
@@ -200,7 +200,7 @@ def _real_qat() -> bool:
     return True
 
 
-@pytest.mark.skipif(not _real_qat(), reason="lowbit.qat has no QAT method class")
+@pytest.mark.skipif(not _real_qat(), reason="lowbit.train has no QAT method class")
 def test_qat_points_train_with_lowbit_qat(tiny_assets, tmp_path):
     model_dir, text = tiny_assets
     spec = tiny_spec(
@@ -378,7 +378,7 @@ def slow_measure(settings, *args, **kwargs):
         time.sleep(float(os.environ["PARETO_TEST_DELAY"]))
     return measure(settings, *args, **kwargs)
 sweep.measure_point = slow_measure
-from lowbit.cli import main
+from lowbit.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """
 

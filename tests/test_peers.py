@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from conftest import SAMPLE_TEXT, tiny_llama, tiny_tokenizer
-from lowbit.cli import UsageError, build_parser
-from lowbit.commands.pareto import sweep_spec
+from lowbit.cli.main import UsageError, build_parser
+from lowbit.cli.pareto import sweep_spec
 from lowbit.errors import LowbitError
-from lowbit.evaluation import compare_logits, evaluate
+from lowbit.eval.evaluation import compare_logits, evaluate
 from lowbit.pareto import SweepSpec, mark_frontier, plan_points, point_key, run_sweep, summary_lines
 from lowbit.pareto.report import markdown_report
 from lowbit.pareto.spec import text_fingerprints
@@ -151,7 +151,7 @@ def test_llamacpp_peer_end_to_end(assets, tmp_path):
     assert q8["total_bytes"] == sum(int(t.n_bytes) for t in reader.tensors)
     assert gguf_account(q8_path)["linear_bytes"] == q8["linear_bytes"]
     # llama.cpp's logits of every eval window against the reference's, compared in float64
-    from lowbit.data import get_text, tokenize_windows, tokenizer_adds_bos
+    from lowbit.eval.data import get_text, tokenize_windows, tokenizer_adds_bos
     from lowbit.peers.llamacpp import open_llamacpp, window_logits
 
     ids = tokenize_windows(tokenizer, get_text(str(assets[1])), 64, max_tokens=256, bos=tokenizer_adds_bos(tokenizer))
@@ -285,7 +285,7 @@ def test_llmcompressor_peer_in_another_interpreter(assets, tmp_path, stub_python
         for name, m in model.named_modules():
             if isinstance(m, torch.nn.Linear) and name != "lm_head":
                 m.weight.copy_(stub_quant(m.weight, _Args(4, True, 32)))
-    from lowbit.data import get_text, tokenize_windows, tokenizer_adds_bos
+    from lowbit.eval.data import get_text, tokenize_windows, tokenizer_adds_bos
 
     tokenizer = load(str(assets[0]))[1]
     windows = tokenize_windows(

@@ -10,13 +10,14 @@ import pytest
 import torch
 
 from conftest import SAMPLE_TEXT, tiny_llama, tiny_tokenizer
-from lowbit.allocation import Knapsack, allocate, cost_unit
+from lowbit.budget.allocation import Knapsack, allocate, cost_unit
+from lowbit.budget.plan import DEFAULT_CANDIDATES, EMBEDDING_CANDIDATES, plan_from_tables, sensitivity_tables
+from lowbit.budget.planner import Budget
+from lowbit.budget.sensitivity import Setting
 from lowbit.errors import LowbitError
-from lowbit.evaluation import size_account
-from lowbit.planner import DEFAULT_CANDIDATES, EMBEDDING_CANDIDATES, Budget, plan_from_tables, sensitivity_tables
-from lowbit.ptq import rtn
-from lowbit.sensitivity import Setting
-from lowbit.surgery import QuantConfig, quantized_modules
+from lowbit.eval.evaluation import size_account
+from lowbit.ptq.gptq import rtn
+from lowbit.quant.surgery import QuantConfig, quantized_modules
 
 
 def _brute_force(costs, losses, budget):
@@ -186,7 +187,7 @@ def test_budget_apply_reports_predicted_equal_to_achieved(planned, calib_file):
 
 
 def test_file_budget_quantizes_the_embedding_only_when_forced(calib_file, tmp_path):
-    from lowbit.io import save_quantized
+    from lowbit.store.folder import save_quantized
 
     tokenizer = tiny_tokenizer()
 
@@ -220,7 +221,7 @@ def test_file_budget_quantizes_the_embedding_only_when_forced(calib_file, tmp_pa
 
 
 def test_cli_quantize_with_a_budget(tiny_model_dir, calib_file, tmp_path, capsys):
-    from lowbit.cli import main
+    from lowbit.cli.main import main
 
     out = tmp_path / "q"
     # a budget needs no --bits: the planner chooses every layer's setting (--method budget: the plan and
@@ -248,9 +249,9 @@ def test_file_budget_picks_a_six_bit_embedding_when_eight_does_not_fit(calib_fil
     takes 6 bits (4 would free bytes for the linears but lose more), the plan prints it, the folder records it."""
     import dataclasses
 
-    from lowbit import planner
     from lowbit.api import quantize_to_dir
-    from lowbit.models import load_model
+    from lowbit.budget import plan as planner
+    from lowbit.eval.models import load_model
 
     model, tokenizer = load_model(str(tiny_model_dir))
     config = QuantConfig(bits=4)

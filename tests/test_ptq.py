@@ -11,11 +11,11 @@ from torch import nn
 
 from conftest import tiny_llama
 from lowbit.errors import LowbitError
-from lowbit.evaluation import evaluate, size_account
-from lowbit.io import load_quantized, save_quantized
-from lowbit.ptq import gptq, gptq_quantize_weight, rtn
-from lowbit.quantizers import make_quantizer
-from lowbit.surgery import QuantConfig, QuantizedEmbedding, QuantizedLinear, quantize_model, quantized_modules
+from lowbit.eval.evaluation import evaluate, size_account
+from lowbit.ptq.gptq import gptq, gptq_quantize_weight, rtn
+from lowbit.quant.quantizers import make_quantizer
+from lowbit.quant.surgery import QuantConfig, QuantizedEmbedding, QuantizedLinear, quantize_model, quantized_modules
+from lowbit.store.folder import load_quantized, save_quantized
 
 
 def _ids(n=8, seq=32, vocab=128, seed=1):
@@ -163,7 +163,7 @@ def test_failed_save_keeps_previous_output(tiny_model, tmp_path, monkeypatch):
     out = tmp_path / "q"
     save_quantized(tiny_model, None, out)
     first = (out / "lowbit.json").read_text()
-    import lowbit.io as lio
+    import lowbit.store.folder as lio
 
     def boom(*a, **k):
         raise OSError("disk full")

@@ -16,12 +16,12 @@ import pytest
 import torch
 
 from conftest import tiny_llama, tiny_tokenizer
-from lowbit import qat
-from lowbit.cli import UsageError, main
+from lowbit import train as qat
+from lowbit.cli.main import UsageError, main
 from lowbit.errors import LowbitError
-from lowbit.io import load_quantized, save_quantized
-from lowbit.qat import TrainConfig, distillation_loss, lr_multiplier, make_optimizer, param_groups, step_indices
-from lowbit.surgery import QuantConfig, quantize_model, quantized_modules
+from lowbit.quant.surgery import QuantConfig, quantize_model, quantized_modules
+from lowbit.store.folder import load_quantized, save_quantized
+from lowbit.train import TrainConfig, distillation_loss, lr_multiplier, make_optimizer, param_groups, step_indices
 
 
 @pytest.fixture(autouse=True)
@@ -206,7 +206,7 @@ def test_in_memory_train_signature_used_by_the_sweep(sample_text_file):
 
 
 def test_qat_method_gives_the_same_losses_as_train(sample_text_file):
-    from lowbit.methods import make_method, method_class, method_names
+    from lowbit.ptq.methods import make_method, method_class, method_names
 
     assert method_class("qat") is qat.QAT and "qat" in method_names("training")
     tokenizer = tiny_tokenizer()
@@ -229,7 +229,7 @@ def test_qat_method_gives_the_same_losses_as_train(sample_text_file):
 
 def test_init_gptq_calibrates_like_lowbit_quantize(tiny_model_dir, sample_text_file):
     from lowbit.api import quantize
-    from lowbit.methods import GPTQ
+    from lowbit.ptq.methods import GPTQ
 
     teacher, tokenizer = qat.load_teacher(str(tiny_model_dir))
     cfg = _cfg(tiny_model_dir, sample_text_file, "unused", init="gptq", calib=str(sample_text_file), calib_seq_len=32)
@@ -411,7 +411,7 @@ def test_data_free_tokens_are_cached_and_reused(tiny_model_dir, tmp_path, monkey
 
 
 def test_init_from_a_quantized_folder(tiny_model_dir, sample_text_file, tmp_path):
-    from lowbit.ptq import rtn
+    from lowbit.ptq.gptq import rtn
 
     model, tokenizer = qat.load_teacher(str(tiny_model_dir))
     rtn(model, QuantConfig(bits=2))
@@ -482,8 +482,8 @@ def test_resume_with_another_quant_setting_is_refused(tiny_model_dir, sample_tex
 
 
 def test_cli_flags_come_from_the_config_fields(tiny_model_dir, sample_text_file, tmp_path):
-    from lowbit.cli import build_parser
-    from lowbit.commands.train import config_from_args
+    from lowbit.cli.main import build_parser
+    from lowbit.cli.train import config_from_args
 
     parser = build_parser()
     base = ["train", "--bits", "2", "--data", "wiki-train", "--steps", "5", "--out", str(tmp_path / "o")]
@@ -600,7 +600,7 @@ def test_compiled_fake_quant_trains_and_saves_the_eager_model(tiny_model_dir, sa
 def test_train_params_scales_trains_only_step_sizes(tiny_model_dir, sample_text_file, tmp_path):
     import copy
 
-    from lowbit.surgery import quantize_model
+    from lowbit.quant.surgery import quantize_model
 
     teacher, _ = qat.load_teacher(str(tiny_model_dir))
     start = quantize_model(copy.deepcopy(teacher), QuantConfig(bits=2)).state_dict()
@@ -616,7 +616,7 @@ def test_train_params_scales_trains_only_step_sizes(tiny_model_dir, sample_text_
 
 def test_train_from_a_rotated_mixed_folder_without_bits_resumes_exactly(sample_text_file, tmp_path, monkeypatch):
     from conftest import tiny_llama, tiny_tokenizer
-    from lowbit.cli import main
+    from lowbit.cli.main import main
 
     tokenizer = tiny_tokenizer()
     model = tiny_llama(vocab_size=len(tokenizer))
@@ -651,9 +651,9 @@ def test_train_from_a_rotated_mixed_folder_without_bits_resumes_exactly(sample_t
 
 
 def test_eval_every_writes_a_held_out_curve_that_survives_a_kill(tiny_model_dir, sample_text_file, tmp_path, monkeypatch):
-    from lowbit.data import get_text, tokenize_windows
-    from lowbit.evaluation import evaluate
-    from lowbit.models import load_model
+    from lowbit.eval.data import get_text, tokenize_windows
+    from lowbit.eval.evaluation import evaluate
+    from lowbit.eval.models import load_model
 
     kw = dict(eval_every=3, eval_text=str(sample_text_file), eval_every_tokens=256, warmup=2)
     unbroken = tmp_path / "unbroken"

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis.extra.numpy import arrays
 
 from lowbit.errors import LowbitError
-from lowbit.quantizers import (
+from lowbit.quant.quantizers import (
     AbsMeanTernaryQuantizer,
     LSQQuantizer,
     StretchedElasticQuantizer,
@@ -246,7 +246,7 @@ def test_quantizer_bits_mismatch_errors():
 
 def _broadcast_alpha(q, w):
     """alpha expanded to w's shape (per row / group / tensor)."""
-    from lowbit.quantizers import group_view, ungroup
+    from lowbit.quant.quantizers import group_view, ungroup
 
     wg, _, _ = group_view(w, q.group_size)
     return ungroup(q.alpha.detach().unsqueeze(-1).expand_as(wg), w.shape)

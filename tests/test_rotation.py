@@ -11,10 +11,10 @@ import torch
 
 from conftest import SAMPLE_TEXT, tiny_llama, tiny_tokenizer
 from lowbit.errors import LowbitError
-from lowbit.io import load_quantized, save_quantized
-from lowbit.methods import GPTQ, RTN
-from lowbit.rotation import hadamard, random_rotation, rotate_model_
-from lowbit.surgery import QuantConfig
+from lowbit.ptq.methods import GPTQ, RTN
+from lowbit.quant.rotation import hadamard, random_rotation, rotate_model_
+from lowbit.quant.surgery import QuantConfig
+from lowbit.store.folder import load_quantized, save_quantized
 
 
 def _ids(vocab=128, n=2, seq=24, seed=3):
@@ -151,7 +151,7 @@ def test_rotated_quantize_to_dir_records_the_rotation(tmp_path, tiny_model_dir):
 
 
 def test_train_refuses_rotate():
-    from lowbit.qat.config import TrainConfig
+    from lowbit.train.config import TrainConfig
 
     with pytest.raises(LowbitError, match="quantize --rotate first"):
         TrainConfig(model="x", data="wiki-train", out="o", steps=10, quant=QuantConfig(bits=2, rotate=True))
@@ -159,7 +159,7 @@ def test_train_refuses_rotate():
 
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama_cpp not installed")
 def test_rotated_model_exports_to_llamacpp(tmp_path):
-    from lowbit.evaluation import compare_logits
+    from lowbit.eval.evaluation import compare_logits
     from lowbit.gguf import export_gguf
     from lowbit.peers.llamacpp import llamacpp_logits
 
@@ -179,9 +179,9 @@ def test_rotated_model_exports_to_llamacpp(tmp_path):
 
 @pytest.mark.parametrize("split", [1, 20])
 def test_rotated_tied_model_packed_and_decoded_like_the_fake_quant_model(tmp_path, split):
-    from lowbit.decoder import Decoder
-    from lowbit.evaluation import size_account
-    from lowbit.runtime import load_packed
+    from lowbit.eval.evaluation import size_account
+    from lowbit.runtime.decoder import Decoder
+    from lowbit.runtime.packed import load_packed
 
     tok = tiny_tokenizer()
     base = _with_norm_scales(tiny_llama(vocab_size=len(tok)))

@@ -7,12 +7,12 @@ import torch
 
 from conftest import tiny_llama, tiny_tokenizer
 from lowbit.errors import LowbitError
-from lowbit.io import load_quantized, save_quantized
-from lowbit.packed_linear import PackedLinear, kernel_layout
-from lowbit.packing import packed_nbytes
-from lowbit.ptq import rtn
-from lowbit.runtime import HalfEmbedding, PackedEmbedding, generate, load_packed, module_bytes, time_decode
-from lowbit.surgery import QuantConfig, quantized_modules
+from lowbit.ptq.gptq import rtn
+from lowbit.quant.packing import packed_nbytes
+from lowbit.quant.surgery import QuantConfig, quantized_modules
+from lowbit.runtime.packed import HalfEmbedding, PackedEmbedding, generate, load_packed, module_bytes, time_decode
+from lowbit.runtime.packed_linear import PackedLinear, kernel_layout
+from lowbit.store.folder import load_quantized, save_quantized
 
 
 def _runtime_bytes(path) -> int:
@@ -131,14 +131,14 @@ def test_int8_activations_decode_matches_float(tmp_path):
 
 
 def kernels_available() -> bool:
-    from lowbit import kernels
+    from lowbit.runtime import kernels
 
     return kernels.available()
 
 
 def test_half_linear_kernel_matches_torch():
-    from lowbit import kernels
-    from lowbit.runtime import HalfLinear
+    from lowbit.runtime import kernels
+    from lowbit.runtime.packed import HalfLinear
 
     w = torch.randn(300, 72).half()
     bias = torch.randn(300)
@@ -163,8 +163,8 @@ def test_measure_resident_counts_the_model(tmp_path, tiny_model_dir):
     read) and, once decoding has read every weight, at least the stored bytes and at most + 16 MiB.
     The model (hidden 512) is big enough that a float copy of its weights (24 MB in fp32, 12 MB in
     fp16) would break the bounds."""
-    from lowbit.models import load_model
-    from lowbit.resident import measure_resident
+    from lowbit.eval.models import load_model
+    from lowbit.runtime.resident import measure_resident
 
     tok = tiny_tokenizer()
     model = tiny_llama(vocab_size=len(tok), hidden=512)
@@ -200,7 +200,7 @@ def test_ternary_layout_t5_keeps_the_file_bytes(tmp_path):
 
 def test_unquantized_linears_stay_fp16(tmp_path):
     """A partly quantized model: the linears left out keep the file's fp16 (HalfLinear), not fp32."""
-    from lowbit.runtime import HalfLinear
+    from lowbit.runtime.packed import HalfLinear
 
     path, tok = _saved_quantized(tmp_path, QuantConfig(bits=2, include=["*.mlp.down_proj"]))
     fake, _, _ = load_quantized(path)
@@ -220,7 +220,7 @@ def test_ternary_storage_u2_is_read_in_place(tmp_path):
     whose codes the runtime unpacks to u2. The size account follows what is stored."""
     import json
 
-    from lowbit.evaluation import size_account
+    from lowbit.eval.evaluation import size_account
 
     tok = tiny_tokenizer()
     out = {}
@@ -247,7 +247,7 @@ def test_ternary_storage_u2_is_read_in_place(tmp_path):
 def test_drop_pages_releases_mapped_bytes_and_keeps_them_readable(tmp_path):
     from safetensors.torch import save_file
 
-    from lowbit.stfile import MappedSafetensors, drop_pages
+    from lowbit.store.stfile import MappedSafetensors, drop_pages
 
     data = torch.arange(256 * 1024, dtype=torch.int32)
     save_file({"a": data, "b": torch.ones(3)}, tmp_path / "w.safetensors")

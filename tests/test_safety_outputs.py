@@ -16,13 +16,14 @@ import pytest
 import torch
 
 from conftest import tiny_llama, tiny_tokenizer
-from lowbit import api, fsio
-from lowbit.cli import main
+from lowbit import api
+from lowbit.cli.main import main
 from lowbit.errors import LowbitError
-from lowbit.io import META, META_HASH, load_quantized, open_folder, read_meta, save_quantized
-from lowbit.ptq import rtn
-from lowbit.quantizers import make_quantizer
-from lowbit.surgery import QuantConfig
+from lowbit.ptq.gptq import rtn
+from lowbit.quant.quantizers import make_quantizer
+from lowbit.quant.surgery import QuantConfig
+from lowbit.store import fsio
+from lowbit.store.folder import META, META_HASH, load_quantized, open_folder, read_meta, save_quantized
 
 
 def folder_digest(path: Path) -> dict[str, str]:
@@ -153,8 +154,8 @@ def test_export_replaces_only_its_own_gguf(quantized, tmp_path):
 
 def test_train_and_pareto_folders_refuse_foreign_content(tiny_model_dir, tmp_path):
     from lowbit.pareto.store import ResultStore
-    from lowbit.qat.checkpoint import prepare_out
-    from lowbit.qat.config import TrainConfig
+    from lowbit.train.checkpoint import prepare_out
+    from lowbit.train.config import TrainConfig
 
     keep = tmp_path / "keep"
     keep.mkdir()

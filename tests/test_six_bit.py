@@ -12,17 +12,17 @@ import torch
 from safetensors import safe_open
 
 from conftest import tiny_llama, tiny_tokenizer
-from lowbit import kernels
 from lowbit.errors import LowbitError
-from lowbit.evaluation import evaluate, size_account
-from lowbit.io import load_quantized, save_quantized
+from lowbit.eval.evaluation import evaluate, size_account
 from lowbit.options import parse_override
-from lowbit.packed_linear import PackedLinear, kernel_layout
-from lowbit.packing import default_layout, pack_codes, row_bytes
-from lowbit.ptq import gptq, rtn
-from lowbit.quantizers import LSQQuantizer, make_quantizer, parse_bits
-from lowbit.runtime import PackedEmbedding, generate, load_packed
-from lowbit.surgery import QuantConfig, quantized_modules
+from lowbit.ptq.gptq import gptq, rtn
+from lowbit.quant.packing import default_layout, pack_codes, row_bytes
+from lowbit.quant.quantizers import LSQQuantizer, make_quantizer, parse_bits
+from lowbit.quant.surgery import QuantConfig, quantized_modules
+from lowbit.runtime import kernels
+from lowbit.runtime.packed import PackedEmbedding, generate, load_packed
+from lowbit.runtime.packed_linear import PackedLinear, kernel_layout
+from lowbit.store.folder import load_quantized, save_quantized
 
 
 def _ids(n, seq, vocab, seed):
@@ -166,7 +166,7 @@ def test_u6_packed_linear_runs_the_pytorch_path():
 
 
 def test_cli_quantizes_at_six_bits_with_a_six_bit_embedding_override(tiny_model_dir, tmp_path, capsys):
-    from lowbit.cli import main
+    from lowbit.cli.main import main
 
     out = tmp_path / "q"
     argv = ["quantize", "--model", str(tiny_model_dir), "--bits", "6", "--group-size", "32", "--quantize-embeddings"]

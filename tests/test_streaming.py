@@ -1,4 +1,4 @@
-"""Streaming quantization (lowbit.streaming): the same folder as the in-memory path, bit for bit, one
+"""Streaming quantization (lowbit.ptq.streaming): the same folder as the in-memory path, bit for bit, one
 block in memory at a time, atomic output, clear refusals; the mapped safetensors reader and writer."""
 
 from __future__ import annotations
@@ -14,14 +14,16 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import SAMPLE_TEXT, tiny_llama, tiny_tokenizer
-from lowbit import streaming
 from lowbit.api import quantize_to_dir
-from lowbit.cli import main
+from lowbit.budget import streamed
+from lowbit.cli.main import main
 from lowbit.errors import LowbitError
-from lowbit.io import is_quantized_dir, open_folder
-from lowbit.stfile import Checkpoint, MappedSafetensors, SafetensorsWriter
-from lowbit.streaming import stream_quantize_to_dir
-from lowbit.surgery import QuantConfig
+from lowbit.ptq import source, streaming
+from lowbit.ptq.methods import make_method
+from lowbit.ptq.streaming import stream_quantize_to_dir
+from lowbit.quant.surgery import QuantConfig
+from lowbit.store.folder import is_quantized_dir, open_folder
+from lowbit.store.stfile import Checkpoint, MappedSafetensors, SafetensorsWriter
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -76,7 +78,8 @@ def test_streamed_folder_is_bit_exact(tmp_path, calib, case):
     if "shard" in opts:
         assert (model / "model.safetensors.index.json").is_file() and len(list(model.glob("*.safetensors"))) > 1
     settings = calib if method == "gptq" else {}
-    ref = quantize_to_dir(str(model), str(tmp_path / "mem"), QuantConfig(**cfg), method, progress=False, **settings)
+    ref = quantize_to_dir(str(model), str(tmp_path / "mem"), QuantConfig(**cfg), method, progress=False, stream=False,
+                          **settings)
     out = stream_quantize_to_dir(str(model), str(tmp_path / "st"), QuantConfig(**cfg), method, progress=False,
                                  hidden_limit_bytes=limit, **settings)  # fmt: skip
     assert_same_folder(tmp_path / "mem", tmp_path / "st")
@@ -104,27 +107,43 @@ def test_cli_stream_flag_and_refusals(tmp_path, calib, capsys):
         assert not (tmp_path / "c").exists()
 
 
-def test_automatic_streaming_when_the_model_does_not_fit(tmp_path, monkeypatch, capsys):
+def test_streaming_is_the_default_where_it_writes_the_same_folder(tmp_path, calib):
+    """``lowbit quantize`` (and ``quantize_to_dir``) stream by default for RTN, GPTQ and a bits-per-weight
+    budget; --no-stream loads the model whole and writes the same tensors; what cannot stream
+    (a rotation, the auto pipeline, a file budget, torchrun) loads the model whole without being asked."""
     model = _bf16_model(tmp_path)
-    need = streaming.fp32_bytes(str(model))
-    params = sum(p.numel() for p in tiny_llama(vocab_size=len(tiny_tokenizer())).parameters())
-    assert need == 4 * params  # the float32 size the in-memory path would load
-    monkeypatch.setattr(streaming, "available_memory", lambda: need)  # 80% of it is too little
-    assert main(["quantize", "--model", str(model), "--bits", "4", "--out", str(tmp_path / "q")]) == 0
-    assert "block by block" in capsys.readouterr().err
-    assert json.loads((tmp_path / "q" / "lowbit.json").read_text())["info"]["streamed"] is True
-    monkeypatch.setattr(streaming, "available_memory", lambda: 2 * need)
-    assert not streaming.should_stream(str(model), "rtn", QuantConfig(bits=4))
+    base = ["quantize", "--model", str(model), "--bits", "4", "--group-size", "32"]
+    assert main(base + ["--out", str(tmp_path / "s")]) == 0
+    assert main(base + ["--out", str(tmp_path / "m"), "--no-stream"]) == 0
+    streamed_info = json.loads((tmp_path / "s" / "lowbit.json").read_text())["info"]
+    whole_info = json.loads((tmp_path / "m" / "lowbit.json").read_text())["info"]
+    assert streamed_info["streamed"] is True and "streamed" not in whole_info
+    a, b = open_folder(tmp_path / "s").tensors, open_folder(tmp_path / "m").tensors
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rtn, gptq = make_method("rtn"), make_method("gptq")
+    assert streaming.should_stream(str(model), rtn, QuantConfig(bits=4))
+    assert streaming.should_stream(str(model), gptq, QuantConfig(bits=4))
+    assert streaming.should_stream(str(model), make_method("budget", budget_bpw=3.0), QuantConfig(bits=4))
+    assert not streaming.should_stream(str(model), rtn, QuantConfig(bits=4, rotate=True))
+    assert not streaming.should_stream(str(model), make_method("budget", budget_mb=1.0), QuantConfig(bits=4))
+    assert not streaming.should_stream(str(model), make_method("auto", budget_bpw=3.0), QuantConfig(bits=4))
+    assert not streaming.should_stream(str(tmp_path / "s"), rtn, QuantConfig(bits=4))  # already quantized
+
+
+def _spy_on_materialize(monkeypatch, spy) -> None:
+    """Route every block-by-block pass's materialize (quantization, calibration capture, Fisher) through ``spy``."""
+    for module in (streaming, source, streamed):
+        monkeypatch.setattr(module, "materialize", spy)
 
 
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_at_most_one_block_is_materialised(tmp_path, calib, monkeypatch, method):
-    """Instrumented _materialize: when a block is loaded no other block holds a real tensor, the block
+    """Instrumented materialize: when a block is loaded no other block holds a real tensor, the block
     really holds its float32 weights after it, every block is loaded once, and the rest (embedding,
     norm, head) only after every block is released; at the end nothing is materialised."""
     model_dir = _bf16_model(tmp_path, layers=3, tied=False, shard="60KB")
     blocks, events = [], []
-    original = streaming._materialize
+    original = source.materialize
 
     def live(module):
         return any(not t.is_meta for t in list(module.parameters()) + list(module.buffers()))
@@ -147,7 +166,7 @@ def test_at_most_one_block_is_materialised(tmp_path, calib, monkeypatch, method)
             assert not any(".layers." in n for n, _ in root.named_parameters())
         return replaced
 
-    monkeypatch.setattr(streaming, "_materialize", spy)
+    _spy_on_materialize(monkeypatch, spy)
     stream_quantize_to_dir(str(model_dir), str(tmp_path / "q"), QuantConfig(bits=2, group_size=32), method,
                            progress=False, **(calib if method == "gptq" else {}))  # fmt: skip
     expected = ["model.layers.0", "model.layers.1", "model.layers.2", ""]
@@ -158,16 +177,16 @@ def test_at_most_one_block_is_materialised(tmp_path, calib, monkeypatch, method)
 
 KILL_SCRIPT = """
 import os, signal, sys
-from lowbit import streaming
-from lowbit.surgery import QuantConfig
+from lowbit.ptq import streaming
+from lowbit.quant.surgery import QuantConfig
 calls = []
-original = streaming._release
+original = streaming.release
 def release(module):
     original(module)
     calls.append(1)
     if len(calls) == 2:
         os.kill(os.getpid(), signal.SIGKILL)
-streaming._release = release
+streaming.release = release
 streaming.stream_quantize_to_dir(sys.argv[1], sys.argv[2], QuantConfig(bits=4), "rtn", progress=False)
 """
 
@@ -194,7 +213,7 @@ def test_an_error_mid_run_leaves_nothing(tmp_path, monkeypatch):
     def boom(module):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(streaming, "_release", boom)
+    monkeypatch.setattr(streaming, "release", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         stream_quantize_to_dir(str(model), str(tmp_path / "q"), QuantConfig(bits=4), progress=False)
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
@@ -265,8 +284,8 @@ def test_writer_and_mapped_reader_round_trip(tmp_path):
 def test_load_packed_maps_the_file_and_computes_the_same(tmp_path, monkeypatch):
     """load_packed keeps the packed codes as views of the mapped weights file; its outputs equal those
     of a load that reads the file into memory."""
-    from lowbit import runtime
-    from lowbit.packed_linear import PackedLinear
+    from lowbit.runtime import packed as runtime
+    from lowbit.runtime.packed_linear import PackedLinear
 
     model = _bf16_model(tmp_path)
     stream_quantize_to_dir(str(model), str(tmp_path / "q"), QuantConfig(bits=4, group_size=32), progress=False)
@@ -302,7 +321,8 @@ def test_gpt2_conv1d_and_position_embeddings_stream_bit_exact(tmp_path, calib):
     model.to(torch.float16).save_pretrained(tmp_path / "gpt2")
     tok.save_pretrained(tmp_path / "gpt2")
     cfg = dict(bits=4, group_size=32, overrides={"transformer.h.1.*": {"bits": 2}})
-    quantize_to_dir(str(tmp_path / "gpt2"), str(tmp_path / "mem"), QuantConfig(**cfg), "gptq", progress=False, **calib)
+    quantize_to_dir(str(tmp_path / "gpt2"), str(tmp_path / "mem"), QuantConfig(**cfg), "gptq", progress=False,
+                    stream=False, **calib)
     stream_quantize_to_dir(str(tmp_path / "gpt2"), str(tmp_path / "st"), QuantConfig(**cfg), "gptq", progress=False,
                            **calib)  # fmt: skip
     assert_same_folder(tmp_path / "mem", tmp_path / "st")
@@ -314,7 +334,8 @@ def test_streamed_budget_plan_matches_in_memory(tmp_path, calib, then):
     model = _bf16_model(tmp_path, hidden=64, layers=3)
     settings = {**calib, "budget_bpw": 3.0, "fisher_tokens": 128, "then_method": then,
                 "candidates": ("2:32:auto", "3:32:auto", "4:32:auto", "4:channel:auto")}  # fmt: skip
-    ref = quantize_to_dir(str(model), str(tmp_path / "mem"), QuantConfig(bits=4), "budget", progress=False, **settings)
+    ref = quantize_to_dir(str(model), str(tmp_path / "mem"), QuantConfig(bits=4), "budget", progress=False,
+                          stream=False, **settings)
     out = stream_quantize_to_dir(str(model), str(tmp_path / "st"), QuantConfig(bits=4), "budget", progress=False,
                                  hidden_limit_bytes=0, **settings)  # fmt: skip
     ma, mb = (json.loads((p / "lowbit.json").read_text()) for p in (tmp_path / "mem", tmp_path / "st"))
@@ -340,7 +361,7 @@ def test_streamed_budget_holds_one_block_at_a_time(tmp_path, calib, monkeypatch)
     """The Fisher passes (forward, head, backward) and the quantization pass: whenever anything is
     materialised, no decoder block holds a real tensor; each block is loaded three times in all."""
     model_dir = _bf16_model(tmp_path, layers=3, tied=False)
-    blocks, alive_at_load, original = {}, [], streaming._materialize
+    blocks, alive_at_load, original = {}, [], source.materialize
 
     def live(module):
         return any(not t.is_meta for t in list(module.parameters()) + list(module.buffers()))
@@ -352,7 +373,7 @@ def test_streamed_budget_holds_one_block_at_a_time(tmp_path, calib, monkeypatch)
             blocks[prefix + f"#{len(alive_at_load)}"] = root
         return original(root, prefix, ckpt, *skip)
 
-    monkeypatch.setattr(streaming, "_materialize", spy)
+    _spy_on_materialize(monkeypatch, spy)
     stream_quantize_to_dir(str(model_dir), str(tmp_path / "q"), QuantConfig(bits=4), "budget", progress=False,
                            budget_bpw=3.0, fisher_tokens=64, then_method="rtn",
                            candidates=("2:32:auto", "4:32:auto"), **calib)  # fmt: skip

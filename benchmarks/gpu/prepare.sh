@@ -10,8 +10,8 @@
 set -euo pipefail
 mkdir -p .gpu/a .gpu/b
 python - <<'PY'
-from lowbit.data import get_text, read_text_file
-from lowbit.models import _smollm2_gguf
+from lowbit.eval.data import get_text, read_text_file
+from lowbit.eval.models import _smollm2_gguf
 for name in ("wiki-train", "wiki-eval"):
     text = get_text(name)
     with open(f".gpu/b/{name}.txt", "w", encoding="utf-8", newline="") as f:

@@ -13,11 +13,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 from conftest import tiny_llama, tiny_tokenizer  # noqa: E402
-from lowbit.blockwise import BlockAP  # noqa: E402
-from lowbit.io import save_quantized  # noqa: E402
-from lowbit.ptq import rtn  # noqa: E402
-from lowbit.qat import TrainConfig, run  # noqa: E402
-from lowbit.surgery import QuantConfig  # noqa: E402
+from lowbit.ptq.gptq import rtn  # noqa: E402
+from lowbit.quant.surgery import QuantConfig  # noqa: E402
+from lowbit.store.folder import save_quantized  # noqa: E402
+from lowbit.train import TrainConfig, run  # noqa: E402
+from lowbit.train.blockap import BlockAP  # noqa: E402
 
 
 def main() -> None:

@@ -2,30 +2,30 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from lowbit.data import get_text, tokenize_windows, tokenizer_adds_bos
 from lowbit.distributed import current_context, launched_by_torchrun, setup_distributed, teardown
 from lowbit.errors import LowbitError
-from lowbit.evaluation import evaluate, size_account
-from lowbit.fsio import prepare_out, sampled_sha256
-from lowbit.io import QUANTIZED_OUT, is_quantized_dir, load_quantized, reference_identity, save_quantized, weight_files
-from lowbit.methods import GPTQ, RTN, Method, make_method, method_settings  # noqa: F401
-from lowbit.models import DEFAULT_MODEL, NAMED_MODELS, load_model, model_id
-from lowbit.resident import peak_resident_bytes
-from lowbit.surgery import QuantConfig
+from lowbit.eval.data import get_text, tokenize_windows, tokenizer_adds_bos
+from lowbit.eval.evaluation import evaluate, size_account
+from lowbit.eval.models import DEFAULT_MODEL, check_reference, load_model
+from lowbit.memory import peak_resident_bytes
+from lowbit.ptq.methods import GPTQ, RTN, Method, make_method, method_settings, run_record  # noqa: F401
+from lowbit.ptq.streaming import should_stream, stream_quantize_to_dir
+from lowbit.quant.surgery import QuantConfig
+from lowbit.store.folder import QUANTIZED_OUT, is_quantized_dir, load_quantized, save_quantized
+from lowbit.store.fsio import prepare_out
 
 
 def load(spec: str = DEFAULT_MODEL):
     """Load a model by default name, HF folder, GGUF file or lowbit quantized folder.
 
     Returns (model, tokenizer, meta); ``meta`` is None for a full-precision model. A folder that
-    looks like a lowbit output but is not whole is refused (:func:`lowbit.io.is_quantized_dir`).
+    looks like a lowbit output but is not whole is refused (:func:`lowbit.store.folder.is_quantized_dir`).
     """
     if Path(spec).is_dir() and is_quantized_dir(spec):
         return load_quantized(spec)
@@ -55,11 +55,17 @@ def quantize_to_dir(
     method: str | Method = "rtn",
     progress: bool = True,
     overwrite: bool = False,
+    stream: bool | None = None,
     **settings,
 ) -> dict:
     """Load, quantize and save; returns the run record (settings, time, size account).
 
-    ``out`` is checked before any work (:func:`lowbit.fsio.prepare_out`): it must not hold
+    ``stream``: quantize one decoder block at a time from the checkpoint
+    (:func:`lowbit.ptq.streaming.stream_quantize_to_dir`: the same folder, one block in memory instead
+    of the model); None (the default) streams wherever that writes the same folder
+    (:func:`lowbit.ptq.streaming.should_stream`), True refuses what cannot stream, False loads the model whole.
+
+    ``out`` is checked before any work (:func:`lowbit.store.fsio.prepare_out`): it must not hold
     anything but, with ``overwrite``, a previous quantized folder, nor overlap ``model_spec``.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) every process calls this: a data-parallel method (GPTQ
@@ -68,6 +74,10 @@ def quantize_to_dir(
     the others return ``{"rank": r}``.
     """
     method = make_method(method, **settings)
+    if stream is None:
+        stream = should_stream(model_spec, method, config)
+    if stream:
+        return stream_quantize_to_dir(model_spec, out, config, method, progress=progress, overwrite=overwrite)
     owned = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     ctx = setup_distributed() if launched_by_torchrun() else current_context()
     try:
@@ -96,17 +106,7 @@ def _quantize_and_save(model_spec, out, config, method, progress, overwrite, ctx
     seconds = time.time() - t0
     if not ctx.is_main:
         return {"rank": ctx.rank}
-    info = {
-        **reference_identity(model_spec),
-        "base_model_id": model_id(model_spec),
-        "method": method.name,
-        "quantize_seconds": round(seconds, 2),
-        "settings": method_settings(method),
-    }
-    if report:  # what the method reports (a byte budget's plan), recorded in lowbit.json
-        info["report"] = report
-    if getattr(model, "lowbit_rotation", None):
-        info["rotation"] = model.lowbit_rotation
+    info = run_record(model_spec, method, seconds, report, getattr(model, "lowbit_rotation", None))
     save_quantized(model, tokenizer, out, info=info, overwrite=overwrite, inputs=(model_spec,))
     return {**info, "out": str(out), **size_account(model), **({"world_size": ctx.world} if ctx.active else {})}
 
@@ -116,32 +116,6 @@ def resolve_reference(meta: dict) -> tuple[str | None, nn.Module | None]:
     ``(None, None)`` when it records none; loaded only once :func:`check_reference` passes."""
     spec = check_reference(meta)
     return (spec, load(spec)[0]) if spec else (None, None)
-
-
-def check_reference(meta: dict) -> str | None:
-    """The reference model a quantized folder records, checked: its spec once the stored base model's
-    weights fingerprint matches the one saved with the folder, None when the folder records none; a
-    missing, changed or unrecorded reference is a one-line :class:`LowbitError` naming it and the fix."""
-    info = meta.get("info") or {}
-    spec = info.get("base_model")
-    if not spec:
-        return None
-    fix = "pass --reference MODEL (or --no-reference)"
-    stored = info.get("base_model_fingerprint")
-    if stored is None:
-        raise LowbitError(f"the folder records its reference {spec} without a fingerprint, so it cannot be checked: {fix}")
-    if spec not in NAMED_MODELS and not os.path.exists(spec):
-        raise LowbitError(f"the stored reference {spec} (the model this folder was quantized from) is missing: {fix}")
-    try:
-        files = weight_files(spec)
-        found = sampled_sha256(files) if files else None
-    except (LowbitError, OSError) as exc:
-        raise LowbitError(f"the stored reference {spec} cannot be read ({exc}): {fix}") from exc
-    if found != stored:
-        raise LowbitError(
-            f"the stored reference {spec} has changed since this folder was made (its weights differ): {fix}"
-        )
-    return spec
 
 
 def eval_model(

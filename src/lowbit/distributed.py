@@ -1,6 +1,6 @@
 """One process, or many under ``torchrun``: who this process is, and the few collectives lowbit uses.
 
-QAT (:mod:`lowbit.qat.distributed`: DDP / FSDP) and GPTQ (:func:`lowbit.ptq.gptq`: data-parallel
+QAT (:mod:`lowbit.train.distributed`: DDP / FSDP) and GPTQ (:func:`lowbit.ptq.gptq.gptq`: data-parallel
 Hessians) share this. Without torchrun's variables every call is a no-op on one process.
 """
 

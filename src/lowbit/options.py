@@ -43,7 +43,7 @@ def parse_group_size(text: str) -> int | None:
 
 def parse_bits_option(text: str) -> float:
     """``--bits``: 1, 1.58 (or ternary), 2, 3, 4, 6 or 8, checked when the command line is read."""
-    from lowbit.quantizers import parse_bits
+    from lowbit.quant.quantizers import parse_bits
 
     try:
         return parse_bits(text)

@@ -42,10 +42,10 @@ import torch
 
 from lowbit import __version__
 from lowbit.errors import LowbitError
-from lowbit.fsio import OutputKind, atomic_path, prepare_out
 from lowbit.gguf.quants import dequantize_tensor, ggml_type, hp_array, pack_fallback, plan_exact
 from lowbit.gguf.tokenizer import tokenizer_metadata
-from lowbit.io import META, QuantizedFolder, is_quantized_dir, open_folder, quantized_model
+from lowbit.store.folder import META, QuantizedFolder, is_quantized_dir, open_folder, quantized_model
+from lowbit.store.fsio import OutputKind, atomic_path, prepare_out
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 FALLBACK_TYPES = ("f16", "f32", "q8_0")
@@ -284,7 +284,7 @@ def export_gguf(
 ) -> dict:
     """Write ``out`` (GGUF) from the lowbit quantized folder ``path``; returns the export report.
 
-    ``out`` is checked first (:func:`lowbit.fsio.prepare_out`): an existing file is replaced only
+    ``out`` is checked first (:func:`lowbit.store.fsio.prepare_out`): an existing file is replaced only
     with ``overwrite`` and only when lowbit wrote it; ``out`` must not lie inside ``path``.
     """
     import gguf  # noqa: F401  (fail before any work when the gguf package is missing)

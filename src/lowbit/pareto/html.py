@@ -11,7 +11,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from lowbit import __version__
-from lowbit.fsio import atomic_write
 from lowbit.pareto.plot import plot_pareto
 from lowbit.pareto.report import (
     COLUMNS,
@@ -28,6 +27,7 @@ from lowbit.pareto.report import (
 )
 from lowbit.pareto.spec import SweepSpec
 from lowbit.pareto.store import RESULTS_FILE
+from lowbit.store.fsio import atomic_write
 
 _CSS = """
 body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1400px; color: #222; padding: 0 1em; }

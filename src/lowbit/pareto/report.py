@@ -265,7 +265,7 @@ def markdown_table(records: list[dict]) -> str:
 
 def eval_description(records: list[dict], spec: SweepSpec) -> list[str]:
     """What the points were measured on: eval text and windows, calibration and training texts."""
-    from lowbit.data import describe_text
+    from lowbit.eval.data import describe_text
 
     def describe(name: str) -> str:
         try:
@@ -297,7 +297,7 @@ def eval_description(records: list[dict], spec: SweepSpec) -> list[str]:
     if "qat" in spec.quantized_methods():
         text.append(
             f"QAT training text: {spec.qat_data}; {spec.qat_steps} steps in windows of {spec.seq_len} "
-            f"(further settings: {json.dumps(spec.qat_settings) if spec.qat_settings else 'lowbit.qat defaults'})."
+            f"(further settings: {json.dumps(spec.qat_settings) if spec.qat_settings else 'lowbit.train defaults'})."
         )
     return text + peer_description(records, spec)
 

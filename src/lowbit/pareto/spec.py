@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lowbit.errors import LowbitError
-from lowbit.methods import SWEEPABLE
 from lowbit.options import (
     known_fields,
     parse_bits_option,
@@ -23,7 +22,8 @@ from lowbit.options import (
     parse_positive_int,
 )
 from lowbit.peers import PEER_NAMES
-from lowbit.quantizers import QUANTIZERS, paretoq_quantizer_name, parse_bits
+from lowbit.ptq.methods import SWEEPABLE
+from lowbit.quant.quantizers import QUANTIZERS, paretoq_quantizer_name, parse_bits
 
 KEY_VERSION = 1
 # Chosen so that the default sweep (FP + RTN and GPTQ at 4/3/2 bits, per-channel and g128) of the
@@ -49,8 +49,8 @@ class SweepSpec:
 
     ``group_sizes``: None is per-channel; ``max_tokens`` None evaluates the whole text.
     QAT points run only when ``qat_steps > 0`` and ``"qat"`` is in ``methods``: they train with the
-    ``qat`` method of :mod:`lowbit.methods` on ``qat_data`` in windows of ``seq_len``;
-    ``qat_settings`` passes further ``lowbit.qat.TrainConfig`` fields (batch_size, lr, loss, ...).
+    ``qat`` method of :mod:`lowbit.ptq.methods` on ``qat_data`` in windows of ``seq_len``;
+    ``qat_settings`` passes further ``lowbit.train.TrainConfig`` fields (batch_size, lr, loss, ...).
     """
 
     models: list[str] = field(
@@ -92,7 +92,7 @@ class SweepSpec:
     hp_dtype: str = field(default="float16", metadata=_OFF_CLI)
     damp: float = field(default=0.01, metadata=_OFF_CLI)
     act_order: bool = field(default=False, metadata=_OFF_CLI)
-    # further GPTQ fields (lowbit.methods.GPTQ: sequential, sample, ...); in a point's key only when given
+    # further GPTQ fields (lowbit.ptq.methods.GPTQ: sequential, sample, ...); in a point's key only when given
     gptq_settings: dict = field(default_factory=dict, metadata=_OFF_CLI)
     qat_steps: int = field(
         default=0, metadata=_opt("QAT training steps; QAT points run only when > 0", parse=parse_count, metavar="N")
@@ -171,7 +171,7 @@ class SweepSpec:
 
 def model_ref(spec: str) -> str:
     """How a model is named in a point's key: a built-in name, or the absolute path."""
-    from lowbit.models import NAMED_MODELS
+    from lowbit.eval.models import NAMED_MODELS
 
     if spec in NAMED_MODELS:
         return spec
@@ -180,7 +180,7 @@ def model_ref(spec: str) -> str:
 
 def text_fingerprint(name: str) -> str:
     """SHA-256 (16 hex digits) of a text's content, so that a changed text file changes the keys."""
-    from lowbit.data import get_text
+    from lowbit.eval.data import get_text
 
     return hashlib.sha256(get_text(name).encode("utf-8")).hexdigest()[:16]
 

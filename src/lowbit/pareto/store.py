@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from lowbit.errors import LowbitError
-from lowbit.fsio import OutputKind, fsync_dir, prepare_out
+from lowbit.store.fsio import OutputKind, fsync_dir, prepare_out
 
 RESULTS_FILE = "results.jsonl"
 LOCK_FILE = ".pareto.lock"
@@ -31,7 +31,7 @@ class ResultStore:
     :meth:`repair` before new lines are appended. Use as a context manager: it holds an exclusive
     lock on ``DIR`` so that two sweeps never write the same store.
 
-    Entering checks ``DIR`` first (:func:`lowbit.fsio.prepare_out`): an existing store is resumed,
+    Entering checks ``DIR`` first (:func:`lowbit.store.fsio.prepare_out`): an existing store is resumed,
     never replaced; a file, a non-empty folder that is not a store, an unwritable place or one
     overlapping ``inputs`` (the swept models) is refused before any work.
     """

@@ -2,7 +2,7 @@
 
 Quality follows docs/methods.md ("Measuring"): every point of a model is measured on the same
 eval windows against the same full-precision log-probs, computed once per model and kept in
-memory (:func:`lowbit.evaluation.cache_reference`), so the reference model runs once per sweep,
+memory (:func:`lowbit.eval.evaluation.cache_reference`), so the reference model runs once per sweep,
 not once per point. Each finished point goes to the :class:`~lowbit.pareto.store.ResultStore`
 before the next one starts, so a killed sweep loses at most the point in progress.
 """
@@ -27,19 +27,19 @@ from torch import nn
 
 from lowbit import __version__
 from lowbit.errors import LowbitError
-from lowbit.evaluation import CachedReference, cache_reference, evaluate, size_account
-from lowbit.methods import Method, make_method
+from lowbit.eval.evaluation import CachedReference, cache_reference, evaluate, size_account
 from lowbit.pareto.html import write_report
 from lowbit.pareto.report import fmt_mb, summary_lines
 from lowbit.pareto.spec import SweepSpec, plan_points, point_key, point_label, text_fingerprints
 from lowbit.pareto.store import ResultStore
+from lowbit.ptq.methods import Method, make_method
 
 # What a point's record keeps of a training method's report (the per-step metrics stay out).
 _REPORT_KEYS = ("steps", "train_tokens", "train_seconds", "first_loss", "final_loss", "data")
 
 
 def _method_settings(spec: SweepSpec, name: str) -> dict:
-    """The spec's settings for method ``name`` (:func:`lowbit.methods.make_method` keeps its fields)."""
+    """The spec's settings for method ``name`` (:func:`lowbit.ptq.methods.make_method` keeps its fields)."""
     if name == "qat":
         return {
             "steps": spec.qat_steps,
@@ -80,7 +80,7 @@ class _ModelContext:
 
 def _load_context(model_spec: str, spec: SweepSpec, methods: dict[str, Method], progress: bool) -> _ModelContext:
     from lowbit.api import load
-    from lowbit.data import get_text, tokenize_windows, tokenizer_adds_bos
+    from lowbit.eval.data import get_text, tokenize_windows, tokenizer_adds_bos
 
     reference, tokenizer, meta = load(model_spec)
     if meta is not None:
@@ -118,7 +118,7 @@ def _check_cache_memory(windows: torch.Tensor, reference: nn.Module) -> None:
 
 def _quantize(model: nn.Module, settings: dict, spec: SweepSpec, ctx: _ModelContext, progress: bool) -> dict:
     """Quantize ``model`` in place as ``settings`` say; returns what the method reports (QAT: losses)."""
-    from lowbit.surgery import QuantConfig
+    from lowbit.quant.surgery import QuantConfig
 
     config = QuantConfig(
         bits=settings["bits"],
@@ -173,7 +173,7 @@ def measure_point(settings: dict, spec: SweepSpec, ctx: _ModelContext, progress:
 
 def _record(settings: dict, ctx: _ModelContext, extra: dict, size: dict, quality: dict, timing: dict, reported) -> dict:
     """One result record; ``timing``: its quantize_seconds, eval_seconds and (total) seconds."""
-    from lowbit.models import model_id
+    from lowbit.eval.models import model_id
 
     return {
         "key": point_key(settings),

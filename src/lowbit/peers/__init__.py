@@ -11,7 +11,7 @@ has ``name``, ``check()`` (a one-line :class:`~lowbit.errors.LowbitError` when i
 ``version()``, ``plan(spec)`` (per point: ``peer_type`` and the settings that change its numbers,
 part of the point's key) and ``measure(ctx, todo, progress, log)``, yielding ``(settings, measured)``
 per point as it finishes. ``measured`` is a dict: ``size`` (the bytes as stored, with
-:func:`lowbit.evaluation.size_account`'s fields), ``quality`` (:func:`lowbit.evaluation.evaluate` on
+:func:`lowbit.eval.evaluation.size_account`'s fields), ``quality`` (:func:`lowbit.eval.evaluation.evaluate` on
 the sweep's cached reference), ``quantize_seconds``, ``eval_seconds`` and ``details`` (kept as the
 record's ``peer_details``).
 """

@@ -1,6 +1,6 @@
 """llama.cpp as a peer runtime (needs llama-cpp-python): open a GGUF file, its logits for given
-token ids (compare them with :func:`lowbit.evaluation.compare_logits`, or evaluate
-:class:`LlamaCppLM` with :func:`lowbit.evaluation.evaluate`), llama.cpp's own quantizer
+token ids (compare them with :func:`lowbit.eval.evaluation.compare_logits`, or evaluate
+:class:`LlamaCppLM` with :func:`lowbit.eval.evaluation.evaluate`), llama.cpp's own quantizer
 (:func:`quantize_gguf`) and the bytes a GGUF file stores per tensor (:func:`gguf_account`)."""
 
 from __future__ import annotations
@@ -192,7 +192,7 @@ def llamacpp_logits(
 
 
 class LlamaCppLM(nn.Module):
-    """A llama.cpp model behind the interface :func:`lowbit.evaluation.evaluate` calls
+    """A llama.cpp model behind the interface :func:`lowbit.eval.evaluation.evaluate` calls
     (``model(input_ids=ids).logits``), so llama.cpp's points are scored by lowbit's one evaluator:
     each window is evaluated from an empty context, exactly its token ids."""
 
@@ -212,10 +212,10 @@ def write_fp_gguf(model: nn.Module, tokenizer, out: str | os.PathLike, name: str
     """Write the full-precision Llama ``model`` as an F32 GGUF file (every tensor as float32), with
     lowbit's GGUF writer (:mod:`lowbit.gguf.export`: tensor names, rotary row order, hyperparameters,
     tokenizer) and its read-back check that every tensor equals the model's."""
-    from lowbit.fsio import atomic_path
     from lowbit.gguf.export import SUPPORTED_ARCHITECTURES, _collect, _rope, _write, verify_gguf
     from lowbit.gguf.tokenizer import tokenizer_metadata
-    from lowbit.io import QuantizedFolder
+    from lowbit.store.folder import QuantizedFolder
+    from lowbit.store.fsio import atomic_path
 
     archs = getattr(model.config, "architectures", None) or [type(model).__name__]
     if model.config.model_type != "llama" or not any(a in SUPPORTED_ARCHITECTURES for a in archs):
@@ -268,7 +268,7 @@ def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, type_name: str
 
 
 def gguf_account(path: str | os.PathLike) -> dict:
-    """The bytes a GGUF file stores, as :func:`lowbit.evaluation.size_account` counts a lowbit model:
+    """The bytes a GGUF file stores, as :func:`lowbit.eval.evaluation.size_account` counts a lowbit model:
     ``total_bytes`` is every tensor's data (the file adds ``gguf_metadata_bytes`` of header,
     tokenizer and alignment: ``gguf_file_bytes`` in all); ``linear_bytes`` the decoder linears'
     (:data:`LINEAR_KINDS`). ``gguf_types`` is the type of every tensor, ``gguf_linear_types`` how

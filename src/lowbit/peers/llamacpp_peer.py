@@ -3,7 +3,7 @@
 Per model: the full-precision model is written once as an F32 GGUF file
 (:func:`~lowbit.peers.llamacpp.write_fp_gguf`); each type is made from it by llama.cpp's own
 quantizer (``llama_model_quantize``, default parameters, no importance matrix), run by llama.cpp
-on exactly the sweep's eval windows and scored by :func:`lowbit.evaluation.evaluate` against the
+on exactly the sweep's eval windows and scored by :func:`lowbit.eval.evaluation.evaluate` against the
 sweep's cached reference log-probs. Sizes are the bytes the quantized GGUF file stores per tensor
 (:func:`~lowbit.peers.llamacpp.gguf_account`), whatever types llama.cpp fell back to.
 
@@ -23,7 +23,7 @@ from typing import ClassVar
 
 import torch
 
-from lowbit.evaluation import evaluate
+from lowbit.eval.evaluation import evaluate
 from lowbit.peers.llamacpp import (
     DEFAULT_TYPES,
     LlamaCppLM,
@@ -55,7 +55,7 @@ class LlamaCppPeer:
         return require_llama_cpp().__version__
 
     def measure(self, ctx, todo: list[dict], progress: bool, log: Callable[[str], None]) -> Iterator[tuple[dict, dict]]:
-        from lowbit.models import model_id
+        from lowbit.eval.models import model_id
 
         threads = self.threads or torch.get_num_threads()
         with tempfile.TemporaryDirectory(prefix="lowbit-llamacpp-") as tmp:

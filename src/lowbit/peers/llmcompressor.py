@@ -14,7 +14,7 @@ its compressed checkpoint stores (``save_pretrained(save_compressed=True)``) for
 linears (packed weights, scales, zero points, g_idx if any) and in all, with its scales and
 unquantized tensors saved in ``save_dtype`` (float16 by default, as lowbit stores its own steps and
 high-precision tensors; GPTQ itself runs in float32 and its float32 result is what is scored); the sweep loads the
-weights into its reference model and scores them with :func:`lowbit.evaluation.evaluate` on its
+weights into its reference model and scores them with :func:`lowbit.eval.evaluation.evaluate` on its
 cached reference, exactly like its own points.
 """
 
@@ -152,7 +152,7 @@ def _score(ctx, folder: Path, progress: bool) -> dict:
     """Load the worker's weights into a copy of the reference model and evaluate it on the cache."""
     from safetensors.torch import load_file
 
-    from lowbit.evaluation import evaluate
+    from lowbit.eval.evaluation import evaluate
 
     result = json.loads((folder / RESULT).read_text())
     weights = load_file(folder / WEIGHTS)
@@ -193,7 +193,7 @@ def _calibration(tokenizer, settings: dict):
     """``calib_windows`` random windows (seeded) of the calibration text, as a datasets.Dataset."""
     from datasets import Dataset
 
-    from lowbit.data import get_text, tokenize_windows, tokenizer_adds_bos
+    from lowbit.eval.data import get_text, tokenize_windows, tokenizer_adds_bos
 
     seq_len = settings["calib_seq_len"]
     windows = tokenize_windows(tokenizer, get_text(settings["calib"]), seq_len, bos=tokenizer_adds_bos(tokenizer))

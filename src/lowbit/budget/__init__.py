@@ -1,0 +1,1 @@
+"""The byte budget: sensitivities, the knapsack, the planner and the automatic pipeline."""

@@ -1,0 +1,1 @@
+"""Models, texts and evaluation (perplexity, KL to the full-precision model, sizes)."""

@@ -1,0 +1,1 @@
+"""The quantizer core: quantizers, packing, the QuantConfig and layer surgery, rotations."""

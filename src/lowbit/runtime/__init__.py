@@ -1,0 +1,1 @@
+"""The packed runtime: packed linears, the decode loop, kernels and resident memory."""

@@ -1,0 +1,1 @@
+"""Storage: atomic output, safetensors reading and writing, the quantized folder."""
