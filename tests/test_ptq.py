@@ -168,7 +168,7 @@ def test_failed_save_keeps_previous_output(tiny_model, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(lio, "save_file", boom)
+    monkeypatch.setattr(lio.SafetensorsWriter, "finish", boom)  # the weights file fails mid-write
     with pytest.raises(OSError):
         save_quantized(tiny_model, None, out, overwrite=True)
     assert (out / "lowbit.json").read_text() == first

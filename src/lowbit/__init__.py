@@ -44,7 +44,7 @@ __all__ = sorted(_API)
 def __getattr__(name: str):
     """Import the API lazily so that ``lowbit --help`` starts fast."""
     if name in _API:
-        import importlib
+        from lowbit.lazy import load_object
 
-        return getattr(importlib.import_module(_API[name]), name)
+        return load_object(f"{_API[name]}:{name}")
     raise AttributeError(f"module 'lowbit' has no attribute {name!r}")

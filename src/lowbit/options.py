@@ -73,6 +73,12 @@ def _parse_int(text: str, minimum: int, what: str) -> int:
     return int(value)
 
 
+def option(default, help: str, **meta):
+    """A method or config field that :func:`add_options` turns into a flag: its default, help text and
+    metadata (``parse``, ``choices``, ``nargs``, ...)."""
+    return dataclasses.field(default=default, metadata={"help": help, **meta})
+
+
 def parse_duration(text: str) -> float:
     """Seconds from ``90``, ``90s``, ``45m``, ``1h`` or ``1.5h``."""
     raw = str(text).strip().lower()

@@ -3,16 +3,15 @@
 Stages, in order, each only when it applies (docs/methods.md, "Auto"):
 
 1. **rotation** (QuaRot-style, :mod:`lowbit.quant.rotation`) when the architecture allows it (Llama-style
-   RMSNorm decoders; not Gemma's sandwich norms): on SmolLM2-135M it cut GPTQ 4-bit g64's KL to the
-   full-precision model from 0.261 to 0.173 (benchmarks/results/rotation.md);
+   RMSNorm decoders; not Gemma's sandwich norms): it spreads outlier input channels over all channels,
+   so every grid fits the weights better (docs/results-quality.md, "Rotation");
 2. **byte-budget plan + GPTQ** (:class:`lowbit.budget.planner.Budget`): minutes;
 3. **Block-AP** (:class:`lowbit.train.blockap.BlockAP`) with 60% of what is left of ``time_budget``: each
    decoder block trained to reproduce the full-precision block, steps per block cut to fit;
 4. **end to end** (:func:`lowbit.train.train`) in the rest: KL distillation from the full-precision model on
-   all weights and step sizes (ParetoQ's rates). EfficientQAT's E2E-QP trains the step sizes only; on the
-   default model all weights did better in less time (3.5 bits/weight after Block-AP: KL 0.444 -> 0.402 in
-   60 steps, against 0.428 after 80 steps of step sizes; ternary g64 from GPTQ: 3.21 -> 2.82, where step
-   sizes alone did not move it; benchmarks/results/blockwise.md).
+   all weights and step sizes (ParetoQ's rates), not the step sizes alone as EfficientQAT's E2E-QP trains
+   them: all weights reach a lower KL in less time, and move ternary models that step sizes alone do not
+   (docs/qat.md, "Below 3.5 bits").
 
 Without ``time_budget`` the pipeline stops after stage 2 (post-training only). The report records each
 stage's seconds and tokens, and what was skipped and why.
@@ -28,8 +27,9 @@ from typing import ClassVar
 
 from torch import nn
 
+from lowbit.budget.plan import BUDGET_BPW_HELP, BUDGET_MB_HELP
 from lowbit.errors import LowbitError
-from lowbit.options import parse_duration, parse_positive_int
+from lowbit.options import option, parse_duration, parse_positive_int
 from lowbit.ptq.methods import register_method
 from lowbit.quant.surgery import QuantConfig
 
@@ -49,17 +49,11 @@ class Auto:
     stream_instead: ClassVar[str] = "--method budget (plan and GPTQ, without rotation or training)"
     plans_bits: ClassVar[bool] = True
 
-    budget_bpw: float | None = field(
-        default=None, metadata={"help": "bits per weight over the decoder linears as stored (codes, steps, zeros)"}
-    )
-    budget_mb: float | None = field(
-        default=None, metadata={"help": "megabytes (10^6 bytes) of the whole weights file, embedding and head included"}
-    )
-    time_budget: float | None = field(
-        default=None,
-        metadata={"help": "wall-clock allowed (e.g. 30m, 1h): what is left after the plan and GPTQ goes to Block-AP; "
-                  "without it auto stops after GPTQ", "parse": parse_duration},
-    )  # fmt: skip
+    budget_bpw: float | None = option(None, BUDGET_BPW_HELP)
+    budget_mb: float | None = option(None, BUDGET_MB_HELP)
+    time_budget: float | None = option(
+        None, "wall-clock allowed (e.g. 30m, 1h): what is left after the plan and GPTQ goes to Block-AP; "
+        "without it auto stops after GPTQ", parse=parse_duration)  # fmt: skip
     rotation: str = field(
         default="auto",
         metadata={"help": "rotate first: auto (where the architecture allows), yes, no", "choices": ("auto", "yes", "no")},
@@ -95,7 +89,7 @@ class Auto:
         start = time.time()
         budget = Budget(budget_bpw=self.budget_bpw, budget_mb=self.budget_mb, calib=self.calib,
                         calib_tokens=self.calib_tokens, seq_len=self.seq_len)  # fmt: skip
-        plan = budget.apply(model, config, tokenizer=tokenizer, progress=progress)
+        plan = budget.quantize(model, config, tokenizer=tokenizer, progress=progress)  # rotated above, once
         stages.append({"stage": "budget+gptq", "seconds": round(time.time() - start, 1),
                        "tokens": budget.calib_tokens + budget.fisher_tokens})  # fmt: skip
         if self.time_budget is None:
@@ -172,3 +166,27 @@ class Auto:
         return {"stage": "blockap", "seconds": round(time.time() - start, 1), "tokens": report["train_tokens_total"],
                 "steps_per_block": report["steps_per_block"],
                 "blocks": [{k: b[k] for k in ("block", "mse_initial", "mse_final")} for b in report["blocks"]]}  # fmt: skip
+
+    @classmethod
+    def sweep_settings(cls, spec, fingerprints: dict[str, str]) -> list[tuple[dict, dict]]:
+        """A Pareto sweep's byte-budget points (:mod:`lowbit.pareto`), one per ``spec.budget_bpw``, run as
+        ``lowbit quantize --budget-bpw X`` runs without ``--time-budget``: rotation where the architecture
+        allows, the plan, GPTQ (no Block-AP or end to end), calibrated on the sweep's ``calib`` text like
+        its GPTQ points. Returns (settings for ``make_method``, settings added to the point's key): the
+        budget, the text and its content hash, and the defaults of this pipeline that change the numbers."""
+        from lowbit.budget.planner import Budget
+
+        made = {"calib": spec.calib, "calib_tokens": spec.calib_tokens, "seq_len": spec.seq_len}
+        planner = {f.name: f.default for f in dataclasses.fields(Budget) if f.name in ("candidates", "fisher_tokens",
+                   "then_method")}  # fmt: skip
+        keyed = {
+            "calib": spec.calib,
+            "calib_sha256": fingerprints[spec.calib],
+            "calib_tokens": spec.calib_tokens,
+            "rotation": cls.rotation,
+            "time_budget": None,
+            "scale_search": spec.scale_search,
+            "hp_dtype": spec.hp_dtype,
+            **planner,
+        }
+        return [({**made, "budget_bpw": b}, {"budget_bpw": b, **keyed}) for b in spec.budget_bpw]

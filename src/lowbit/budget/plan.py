@@ -33,6 +33,8 @@ EMBEDDING_CANDIDATES = (
     + tuple(f"6:{group}:{grid}" for group in ("channel", 128, 64) for grid in ("auto", "minmax"))
     + tuple(f"4:{group}:{grid}" for group in (128, 64, 32) for grid in ("auto", "minmax"))
 )
+BUDGET_BPW_HELP = "bits per weight over the decoder linears as stored (codes, steps, zeros)"
+BUDGET_MB_HELP = "megabytes (10^6 bytes) of the whole weights file, embedding and head included"
 HEADER_BYTES_PER_TENSOR = 128  # safetensors header entry beyond the name: dtype, shape, offsets (upper bound)
 
 

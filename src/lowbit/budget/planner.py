@@ -18,11 +18,11 @@ from typing import ClassVar
 
 from torch import nn
 
-from lowbit.budget.plan import DEFAULT_CANDIDATES, Plan, achieved, make_plan
+from lowbit.budget.plan import BUDGET_BPW_HELP, BUDGET_MB_HELP, DEFAULT_CANDIDATES, Plan, achieved, make_plan
 from lowbit.budget.sensitivity import Setting
 from lowbit.budget.streamed import stream_plan
 from lowbit.errors import LowbitError
-from lowbit.options import parse_positive_int
+from lowbit.options import option, parse_positive_int
 from lowbit.ptq.methods import calibration_windows, make_method, method_class, method_settings, register_method
 from lowbit.quant.surgery import QuantConfig
 
@@ -37,12 +37,8 @@ class Budget:
     plans_bits: ClassVar[bool] = True  # the config's bits/group/grid are replaced by the plan
     streamable: ClassVar[bool] = True  # a bits-per-weight budget plans block by block (lowbit.budget.streamed)
 
-    budget_bpw: float | None = field(
-        default=None, metadata={"help": "bits per weight over the decoder linears as stored (codes, steps, zeros)"}
-    )
-    budget_mb: float | None = field(
-        default=None, metadata={"help": "megabytes (10^6 bytes) of the whole weights file, embedding and head included"}
-    )
+    budget_bpw: float | None = option(None, BUDGET_BPW_HELP)
+    budget_mb: float | None = option(None, BUDGET_MB_HELP)
     candidates: tuple[str, ...] = field(
         default=DEFAULT_CANDIDATES,
         metadata={
@@ -70,7 +66,9 @@ class Budget:
             )
         if self.budget_mb is not None and self.budget_mb <= 0:
             raise LowbitError(f"budget of {self.budget_mb:g} MB: it must be positive")
-        if self.then_method == self.name or method_class(self.then_method).kind != "post-training":
+        then = method_class(self.then_method)
+        if then.name == self.name or then.kind != "post-training" or getattr(then, "plans_bits", False) or not hasattr(
+                then, "quantize"):  # a method that quantizes as the plan says (its quantize: no second rotation)
             raise LowbitError(f"then_method {self.then_method!r} must be a post-training method such as gptq or rtn")
         object.__setattr__(self, "candidates", tuple(str(Setting.parse(c)) for c in self.candidates))
 
@@ -79,11 +77,15 @@ class Budget:
 
         rotate_for_(model, config, calib=lambda: calibration_windows(tokenizer, self.calib, self.calib_tokens,
                     self.seq_len), progress=progress)  # fmt: skip
+        return self.quantize(model, config, tokenizer, progress)
+
+    def quantize(self, model: nn.Module, config: QuantConfig, tokenizer=None, progress: bool = True) -> dict:
+        """:meth:`apply` on a model already rotated as ``config`` asks: plan, then ``then_method`` on the plan."""
         plan = make_plan(self, model, config, tokenizer, progress)
         if progress:
             print(plan.table())
         then, planned = self.planned_run(plan, config)
-        report = then.apply(model, planned, tokenizer=tokenizer, progress=progress)
+        report = then.quantize(model, planned, tokenizer=tokenizer, progress=progress)
         return {**plan.record(), **achieved(model, plan), "then": report}
 
     def planned_run(self, plan: Plan, config: QuantConfig):

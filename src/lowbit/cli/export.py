@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
+HELP = "export a quantized folder to GGUF for llama.cpp (Llama models)"
+DESCRIPTION = (
+    "Write a lowbit quantized folder of a Llama model as a GGUF file. Quantized codes go straight "
+    "into Q4_0 / Q6_K / Q8_0 / TQ2_0 / TQ1_0 blocks where lowbit's grid is exactly representable there "
+    "(checked per tensor, then verified by dequantizing the written file); other quantized tensors "
+    "fall back to --fallback and their error is reported. Sizes are the bytes actually written."
+)
+
 
 def register(subparsers) -> None:
     from lowbit.cli.main import OVERWRITE_HELP
     from lowbit.gguf import FALLBACK_TYPES, TERNARY_TYPES
 
-    p = subparsers.add_parser(
-        "export",
-        help="export a quantized folder to GGUF for llama.cpp (Llama models)",
-        description=(
-            "Write a lowbit quantized folder of a Llama model as a GGUF file. Quantized codes go straight "
-            "into Q4_0 / Q6_K / Q8_0 / TQ2_0 / TQ1_0 blocks where lowbit's grid is exactly representable there "
-            "(checked per tensor, then verified by dequantizing the written file); other quantized tensors "
-            "fall back to --fallback and their error is reported. Sizes are the bytes actually written."
-        ),
-    )
+    p = subparsers.add_parser("export", help=HELP, description=DESCRIPTION)
     p.add_argument("model", help="lowbit quantized folder (lowbit quantize --out DIR)")
     p.add_argument("--format", choices=("gguf",), default="gguf", help="output format (gguf)")
     p.add_argument("--out", required=True, help="output file, e.g. model.gguf")

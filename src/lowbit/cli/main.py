@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
 import math
 import os
 import sys
 
 from lowbit.errors import LowbitError
+from lowbit.lazy import load_object
 from lowbit.options import (
     add_options,
     given_options,
@@ -142,16 +142,8 @@ def cmd_eval(args) -> dict:
         reference = load(ref_spec)[0]
     elif meta is not None and not args.no_reference:
         ref_spec, reference = resolve_reference(meta)
-    result = eval_model(
-        model,
-        tokenizer,
-        data=args.data,
-        reference=reference,
-        seq_len=args.seq_len,
-        max_tokens=args.max_tokens,
-        batch_size=args.batch_size,
-        progress=not args.json,
-    )
+    result = eval_model(model, tokenizer, data=args.data, reference=reference, seq_len=args.seq_len,
+                        max_tokens=args.max_tokens, batch_size=args.batch_size, progress=not args.json)
     return {"model": args.model, "reference": ref_spec, **result}
 
 
@@ -227,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_info)
     for module in COMMAND_MODULES:
-        importlib.import_module(module).register(sub)
+        load_object(f"{module}:register")(sub)
     return parser
 
 

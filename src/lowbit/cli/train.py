@@ -96,15 +96,8 @@ def cmd_train(args) -> dict | None:
             model, tokenizer, _ = load_quantized(cfg.out)
             teacher = load_teacher(cfg.model)[0]
         check_seq_len(model, args.eval_seq_len, "--eval-seq-len")
-        metrics = eval_model(
-            model,
-            tokenizer,
-            data=args.eval_data,
-            reference=teacher,
-            seq_len=args.eval_seq_len,
-            max_tokens=args.eval_tokens,
-            progress=not args.json,
-        )
+        metrics = eval_model(model, tokenizer, data=args.eval_data, reference=teacher, seq_len=args.eval_seq_len,
+                             max_tokens=args.eval_tokens, progress=not args.json)
         out.update({k if k in SIZE_KEYS else f"eval_{k}": v for k, v in metrics.items()})
         write_result(Path(cfg.out), out)
     return out

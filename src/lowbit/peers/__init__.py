@@ -18,9 +18,8 @@ record's ``peer_details``).
 
 from __future__ import annotations
 
-import importlib
-
 from lowbit.errors import LowbitError
+from lowbit.lazy import load_object
 from lowbit.options import known_fields
 
 PEERS = {
@@ -34,6 +33,5 @@ def make_peer(name: str, settings: dict | None = None):
     """The sweep plug-in of peer ``name`` with ``settings`` (its dataclass fields)."""
     if name not in PEERS:
         raise LowbitError(f"unknown peer {name!r}: choose from {', '.join(PEER_NAMES)}")
-    module, _, attr = PEERS[name].partition(":")
-    cls = getattr(importlib.import_module(module), attr)
+    cls = load_object(PEERS[name])
     return cls(**known_fields(cls, dict(settings or {}), f"{name} peer"))

@@ -12,7 +12,6 @@ so a new method (rotations, block-wise distillation, a budget planner) is one cl
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.lazy import load_object
 from lowbit.options import parse_positive_int
 from lowbit.quant.surgery import QuantConfig
 
@@ -79,8 +79,7 @@ def method_class(name: str) -> type:
     if target is None:
         raise LowbitError(f"unknown method {name!r}: use one of {', '.join(_REGISTRY)}")
     if isinstance(target, str):
-        module, _, cls_name = target.partition(":")
-        target = getattr(importlib.import_module(module), cls_name)
+        target = load_object(target)
         _REGISTRY[name] = target
     return target
 
@@ -163,6 +162,13 @@ class RTN:
     streamable: ClassVar[bool] = True
 
     def apply(self, model: nn.Module, config: QuantConfig, tokenizer=None, progress: bool = True) -> dict:
+        from lowbit.quant.rotation_learn import rotate_for_
+
+        rotate_for_(model, config)
+        return self.quantize(model, config, tokenizer, progress)
+
+    def quantize(self, model: nn.Module, config: QuantConfig, tokenizer=None, progress: bool = True) -> dict:
+        """:meth:`apply` on a model already rotated as ``config`` asks (what a planning method calls)."""
         from lowbit.ptq.gptq import rtn
 
         rtn(model, config)
@@ -179,6 +185,12 @@ class RTN:
         from lowbit.ptq.gptq import rtn
 
         rtn(model, config)
+
+    @classmethod
+    def sweep_settings(cls, spec, fingerprints: dict[str, str]) -> list[tuple[dict, dict]]:
+        """A Pareto sweep's points of this method (:mod:`lowbit.pareto`), one per bit-width and
+        granularity of ``spec``: (settings for :func:`make_method`, settings added to the point's key)."""
+        return [({}, point) for point in spec.uniform_points()]
 
 
 @register_method
@@ -210,22 +222,31 @@ class GPTQ:
     seed: int = field(default=0, metadata={"help": "seed of --sample random"})
 
     def apply(self, model: nn.Module, config: QuantConfig, tokenizer=None, progress: bool = True) -> dict:
-        from lowbit.eval.models import check_seq_len
-        from lowbit.ptq.gptq import gptq
         from lowbit.quant.rotation_learn import rotate_for_
 
-        check_seq_len(model, self.seq_len, "--seq-len")
-        ids = calibration_windows(tokenizer, self.calib, self.calib_tokens, self.seq_len, self.sample, self.seed)
+        ids = self.windows(model, tokenizer)
         rotate_for_(model, config, calib=ids, progress=progress)  # a learned rotation reads the same windows
+        return self.quantize(model, config, tokenizer, progress, ids)
+
+    def quantize(self, model: nn.Module, config: QuantConfig, tokenizer=None, progress: bool = True,
+                 ids: torch.Tensor | None = None) -> dict:
+        """:meth:`apply` on a model already rotated as ``config`` asks (what a planning method calls)."""
+        from lowbit.ptq.gptq import gptq
+
+        ids = self.windows(model, tokenizer) if ids is None else ids
         gptq(model, config, ids, act_order=self.act_order, damp=self.damp, progress=progress,
              sequential=self.sequential)
         return {}
 
-    def stream_windows(self, model: nn.Module, tokenizer) -> torch.Tensor:
+    def windows(self, model: nn.Module, tokenizer) -> torch.Tensor:
+        """The calibration windows (checked against the model's context length)."""
         from lowbit.eval.models import check_seq_len
 
         check_seq_len(model, self.seq_len, "--seq-len")
-        ids = calibration_windows(tokenizer, self.calib, self.calib_tokens, self.seq_len, self.sample, self.seed)
+        return calibration_windows(tokenizer, self.calib, self.calib_tokens, self.seq_len, self.sample, self.seed)
+
+    def stream_windows(self, model: nn.Module, tokenizer) -> torch.Tensor:
+        ids = self.windows(model, tokenizer)
         if ids.ndim != 2 or len(ids) == 0:
             raise LowbitError("GPTQ needs at least one calibration window of tokens")
         return ids
@@ -244,9 +265,25 @@ class GPTQ:
         with torch.no_grad():  # as gptq ends: embeddings (if quantized) by round-to-nearest
             install_scales(model, config, {})
 
+    @classmethod
+    def sweep_settings(cls, spec, fingerprints: dict[str, str]) -> list[tuple[dict, dict]]:
+        """A Pareto sweep's GPTQ points, one per bit-width and granularity, all calibrated on the sweep's
+        ``calib`` text (its content hash from ``fingerprints`` in the key) with ``spec.gptq_settings``
+        as further fields: (settings for :func:`make_method`, settings added to the point's key)."""
+        made = {"calib": spec.calib, "calib_tokens": spec.calib_tokens, "seq_len": spec.seq_len,
+                "act_order": spec.act_order, "damp": spec.damp, **spec.gptq_settings}  # fmt: skip
+        keyed = {
+            "calib": spec.calib,
+            "calib_sha256": fingerprints[spec.calib],
+            "calib_tokens": spec.calib_tokens,
+            "damp": spec.damp,
+            "act_order": spec.act_order,
+            **({"gptq_settings": spec.gptq_settings} if spec.gptq_settings else {}),  # in the key only when given
+        }
+        return [(made, {**point, **keyed}) for point in spec.uniform_points()]
+
 
 register_lazy("qat", "lowbit.train:QAT", kind="training")
-SWEEPABLE = ("rtn", "gptq", "qat")  # methods a bits x group sweep can run (a byte budget chooses its own bits)
 register_lazy("budget", "lowbit.budget.planner:Budget", kind="post-training")
 register_lazy("auto", "lowbit.budget.auto:Auto", kind="post-training")
 register_lazy("blockap", "lowbit.train.blockap:BlockAP", kind="post-training")

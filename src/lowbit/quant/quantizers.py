@@ -103,6 +103,12 @@ def _masked_abs_mean(wg: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (wg.abs() * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True)
 
 
+def _abs_mean_init(self, wg: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``init_alpha`` of the quantizers whose scale is the mean absolute weight (binary, BitNet absmean)."""
+    alpha = _masked_abs_mean(wg, mask)
+    return alpha, torch.full_like(alpha, self.grid_zero)
+
+
 def _masked_abs_max(wg: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (wg.abs() * mask).amax(-1, keepdim=True)
 
@@ -312,9 +318,7 @@ class BinaryQuantizer(Quantizer):
             raise LowbitError(f"the binary quantizer is 1-bit, not {bits:g}: use --bits 1, or another quantizer")
         super().__init__(bits, group_size)
 
-    def init_alpha(self, wg, mask):
-        alpha = _masked_abs_mean(wg, mask)
-        return alpha, torch.full_like(alpha, self.grid_zero)
+    init_alpha = _abs_mean_init
 
     def to_codes(self, x, zero):
         # u in {0, 1}; 2*alpha*(u - 0.5) = +-alpha. x = 0 maps to +alpha (sign convention >= 0).
@@ -393,9 +397,7 @@ class AbsMeanTernaryQuantizer(Quantizer):
             raise LowbitError(f"BitNet absmean is ternary (1.58 bits), not {bits:g}")
         super().__init__(bits, group_size)
 
-    def init_alpha(self, wg, mask):
-        alpha = _masked_abs_mean(wg, mask)
-        return alpha, torch.full_like(alpha, self.grid_zero)
+    init_alpha = _abs_mean_init
 
     def to_codes(self, x, zero):
         return round_ste(torch.clamp(x, -1.0, 1.0)) + 1.0

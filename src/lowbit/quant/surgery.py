@@ -215,10 +215,12 @@ def quantize_model(model: nn.Module, config: QuantConfig, initialize: bool = Tru
     """
     if getattr(model, "lowbit_config", None) is not None:
         raise LowbitError("this model is already quantized: load the full-precision model instead")
-    if initialize and config.rotate:
-        from lowbit.quant.rotation_learn import rotate_for_
-
-        rotate_for_(model, config)
+    if initialize and config.rotate and getattr(model, "lowbit_rotation", None) is None:
+        raise LowbitError(
+            "QuantConfig(rotate=True) but the model is not rotated: quantize it through a method "
+            "(lowbit.quantize(model, config, method), or method.apply), which rotates it once before its first look "
+            "at the weights, or call lowbit.quant.rotation_learn.rotate_for_(model, config) first"
+        )
     heads = output_head_names(model)
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     in_emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None

@@ -100,19 +100,9 @@ class PackedLinear(nn.Module):
     Build it with :meth:`from_quantized`.
     """
 
-    def __init__(
-        self,
-        packed: torch.Tensor,
-        step: torch.Tensor,
-        zero: torch.Tensor,
-        in_features: int,
-        group_size: int | None,
-        layout: str,
-        n_levels: int,
-        bits: float,
-        quantizer: str,
-        bias: torch.Tensor | None = None,
-    ):
+    def __init__(self, packed: torch.Tensor, step: torch.Tensor, zero: torch.Tensor, in_features: int,
+                 group_size: int | None, layout: str, n_levels: int, bits: float, quantizer: str,
+                 bias: torch.Tensor | None = None):  # fmt: skip
         super().__init__()
         if layout not in LAYOUT_LEVELS:
             raise LowbitError(f"unknown packing layout {layout!r}: choose one of {', '.join(LAYOUT_LEVELS)}")
@@ -208,19 +198,9 @@ class PackedLinear(nn.Module):
         return out
 
     @classmethod
-    def from_packed(
-        cls,
-        packed: torch.Tensor,
-        step: torch.Tensor,
-        zero: torch.Tensor | float,
-        in_features: int,
-        group_size: int | None,
-        layout: str,
-        n_levels: int,
-        bits: float,
-        quantizer: str,
-        bias: torch.Tensor | None = None,
-    ) -> PackedLinear:
+    def from_packed(cls, packed: torch.Tensor, step: torch.Tensor, zero: torch.Tensor | float, in_features: int,
+                    group_size: int | None, layout: str, n_levels: int, bits: float, quantizer: str,
+                    bias: torch.Tensor | None = None) -> PackedLinear:  # fmt: skip
         """Build from codes already packed in ``layout`` (as a lowbit folder stores them), without
         unpacking (:meth:`from_quantized` packs, then comes here). The scales are stored in their
         smallest exact dtype (:func:`compact_scale`), a zero point shared by all groups as one

@@ -17,12 +17,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from lowbit import __version__
@@ -31,13 +32,14 @@ from lowbit.quant.packing import default_layout, pack_codes, unpack_codes
 from lowbit.quant.quantizers import QuantizedWeight, alpha_for_step
 from lowbit.quant.surgery import HP_DTYPES, QuantConfig, quantize_model, quantized_modules
 from lowbit.store.fsio import OutputKind, atomic_dir, is_tmp_name, prepare_out, sha256_file
-from lowbit.store.stfile import MappedSafetensors
+from lowbit.store.stfile import MappedSafetensors, SafetensorsWriter
 
 FORMAT = "lowbit-quantized"
 FORMAT_VERSION = 2  # 2: whole-folder manifest, lowbit.sha256, base model fingerprint
 WEIGHTS = "model.safetensors"
 META = "lowbit.json"
 META_HASH = "lowbit.sha256"
+_SPILL = ".spill"  # SafetensorsWriter's spill files while the weights file is written
 _META_KEYS = ("quant_config", "layers", "files", "weights_file", "weights_bytes", "info")
 
 
@@ -122,7 +124,11 @@ def write_quantized(model: nn.Module, tokenizer, folder: Path, info: dict | None
     config: QuantConfig = model.lowbit_config
     tensors, layers = build_state(model)
     write_config_files(folder, model.config, tokenizer)
-    save_file(tensors, folder / WEIGHTS, metadata=weights_metadata())
+    writer = SafetensorsWriter(folder / WEIGHTS, folder / _SPILL)
+    for name, t in tensors.items():
+        writer.add(name, t)
+    writer.finish(weights_metadata())
+    shutil.rmtree(folder / _SPILL)
     write_manifest(folder, config, layers, info)
 
 

@@ -171,6 +171,32 @@ def _swap_in(tmp: Path, target: Path) -> None:
 
 
 @contextlib.contextmanager
+def staged_files(folder: str | os.PathLike, staging: str, last: Iterable[str] = ()) -> Iterator[Path]:
+    """Yield a staging folder ``folder/staging``; when the block finishes, its files move up into the
+    existing ``folder`` (each fsync'd, then renamed over any old copy), the names in ``last`` last,
+    with their old copies removed before anything moves. A reader that trusts ``folder`` only when
+    the ``last`` files are there sees the old files or the whole new set, never a mix; on error the
+    staging folder is removed and ``folder`` keeps what it had."""
+    folder, last = absolute(folder), list(last)
+    stage = folder / staging
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    try:
+        yield stage
+        for name in last:
+            (folder / name).unlink(missing_ok=True)
+        fsync_dir(folder)
+        names = sorted(p.name for p in stage.iterdir())
+        for name in [n for n in names if n not in last] + [n for n in last if n in names]:
+            with open(stage / name, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(stage / name, folder / name)
+        fsync_dir(folder)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary file path for a writer that needs a path (not a file object); on success
     it is fsync'd and renamed over ``target``, on error removed."""

@@ -22,81 +22,31 @@ loss, optimizer), :mod:`~lowbit.train.data` (training windows, data-free text an
 :mod:`~lowbit.train.method` (the ``qat`` method of :mod:`lowbit.ptq.methods`).
 """
 
-from lowbit.train.checkpoint import (
-    CHECKPOINT,
-    LOSS_PLOT,
-    METRICS,
-    RESULT,
-    RUN_CONFIG,
-    plot_loss,
-    read_metrics,
-    rng_state,
-    save_checkpoint,
-    seed_everything,
-    set_rng_state,
-    write_result,
-)
-from lowbit.train.config import RESUME_MAY_CHANGE, TrainConfig, default_lr
-from lowbit.train.data import (
-    data_free_dir,
-    data_free_windows,
-    generate_tokens,
-    model_fingerprint,
-    tokens_fingerprint,
-    training_windows,
-)
-from lowbit.train.distributed import DistContext, setup_distributed
-from lowbit.train.loop import TrainRun, finish, optimize, run, train
-from lowbit.train.loss import distillation_loss, lr_multiplier, make_optimizer, param_groups, step_indices
-from lowbit.train.method import QAT
-from lowbit.train.student import (
-    build_student,
-    compile_quantizers_,
-    load_teacher,
-    round_for_storage_,
-    student_skeleton,
-    uncompile_quantizers_,
-)
+from lowbit.lazy import load_object
 
-__all__ = [
-    "CHECKPOINT",
-    "LOSS_PLOT",
-    "METRICS",
-    "QAT",
-    "RESULT",
-    "RESUME_MAY_CHANGE",
-    "RUN_CONFIG",
-    "DistContext",
-    "TrainConfig",
-    "TrainRun",
-    "build_student",
-    "compile_quantizers_",
-    "data_free_dir",
-    "data_free_windows",
-    "default_lr",
-    "distillation_loss",
-    "finish",
-    "generate_tokens",
-    "load_teacher",
-    "lr_multiplier",
-    "make_optimizer",
-    "model_fingerprint",
-    "optimize",
-    "param_groups",
-    "plot_loss",
-    "read_metrics",
-    "rng_state",
-    "round_for_storage_",
-    "run",
-    "save_checkpoint",
-    "seed_everything",
-    "set_rng_state",
-    "setup_distributed",
-    "step_indices",
-    "student_skeleton",
-    "tokens_fingerprint",
-    "train",
-    "training_windows",
-    "uncompile_quantizers_",
-    "write_result",
-]
+_EXPORTS = {  # name -> the module of lowbit.train that defines it (imported on first use)
+    **dict.fromkeys((
+        "CHECKPOINT", "LOSS_PLOT", "METRICS", "RESULT", "RUN_CONFIG", "plot_loss", "read_metrics",
+        "rng_state", "save_checkpoint", "seed_everything", "set_rng_state", "write_result"
+    ), "checkpoint"),
+    **dict.fromkeys(("RESUME_MAY_CHANGE", "TrainConfig", "default_lr"), "config"),
+    **dict.fromkeys((
+        "data_free_dir", "data_free_windows", "generate_tokens", "model_fingerprint", "tokens_fingerprint",
+        "training_windows"
+    ), "data"),
+    **dict.fromkeys(("DistContext", "setup_distributed"), "distributed"),
+    **dict.fromkeys(("TrainRun", "finish", "optimize", "run", "train"), "loop"),
+    **dict.fromkeys(("distillation_loss", "lr_multiplier", "make_optimizer", "param_groups", "step_indices"), "loss"),
+    **dict.fromkeys(("QAT",), "method"),
+    **dict.fromkeys((
+        "build_student", "compile_quantizers_", "load_teacher", "round_for_storage_", "student_skeleton",
+        "uncompile_quantizers_"
+    ), "student"),
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return load_object(f"lowbit.train.{_EXPORTS[name]}:{name}")
+    raise AttributeError(f"module 'lowbit.train' has no attribute {name!r}")

@@ -26,7 +26,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.errors import LowbitError
-from lowbit.options import parse_duration, parse_positive_int
+from lowbit.options import option, parse_duration, parse_positive_int
+from lowbit.ptq.blocks import block_output, capture_block_inputs, find_decoder_layers
 from lowbit.ptq.methods import calibration_windows, method_settings
 from lowbit.quant.quantizers import round_ste
 from lowbit.quant.surgery import QuantConfig, QuantizedLinear, quantize_model, quantized_modules
@@ -85,20 +86,12 @@ class BlockAP:
         default="cosine", metadata={"help": "learning-rate schedule within a block (cosine: down to lr/20)",
                                     "choices": ("cosine", "constant")},
     )
-    work_dir: str | None = field(
-        default=None, metadata={"help": "folder of the resumable state (a rerun with it continues a killed run)"}
-    )
-    save_every: int = field(
-        default=50, metadata={"help": "with --work-dir, also save inside a block every N steps", "parse": parse_positive_int}
-    )
-    cache_dir: str | None = field(
-        default=None, metadata={"help": "keep the activation streams in files here instead of RAM"}
-    )
-    time_budget: float | None = field(
-        default=None,
-        metadata={"help": "wall-clock for the training (e.g. 45m, 1h): steps per block are cut to fit, measured on the "
-                  "first block's first steps and kept for the run (a resumed run keeps them)", "parse": parse_duration},
-    )
+    work_dir: str | None = option(None, "folder of the resumable state (a rerun with it continues a killed run)")
+    save_every: int = option(50, "with --work-dir, also save inside a block every N steps", parse=parse_positive_int)
+    cache_dir: str | None = option(None, "keep the activation streams in files here instead of RAM")
+    time_budget: float | None = option(
+        None, "wall-clock for the training (e.g. 45m, 1h): steps per block are cut to fit, measured on the first "
+        "block's first steps and kept for the run (a resumed run keeps them)", parse=parse_duration)  # fmt: skip
     max_cache_gb: float = field(
         default=4.0, metadata={"help": "streams larger than this go to files (cache_dir, else work_dir or the temp folder)"}
     )
@@ -142,6 +135,10 @@ class BlockAP:
             raise LowbitError(f"check_windows {self.check_windows} leaves none of the {len(ids)} calibration windows to "
                               "train on: raise calib_tokens or lower check_windows")  # fmt: skip
         given = getattr(model, "lowbit_config", None) is not None
+        if not given:  # the reference and the start point see the same (rotated) weights
+            from lowbit.quant.rotation_learn import rotate_for_
+
+            rotate_for_(model, config, calib=ids, progress=progress)
         fp = _reference(model, reference, given)
         if given:
             config = model.lowbit_config
@@ -230,17 +227,10 @@ def _rms_normalize(x: torch.Tensor) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
 
 
-def _block_output(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    out = block(hidden, **kwargs)
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 class _Run:
     """One Block-AP run over the decoder blocks of ``model`` (quantized) and ``fp``."""
 
     def __init__(self, method: BlockAP, model, fp, ids, work, state, progress: bool, start: str):
-        from lowbit.ptq.blocks import find_decoder_layers
-
         self.m, self.model, self.fp, self.ids, self.work, self.progress = method, model, fp, ids, work, progress
         self.q_layers, self.fp_layers = find_decoder_layers(model), find_decoder_layers(fp)
         self.state = state or {"done": 0, "blocks": [], "current": None}
@@ -289,8 +279,6 @@ class _Run:
 
     def _capture(self) -> None:
         """Block-0 inputs of both models and the attention keyword arguments of every batch size."""
-        from lowbit.ptq.blocks import capture_block_inputs
-
         hidden_size = None
         for rows in self._batches():
             for key, model, layers in (("fp", self.fp, self.fp_layers), ("q", self.model, self.q_layers)):
@@ -305,7 +293,7 @@ class _Run:
     def _forward_in_place(self, block: nn.Module, key: str) -> None:
         stream = getattr(self.streams, key)
         for rows in self._batches():
-            stream[rows] = _block_output(block, stream[rows], self.kwargs[key][rows.stop - rows.start])
+            stream[rows] = block_output(block, stream[rows], self.kwargs[key][rows.stop - rows.start])
 
     @torch.no_grad()
     def _relative_mse(self, i: int) -> float:
@@ -315,7 +303,7 @@ class _Run:
         block, view = self.q_layers[i], self._view(i)
         for rows in self._batches(self._n_train if self.m.check_windows else 0):
             y = view(self.streams.fp[rows])
-            out = view(_block_output(block, self.streams.q[rows], self.kwargs["q"][rows.stop - rows.start]))
+            out = view(block_output(block, self.streams.q[rows], self.kwargs["q"][rows.stop - rows.start]))
             err += (out - y).double().pow(2).sum().item()
             energy += y.double().pow(2).sum().item()
         return err / max(energy, 1e-30)
@@ -470,7 +458,7 @@ class _BlockTrainer:
             factor = low + (1.0 - low) * 0.5 * (1.0 + math.cos(math.pi * step / total))
         for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
             group["lr"] = base * factor
-        loss = F.mse_loss(self.view(_block_output(self.block, x, kwargs)), self.view(y))
+        loss = F.mse_loss(self.view(block_output(self.block, x, kwargs)), self.view(y))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

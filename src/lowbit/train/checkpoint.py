@@ -9,7 +9,6 @@ optimizer, scheduler and RNG states.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -23,7 +22,7 @@ from lowbit import __version__
 from lowbit.errors import LowbitError
 from lowbit.eval.models import reference_identity
 from lowbit.store.folder import META, META_HASH, write_quantized
-from lowbit.store.fsio import OutputKind, atomic_write, fsync_dir
+from lowbit.store.fsio import OutputKind, atomic_write, staged_files
 from lowbit.store.fsio import prepare_out as prepare_out_path
 from lowbit.train.config import config_differences
 
@@ -208,17 +207,6 @@ def publish_model(model: nn.Module, tokenizer, out: Path, info: dict) -> None:
     the manifest and its hash last (those of an earlier publish are removed first): ``out`` is
     loadable by ``lowbit eval --model out`` only once complete, and refused until then."""
     info = {**info, **reference_identity(info["base_model"])} if info.get("base_model") else info
-    staging = out / STAGING
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    write_quantized(model, tokenizer, staging, info=info)
-    for name in (META_HASH, META):
-        (out / name).unlink(missing_ok=True)
-    fsync_dir(out)
-    names = sorted(p.name for p in staging.iterdir())
-    for name in [n for n in names if n not in (META, META_HASH)] + [META, META_HASH]:
-        with open(staging / name, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(staging / name, out / name)
-    fsync_dir(out)
+    with staged_files(out, STAGING, last=(META, META_HASH)) as staging:
+        write_quantized(model, tokenizer, staging, info=info)
     shutil.rmtree(staging, ignore_errors=True)

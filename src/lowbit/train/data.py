@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from lowbit import __version__
 from lowbit.errors import LowbitError
-from lowbit.eval.data import describe_text, get_text, tokenize_windows
+from lowbit.eval.data import describe_text, get_text, tokenize_windows, tokenizer_adds_bos
 from lowbit.eval.models import cache_root, model_id
 from lowbit.store.fsio import atomic_write
 
@@ -81,9 +81,10 @@ def training_windows(cfg: TrainConfig, tokenizer, data: str | torch.Tensor | Non
         return windows, _record(windows, kind="tokens", source=data)
     if tokenizer is None:
         raise LowbitError(f"reading text {data!r} needs a tokenizer: the model folder has none")
-    # No BOS, unlike evaluation and calibration (lowbit.ptq.methods.calibration_windows): kept so that the
-    # QAT results in benchmarks/results/qat.md reproduce; a known inconsistency, to be revisited.
-    windows = tokenize_windows(tokenizer, get_text(data), cfg.seq_len, max_tokens=cfg.data_tokens)
+    # Windows start with BOS where the tokenizer adds one, as evaluation and calibration windows do
+    # (lowbit.ptq.methods.calibration_windows): the student trains on the inputs it is scored on.
+    windows = tokenize_windows(tokenizer, get_text(data), cfg.seq_len, max_tokens=cfg.data_tokens,
+                               bos=tokenizer_adds_bos(tokenizer))
     return windows, _record(windows, kind="text", source=data, description=describe_text(data))
 
 

@@ -44,3 +44,20 @@ class QAT:
             progress=progress,
             **self.settings,
         )
+
+    @classmethod
+    def sweep_settings(cls, spec, fingerprints: dict[str, str]) -> list[tuple[dict, dict]]:
+        """A Pareto sweep's QAT points (:mod:`lowbit.pareto`), one per bit-width and granularity, only with
+        a step budget (``spec.qat_steps > 0``), trained on ``spec.qat_data`` (its content hash from
+        ``fingerprints`` in the key): (settings for ``make_method``, settings added to the point's key)."""
+        if spec.qat_steps <= 0:
+            return []
+        made = {"steps": spec.qat_steps, "data": spec.qat_data, "seq_len": spec.seq_len, "seed": spec.seed,
+                "settings": {"warmup": min(4, spec.qat_steps - 1), **spec.qat_settings}}  # fmt: skip
+        keyed = {
+            "qat_data": spec.qat_data,
+            "qat_data_sha256": fingerprints[spec.qat_data],
+            "qat_steps": spec.qat_steps,
+            "qat_settings": spec.qat_settings,
+        }
+        return [(made, {**point, **keyed}) for point in spec.uniform_points()]

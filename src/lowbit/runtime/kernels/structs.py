@@ -110,15 +110,8 @@ def has_kernel(layout: str) -> bool:
     return layout in FORMAT_IDS
 
 
-def check_weight(
-    packed: torch.Tensor,
-    layout: str,
-    cols: int,
-    group_size: int | None,
-    step: torch.Tensor,
-    zero: torch.Tensor,
-    bias: torch.Tensor | None = None,
-) -> int:
+def check_weight(packed: torch.Tensor, layout: str, cols: int, group_size: int | None, step: torch.Tensor,
+                 zero: torch.Tensor, bias: torch.Tensor | None = None) -> int:  # fmt: skip
     """Refuse buffers that do not describe a packed (rows, ``cols``) weight in ``layout`` (any layout of
     :mod:`lowbit.quant.packing`, with or without a kernel); returns the group length."""
     rows = packed.shape[0]
@@ -140,15 +133,8 @@ def check_weight(
     return group
 
 
-def weight_struct(
-    packed: torch.Tensor,
-    layout: str,
-    cols: int,
-    group_size: int | None,
-    step: torch.Tensor,
-    zero: torch.Tensor,
-    bias: torch.Tensor | None = None,
-) -> _Weight:
+def weight_struct(packed: torch.Tensor, layout: str, cols: int, group_size: int | None, step: torch.Tensor,
+                  zero: torch.Tensor, bias: torch.Tensor | None = None) -> _Weight:  # fmt: skip
     """Describe a packed weight to the C code. The tensors must outlive the struct."""
     if not has_kernel(layout):
         raise LowbitError(f"no kernel for layout {layout!r}")
