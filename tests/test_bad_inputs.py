@@ -363,8 +363,9 @@ def test_parse_time_checks(monkeypatch):
     import argparse
 
     from lowbit.errors import LowbitError
-    from lowbit.options import parse_bits_option, parse_count, parse_finite_float, parse_group_size
+    from lowbit.options import parse_count, parse_finite_float, parse_group_size
     from lowbit.pareto import SweepSpec
+    from lowbit.quant.quantizers import parse_bits_option
 
     assert parse_group_size("channel") is None and parse_group_size("64") == 64
     assert parse_bits_option("ternary") == parse_bits_option("1.58") == 1.58

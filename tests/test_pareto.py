@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import os
 import signal
@@ -29,10 +30,12 @@ from lowbit.pareto import (
     run_sweep,
     summary_lines,
 )
+from lowbit.pareto import spec as pareto_spec
 from lowbit.pareto import sweep as pareto_sweep
 from lowbit.ptq import methods
 from lowbit.ptq.gptq import rtn
 from lowbit.quant.surgery import QuantConfig
+from lowbit.train.method import QAT
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Numbers that must repeat exactly on a re-run (timings and run ids may not).
@@ -69,6 +72,7 @@ def tiny_spec(model_dir, text, **overrides) -> SweepSpec:
         max_tokens=512,
         calib_tokens=256,
         seq_len=64,
+        peers=[],
     )
     return SweepSpec(**{**settings, **overrides})
 
@@ -90,7 +94,7 @@ def tiny_sweep(tiny_assets, tmp_path_factory):
 
 def test_plan_starts_with_the_reference_and_keys_are_stable():
     fp = {"wiki-eval": "aaaa", "wiki-calib": "bbbb"}
-    spec = SweepSpec(bits=[2, 4, 3], group_sizes=["channel", 128])
+    spec = SweepSpec(bits=[2, 4, 3], methods=["rtn", "gptq"], group_sizes=["channel", 128])
     plan = plan_points(spec, "smollm2-135m", fp)
     assert plan[0]["method"] == "fp"
     assert len(plan) == 1 + 2 * 3 * 2
@@ -98,11 +102,14 @@ def test_plan_starts_with_the_reference_and_keys_are_stable():
     keys = [point_key(p) for p in plan]
     assert len(set(keys)) == len(keys)
     assert keys == [
-        point_key(p) for p in plan_points(SweepSpec(bits=[4, 3, 2], group_sizes=[None, 128]), "smollm2-135m", fp)
+        point_key(p)
+        for p in plan_points(
+            SweepSpec(bits=[4, 3, 2], methods=["rtn", "gptq"], group_sizes=[None, 128]), "smollm2-135m", fp
+        )
     ]
     changed = [
         plan_points(SweepSpec(seed=1), "smollm2-135m", fp)[1],
-        plan_points(SweepSpec(max_tokens=4096), "smollm2-135m", fp)[1],
+        plan_points(SweepSpec(max_tokens=2048), "smollm2-135m", fp)[1],
         plan_points(SweepSpec(), "smollm2-135m", {**fp, "wiki-eval": "cccc"})[1],
         plan_points(SweepSpec(), "gemma3-270m", fp)[1],
     ]
@@ -112,10 +119,66 @@ def test_plan_starts_with_the_reference_and_keys_are_stable():
     assert "calib" not in rtn_point and gptq_point["calib_sha256"] == "bbbb"
 
 
+# Keys of points stored before methods declared their own sweep settings (KEY_VERSION 1; the default
+# sweep then evaluated 8192 tokens): a store written then must still be recognised, so these may never change.
+OLD_KEYS = {
+    ("fp", None, None): "0366ebd2bceb84064419",
+    ("rtn", 4.0, None): "cb52f17e58affb8d7fa1",
+    ("rtn", 4.0, 128): "c0e6cecb166ec7771ca4",
+    ("rtn", 3.0, 128): "4a277b487a9bb4343f32",
+    ("rtn", 2.0, None): "e5657e5734f876698e97",
+    ("gptq", 4.0, 128): "8a015774621dc19e8e0e",
+    ("gptq", 3.0, None): "5ba8af42171e45663c3a",
+    ("gptq", 2.0, 128): "74d2105d86ec49162c6e",
+}
+
+
+def test_keys_of_points_stored_before_are_unchanged():
+    fp = {"wiki-eval": "aaaa", "wiki-calib": "bbbb", "wiki-train": "cccc"}
+    plan = plan_points(SweepSpec(group_sizes=[None, 128], max_tokens=8192), "smollm2-135m", fp)
+    keys = {(p["method"], p.get("bits"), p.get("group_size")): point_key(p) for p in plan}
+    assert {k: keys[k] for k in OLD_KEYS} == OLD_KEYS
+    qat = SweepSpec(methods=["qat"], qat_steps=8, bits=[2], group_sizes=[64], max_tokens=8192)
+    qat = plan_points(qat, "smollm2-135m", fp)
+    assert point_key(qat[1]) == "a0de2a1c1da33d17d136"
+    gptq = SweepSpec(methods=["gptq"], bits=[3], group_sizes=[64], gptq_settings={"sample": "random"}, max_tokens=8192)
+    assert point_key(plan_points(gptq, "smollm2-135m", fp)[1]) == "613237a91e348c8da717"
+
+
+def test_default_spec_adds_byte_budget_points_and_llamacpp_types(monkeypatch):
+    fp = {"wiki-eval": "aaaa", "wiki-calib": "bbbb"}
+    spec = SweepSpec()
+    assert spec.methods == ["rtn", "gptq", "auto"] and spec.budget_bpw == [4.5, 3.5, 2.5]
+    assert spec.bits == [4.0, 3.0, 2.0] and spec.group_sizes == [128]
+    plan = plan_points(spec, "smollm2-135m", fp)
+    assert [p["method"] for p in plan] == ["fp"] + ["rtn"] * 3 + ["gptq"] * 3 + ["auto"] * 3
+    budget = [p for p in plan if p["method"] == "auto"]
+    assert [p["budget_bpw"] for p in budget] == [4.5, 3.5, 2.5]
+    for p in budget:  # the text, its hash and the pipeline's settings are in the key; no single width
+        assert "bits" not in p and p["calib_sha256"] == "bbbb" and p["rotation"] == "auto"
+        assert p["time_budget"] is None and p["then_method"] == "gptq" and p["fisher_tokens"] > 0
+    assert len({point_key(p) for p in plan}) == len(plan)
+    changed = plan_points(SweepSpec(calib_tokens=4096), "smollm2-135m", fp)[-1]
+    assert point_key(changed) != point_key(budget[-1])
+    assert spec.peers == (["llama.cpp"] if importlib.util.find_spec("llama_cpp") else [])
+    assert SweepSpec(peers=["none"]).peers == []
+    monkeypatch.setattr(pareto_spec, "llama_cpp_available", lambda: False)
+    assert SweepSpec().peers == []
+    monkeypatch.setattr(pareto_spec, "llama_cpp_available", lambda: True)
+    assert SweepSpec().peers == ["llama.cpp"]
+
+
+def test_methods_are_those_that_declare_sweep_settings():
+    assert set(pareto_spec.sweep_method_names()) == {"rtn", "gptq", "qat", "auto"}
+    assert not hasattr(methods, "SWEEPABLE")
+    with pytest.raises(LowbitError, match="unknown method"):
+        SweepSpec(methods=["blockap"])  # registered, but declares no sweep points
+
+
 def test_qat_points_need_a_step_budget():
     fp = {"wiki-eval": "a", "wiki-calib": "b", "wiki-train": "c"}
     assert all(p["method"] != "qat" for p in plan_points(SweepSpec(methods=["rtn", "qat"]), "m", fp))
-    with_budget = plan_points(SweepSpec(methods=["rtn", "qat"], qat_steps=10), "m", fp)
+    with_budget = plan_points(SweepSpec(methods=["rtn", "qat"], qat_steps=10, group_sizes=[None, 128]), "m", fp)
     assert sum(p["method"] == "qat" for p in with_budget) == 6
 
 
@@ -127,6 +190,7 @@ class FakeQAT:
     name: ClassVar[str] = "qat"
     kind: ClassVar[str] = "training"
     built: ClassVar[list[dict]] = []
+    sweep_settings = classmethod(QAT.sweep_settings.__func__)  # the real method's points
 
     steps: int = 0
     data: str = ""
@@ -227,6 +291,9 @@ def test_spec_rejects_bad_settings():
         SweepSpec(bits=[5])
     with pytest.raises(LowbitError, match="unknown sweep setting"):
         SweepSpec.from_dict({"bitz": [4]})
+    for bad in (0, 16, float("nan")):
+        with pytest.raises(LowbitError, match="bits per weight"):
+            SweepSpec(budget_bpw=[bad])
 
 
 # ---------------------------------------------------------------- results store
@@ -412,6 +479,8 @@ def test_sweep_killed_with_sigkill_resumes_without_recomputing(tiny_assets, tmp_
         "--group-sizes",
         "channel",
         "32",
+        "--peers",
+        "none",
         "--out",
         str(out),
         "--json",
@@ -451,6 +520,111 @@ def test_sweep_killed_with_sigkill_resumes_without_recomputing(tiny_assets, tmp_
     assert all(r["run_id"] != first[0]["run_id"] for r in lines[len(first) :])
     assert main(argv) == 0  # a third run has nothing left to do
     assert read_lines(out) == lines
+
+
+# ---------------------------------------------------------------- byte-budget points
+
+
+def test_budget_points_run_the_byte_budget_pipeline(tiny_assets, tmp_path, capsys):
+    model_dir, text = tiny_assets
+    spec = tiny_spec(model_dir, text, methods=["gptq", "auto"], bits=[2], group_sizes=[32], budget_bpw=[2.5, 3])
+    result = run_sweep(spec, tmp_path, progress=True, log=lambda _msg: None)
+    assert capsys.readouterr().out == ""  # the plan table went to stderr: stdout is the summary's
+    assert result["computed"] == result["points"] == 4
+    lines = read_lines(tmp_path)
+    budget = [r for r in lines if r["method"] == "auto"]
+    assert [r["budget_bpw"] for r in budget] == [3.0, 2.5]
+    for r in budget:
+        assert r["key"] == point_key(r["settings"]) and r["bits"] is None and r["group_size"] is None
+        assert r["rotated"] is True and r["bits_per_weight_linear"] <= r["budget_bpw"]
+        assert [s["stage"] for s in r["auto"]["stages"]] == ["rotation", "sensitivities", "plan+gptq"]
+        assert r["auto"]["skipped"] == {"blockap": "no --time-budget given", "e2e": "no --time-budget given"}
+        assert r["auto"]["plan"]["plan_summary"] and "plan" not in r["auto"]["plan"]  # the summary, not every layer
+    gptq = next(r for r in lines if r["method"] == "gptq")
+    assert gptq["rotated"] is False
+    assert budget[1]["total_bytes"] < budget[0]["total_bytes"]
+    markdown = (tmp_path / "results.md").read_text()
+    html = (tmp_path / "report.html").read_text()
+    for label in ("budget 3 b/w (rotated)", "budget 2.5 b/w (rotated)"):
+        assert label in markdown and label in html
+    assert "per-layer plan" in markdown and "Byte-budget points (budget 3, 2.5 bits/weight" in markdown
+    assert any("budget 2.5 b/w (rotated)" in line for line in result["summary"])  # on the frontier or dominated
+    again = run_sweep(spec, tmp_path, progress=False, log=lambda _msg: None)
+    assert again["computed"] == 0 and again["skipped"] == 4
+
+
+def test_budget_points_share_their_sensitivities_and_equal_separate_runs(tiny_assets):
+    from lowbit.budget.auto import Auto
+
+    _, text = tiny_assets
+    tokenizer = tiny_tokenizer()
+    reference = tiny_llama(vocab_size=len(tokenizer))
+    before = {k: v.clone() for k, v in reference.state_dict().items()}
+    budgets = [Auto(budget_bpw=b, calib=str(text), calib_tokens=256, seq_len=64) for b in (3.0, 2.5)]
+    separate = []
+    for method in budgets:
+        model = copy.deepcopy(reference)
+        separate.append((model, method.apply(model, QuantConfig(bits=4), tokenizer=tokenizer, progress=False)))
+    shared = list(Auto.sweep_apply(budgets, reference, QuantConfig(bits=4), tokenizer=tokenizer, progress=False))
+    assert all(torch.equal(v, before[k]) for k, v in reference.state_dict().items())  # the reference is untouched
+    for (model, report), (alone, alone_report) in zip(shared, separate, strict=True):
+        state, expected = model.state_dict(), alone.state_dict()
+        assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in state)
+        assert report["plan"]["plan"] == alone_report["plan"]["plan"]
+        assert [s["stage"] for s in report["stages"]] == ["rotation", "sensitivities", "plan+gptq"]
+        assert report["stages"][1]["shared_by"] == 2 and report["skipped"] == alone_report["skipped"]
+    mixed = [budgets[0], Auto(budget_bpw=2.5, calib=str(text), calib_tokens=128, seq_len=64)]  # nothing to share
+    reports = [r for _, r in Auto.sweep_apply(mixed, reference, QuantConfig(bits=4), tokenizer, progress=False)]
+    assert [[s["stage"] for s in r["stages"]] for r in reports] == [["rotation", "budget+gptq"]] * 2
+
+
+def test_plot_draws_budget_points_on_their_own_line(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from lowbit.pareto.plot import plot_pareto
+
+    kept = []
+    monkeypatch.setattr(plt, "close", kept.append)
+    fp = {"model": "m", "method": "fp", "total_bytes": 1000, "kl_to_reference": 0.0, "perplexity": 10.0,
+          "bits": 32.0, "group_size": None, "tokens": 63}  # fmt: skip
+    rtn4 = {**fp, "method": "rtn", "total_bytes": 300, "kl_to_reference": 0.2, "perplexity": 11.0, "bits": 4.0,
+            "group_size": 32}  # fmt: skip
+    budget = {**fp, "method": "auto", "total_bytes": 250, "kl_to_reference": 0.1, "perplexity": 10.5, "bits": None,
+              "budget_bpw": 3.5, "rotated": True}  # fmt: skip
+    plot_pareto(mark_frontier([fp, rtn4, budget]), tmp_path / "p.png")
+    ax_kl = kept[0].axes[0]
+    assert {"RTN g32", "budget (rotated)"} <= {t.get_text() for t in ax_kl.get_legend().get_texts()}
+    assert {"4b", "3.5 b/w"} <= {t.get_text() for t in ax_kl.texts}
+
+
+def test_without_llama_cpp_the_summary_says_its_types_were_not_measured(monkeypatch):
+    monkeypatch.setattr(pareto_spec, "llama_cpp_available", lambda: False)
+    monkeypatch.setattr(pareto_sweep, "llama_cpp_available", lambda: False)
+    spec = SweepSpec()
+    assert spec.peers == []
+    (note,) = pareto_sweep.peer_notes(spec)
+    assert "llama-cpp-python is not installed" in note
+    assert pareto_sweep.peer_notes(SweepSpec(peers=["llama.cpp"])) == []  # asked for: check() says why it cannot run
+    monkeypatch.setattr(pareto_sweep, "llama_cpp_available", lambda: True)
+    assert pareto_sweep.peer_notes(SweepSpec(peers=["none"])) == []
+
+
+def test_llamacpp_quantizer_warnings_go_to_a_file_behind_one_line(tmp_path, capfd):
+    from lowbit.peers.llamacpp_peer import _fallback_line, _stderr_to
+
+    said = (
+        b"warning: blk.0.attn_q.weight - ncols 576 not divisible by 256 (required for type q4_K) -> falling back\n"
+        b"llama_model_quantize_impl: WARNING: 180 of 272 tensor(s) required fallback quantization\n"
+    )
+    with _stderr_to(tmp_path / "q.log"):
+        os.write(2, said)  # as llama.cpp's C code writes, below Python's sys.stderr
+    assert capfd.readouterr().err == ""
+    text = (tmp_path / "q.log").read_text()
+    assert "falling back" in text
+    assert _fallback_line(text) == "180 of 272 tensor(s) required fallback quantization"
+    assert _fallback_line("") is None
+    os.write(2, b"after\n")
+    assert capfd.readouterr().err == "after\n"  # file descriptor 2 is back
 
 
 # ---------------------------------------------------------------- report and CLI
@@ -538,7 +712,8 @@ def test_cli_pareto_with_config_file(tiny_assets, tmp_path, capsys):
         )
     )
     out = tmp_path / "out"
-    assert main(["pareto", "--config", str(config), "--max-tokens", "256", "--out", str(out), "--json"]) == 0
+    argv = ["pareto", "--config", str(config), "--max-tokens", "256", "--peers", "none", "--out", str(out), "--json"]
+    assert main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["points"] == 2 and result["computed"] == 2
     lines = read_lines(out)
@@ -551,6 +726,12 @@ def test_cli_reports_user_errors(tmp_path, capsys):
     assert "cannot read sweep config" in capsys.readouterr().err
     assert main(["pareto", "--bits", "5", "--out", str(tmp_path)]) == 2
     assert "unsupported bit-width" in capsys.readouterr().err
+    assert main(["pareto", "--methods", "rtn", "--budget-bpw", "3", "--out", str(tmp_path)]) == 2
+    assert "--budget-bpw only applies to byte-budget points" in capsys.readouterr().err
+    assert main(["pareto", "--methods", "rtn", "--calib", "news", "--out", str(tmp_path)]) == 2
+    assert "--calib only applies to GPTQ points and byte-budget points" in capsys.readouterr().err
+    assert main(["pareto", "--budget-bpw", "16", "--out", str(tmp_path)]) == 2
+    assert "bits per weight" in capsys.readouterr().err
 
 
 def test_report_states_gptq_calibration_sampling():

@@ -14,10 +14,9 @@ from safetensors import safe_open
 from conftest import tiny_llama, tiny_tokenizer
 from lowbit.errors import LowbitError
 from lowbit.eval.evaluation import evaluate, size_account
-from lowbit.options import parse_override
 from lowbit.ptq.gptq import gptq, rtn
 from lowbit.quant.packing import default_layout, pack_codes, row_bytes
-from lowbit.quant.quantizers import LSQQuantizer, make_quantizer, parse_bits
+from lowbit.quant.quantizers import LSQQuantizer, make_quantizer, parse_bits, parse_override
 from lowbit.quant.surgery import QuantConfig, quantized_modules
 from lowbit.runtime import kernels
 from lowbit.runtime.packed import PackedEmbedding, generate, load_packed

@@ -41,28 +41,6 @@ def parse_group_size(text: str) -> int | None:
     return value
 
 
-def parse_bits_option(text: str) -> float:
-    """``--bits``: 1, 1.58 (or ternary), 2, 3, 4, 6 or 8, checked when the command line is read."""
-    from lowbit.quant.quantizers import parse_bits
-
-    try:
-        return parse_bits(text)
-    except LowbitError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
-
-
-def parse_override(text: str) -> tuple[str, dict]:
-    """``--override PATTERN=BITS[:GROUP]`` -> ``(pattern, {"bits": ..., "group_size": ...})``."""
-    pattern, sep, value = text.partition("=")
-    if not sep or not pattern:
-        raise argparse.ArgumentTypeError(f"override must look like 'model.layers.0.*=8' or 'PATTERN=4:64', got {text!r}")
-    bits, _, group = value.partition(":")
-    spec: dict = {"bits": parse_bits_option(bits)}
-    if group:
-        spec["group_size"] = parse_group_size(group)
-    return pattern, spec
-
-
 def _parse_int(text: str, minimum: int, what: str) -> int:
     try:
         value = float(text)

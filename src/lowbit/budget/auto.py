@@ -190,3 +190,42 @@ class Auto:
             **planner,
         }
         return [({**made, "budget_bpw": b}, {"budget_bpw": b, **keyed}) for b in spec.budget_bpw]
+
+    @classmethod
+    def sweep_apply(cls, methods: list[Auto], model: nn.Module, config: QuantConfig, tokenizer=None,
+                    progress: bool = True):  # fmt: skip
+        """What ``m.apply(copy.deepcopy(model), config, tokenizer, progress)`` returns for each ``m`` of ``methods``,
+        as (quantized copy, report) pairs yielded one at a time (``model`` stays as it is). Budgets in bits per
+        weight that differ in nothing else share what does not depend on the budget: the rotation and the
+        sensitivities (the Fisher pass and every layer's table) are computed once, so a sweep's byte-budget points
+        cost one plan and one GPTQ each. Any other list runs one by one through :meth:`apply`."""
+        from lowbit.budget.plan import sensitivity_tables
+        from lowbit.budget.planner import Budget
+
+        first = methods[0]
+        if any(m.budget_mb is not None or m.time_budget is not None
+               or dataclasses.replace(m, budget_bpw=first.budget_bpw) != first for m in methods):  # fmt: skip
+            for m in methods:
+                quantized = copy.deepcopy(model)
+                yield quantized, m.apply(quantized, config, tokenizer=tokenizer, progress=progress)
+            return
+        t0 = time.time()
+        stages: list[dict] = []
+        skipped: dict[str, str] = {}
+        base = copy.deepcopy(model)
+        config = first._rotate(base, config, stages, skipped, tokenizer, progress)
+        budgets = [Budget(budget_bpw=m.budget_bpw, calib=m.calib, calib_tokens=m.calib_tokens, seq_len=m.seq_len)
+                   for m in methods]  # fmt: skip
+        start = time.time()
+        tables, emb_table = sensitivity_tables(budgets[0], base, config, tokenizer, progress)
+        stages.append({"stage": "sensitivities", "seconds": round(time.time() - start, 1),
+                       "tokens": budgets[0].fisher_tokens, "shared_by": len(methods)})  # fmt: skip
+        skipped["blockap"] = skipped["e2e"] = "no --time-budget given"
+        shared = time.time() - t0
+        for budget in budgets:
+            start = time.time()
+            quantized = copy.deepcopy(base)
+            plan = budget.quantize_from_tables(quantized, config, tables, emb_table, tokenizer, progress)
+            own = {"stage": "plan+gptq", "seconds": round(time.time() - start, 1), "tokens": budget.calib_tokens}
+            yield quantized, {"stages": [*stages, own], "skipped": dict(skipped), "plan": plan,
+                              "seconds": round(shared + time.time() - start, 1)}  # fmt: skip

@@ -18,7 +18,15 @@ from typing import ClassVar
 
 from torch import nn
 
-from lowbit.budget.plan import BUDGET_BPW_HELP, BUDGET_MB_HELP, DEFAULT_CANDIDATES, Plan, achieved, make_plan
+from lowbit.budget.plan import (
+    BUDGET_BPW_HELP,
+    BUDGET_MB_HELP,
+    DEFAULT_CANDIDATES,
+    Plan,
+    achieved,
+    plan_from_tables,
+    sensitivity_tables,
+)
 from lowbit.budget.sensitivity import Setting
 from lowbit.budget.streamed import stream_plan
 from lowbit.errors import LowbitError
@@ -81,7 +89,15 @@ class Budget:
 
     def quantize(self, model: nn.Module, config: QuantConfig, tokenizer=None, progress: bool = True) -> dict:
         """:meth:`apply` on a model already rotated as ``config`` asks: plan, then ``then_method`` on the plan."""
-        plan = make_plan(self, model, config, tokenizer, progress)
+        tables, emb_table = sensitivity_tables(self, model, config, tokenizer, progress)
+        return self.quantize_from_tables(model, config, tables, emb_table, tokenizer, progress)
+
+    def quantize_from_tables(self, model: nn.Module, config: QuantConfig, tables, emb_table, tokenizer=None,
+                             progress: bool = True) -> dict:  # fmt: skip
+        """:meth:`quantize` with the sensitivity tables of this model, config and calibration already measured
+        (:func:`lowbit.budget.plan.sensitivity_tables`): budgets over one model share them, as a sweep's
+        byte-budget points do (:meth:`lowbit.budget.auto.Auto.sweep_apply`)."""
+        plan = plan_from_tables(self, model, config, tables, emb_table)
         if progress:
             print(plan.table())
         then, planned = self.planned_run(plan, config)

@@ -1,4 +1,5 @@
-"""``lowbit pareto``: sweep bit-widths x methods x granularities, store every point, report the frontier."""
+"""``lowbit pareto``: sweep methods (each over its own grid: bit-widths x granularities, or byte budgets)
+and peer tools, store every point, report the frontier."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser(
         "pareto",
-        help="sweep bits x methods x group sizes; store every point; report the size-quality frontier",
+        help="sweep methods x bits x group sizes and byte budgets; store every point; report the size-quality frontier",
         description=(
-            "Quantize each model at every bit-width x method x granularity, measure size, KL to the "
-            "full-precision model, top-1 agreement and perplexity on one eval text, append each finished "
-            "point to OUT/results.jsonl (a re-run skips stored points) and write OUT/report.html, "
-            "OUT/pareto.png and OUT/results.md."
+            "Quantize each model with every method: RTN and GPTQ at every bit-width x granularity, the byte "
+            "budget (auto) at every --budget-bpw, and the peers' own types (llama.cpp's by default where "
+            "llama-cpp-python is installed); measure size, KL to the full-precision model, top-1 agreement and "
+            "perplexity on one eval text, append each finished point to OUT/results.jsonl (a re-run skips "
+            "stored points) and write OUT/report.html, OUT/pareto.png and OUT/results.md."
         ),
     )
     p.add_argument("--config", help="JSON file with sweep settings (SweepSpec fields); flags win")
@@ -36,8 +38,14 @@ def sweep_spec(args):
         settings["max_tokens"] = None
     spec = SweepSpec(**settings)
     stray = given_options(SweepSpec, args, only=("calib", "calib_tokens"))
-    if stray and "gptq" not in spec.quantized_methods():
-        raise LowbitError(f"{', '.join(stray)} only applies to GPTQ points: add gptq to --methods or drop it")
+    if stray and not spec.calibrated():
+        raise LowbitError(
+            f"{', '.join(stray)} only applies to GPTQ points and byte-budget points: add gptq or auto to --methods "
+            "or drop it"
+        )
+    stray = given_options(SweepSpec, args, only=("budget_bpw",))
+    if stray and "auto" not in spec.methods:
+        raise LowbitError(f"{', '.join(stray)} only applies to byte-budget points: add auto to --methods or drop it")
     return spec
 
 

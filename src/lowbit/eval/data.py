@@ -357,3 +357,8 @@ def tokenize_windows(
     if bos:
         windows = torch.cat([torch.full((n_windows, 1), int(bos_id), dtype=torch.long), windows], dim=1)
     return windows
+
+
+def text_fingerprint(name: str) -> str:
+    """SHA-256 (16 hex digits) of a text's content: a changed text file changes the keys that name it."""
+    return hashlib.sha256(get_text(name).encode("utf-8")).hexdigest()[:16]

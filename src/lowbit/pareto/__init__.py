@@ -1,8 +1,11 @@
 """Size-quality Pareto sweeps: quantize a model many ways, measure every point, report the frontier.
 
-A sweep is bit-widths x methods x granularities (x models), plus one full-precision reference
-point per model; every point of a model is measured against the same cached reference log-probs
-and ranked by KL to the reference, perplexity beside it (docs/methods.md, "Measuring").
+A sweep is, per model, one full-precision reference point and each method's points over its own
+grid (RTN and GPTQ: bit-widths x granularities; the byte budget: bits per weight; each method
+class's ``sweep_settings`` says), plus the peer tools' points (llama.cpp's own types by default
+where llama-cpp-python is installed); every point of a model is measured against the same cached
+reference log-probs and ranked by KL to the reference, perplexity beside it (docs/methods.md,
+"Measuring").
 
 - :mod:`~lowbit.pareto.spec`: :class:`SweepSpec`, the planned points and their keys;
 - :mod:`~lowbit.pareto.store`: ``DIR/results.jsonl``, one fsync'd line per finished point, locked
@@ -20,6 +23,7 @@ from lowbit.pareto.spec import (
     DEFAULT_EVAL_TOKENS,
     KEY_VERSION,
     SweepSpec,
+    method_points,
     model_ref,
     plan_points,
     point_key,
@@ -41,6 +45,7 @@ __all__ = [
     "markdown_report",
     "markdown_table",
     "measure_point",
+    "method_points",
     "model_ref",
     "plan_points",
     "plot_pareto",

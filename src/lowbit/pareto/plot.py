@@ -13,6 +13,7 @@ _METHOD_STYLE = {
     "rtn": {"marker": "o", "color": "#1f77b4"},
     "gptq": {"marker": "s", "color": "#d62728"},
     "qat": {"marker": "^", "color": "#2ca02c"},
+    "auto": {"marker": "D", "color": "#e377c2"},
 }
 _OTHER_STYLE = {"marker": "D", "color": "#555555"}
 # Peer tools: unfilled markers, not joined by lines, labelled with their type.
@@ -30,37 +31,47 @@ def _shown(r: dict, metric: str) -> bool:
     return metric != _KL or r[metric] > 0
 
 
+def _series(r: dict) -> tuple[str, str]:
+    """The line a point is drawn on and how the point is tagged: uniform points by method and
+    granularity (tagged with their bit-width), byte-budget points by method and rotation (tagged
+    with their budget)."""
+    if r.get("budget_bpw") is not None:
+        return f"budget{' (rotated)' if r.get('rotated') else ''}", f"{r['budget_bpw']:g} b/w"
+    gran = "per-channel" if r["group_size"] is None else f"g{r['group_size']}"
+    return f"{r['method'].upper()} {gran}", f"{r['bits']:g}b"
+
+
 def _plot_methods(ax, quant: list[dict], metric: str) -> None:
-    """One line per method and granularity, each point labelled with its bit-width."""
-    granularities = list(dict.fromkeys(r["group_size"] for r in quant))
-    for method in dict.fromkeys(r["method"] for r in quant):
+    """One line per method and granularity (a byte budget: per method), each point tagged."""
+    granularities = list(dict.fromkeys(r["group_size"] for r in quant if r.get("budget_bpw") is None))
+    for method, label in dict.fromkeys((r["method"], _series(r)[0]) for r in quant):
         style = _METHOD_STYLE.get(method, _OTHER_STYLE)
-        for gi, g in enumerate(granularities):
-            pts = sorted(
-                (r for r in quant if r["method"] == method and r["group_size"] == g), key=lambda r: r["total_bytes"]
+        pts = sorted(
+            (r for r in quant if r["method"] == method and _series(r)[0] == label and _shown(r, metric)),
+            key=lambda r: r["total_bytes"],
+        )
+        if not pts:
+            continue
+        # one line style per granularity across methods (a byte budget's line: solid)
+        gi = 0 if pts[0].get("budget_bpw") is not None else granularities.index(pts[0]["group_size"])
+        ax.plot(
+            [r["total_bytes"] / MB for r in pts],
+            [r[metric] for r in pts],
+            linestyle=_LINESTYLES[gi % len(_LINESTYLES)],
+            marker=style["marker"],
+            color=style["color"],
+            markersize=7,
+            alpha=0.85,
+            label=label,
+        )
+        for r in pts:
+            ax.annotate(
+                _series(r)[1],
+                (r["total_bytes"] / MB, r[metric]),
+                textcoords="offset points",
+                xytext=(5, 4),
+                fontsize=8,
             )
-            pts = [r for r in pts if _shown(r, metric)]
-            if not pts:
-                continue
-            gran = "per-channel" if g is None else f"g{g}"
-            ax.plot(
-                [r["total_bytes"] / MB for r in pts],
-                [r[metric] for r in pts],
-                linestyle=_LINESTYLES[gi % len(_LINESTYLES)],
-                marker=style["marker"],
-                color=style["color"],
-                markersize=7,
-                alpha=0.85,
-                label=f"{method.upper()} {gran}",
-            )
-            for r in pts:
-                ax.annotate(
-                    f"{r['bits']:g}b",
-                    (r["total_bytes"] / MB, r[metric]),
-                    textcoords="offset points",
-                    xytext=(5, 4),
-                    fontsize=8,
-                )
 
 
 def _plot_peers(ax, peers: list[dict], metric: str) -> None:

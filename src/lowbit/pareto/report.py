@@ -113,9 +113,18 @@ def _matchup_lines(model: str, quant: list[dict]) -> list[str]:
     return lines
 
 
+# How each peer made its points, for the summary's line naming them.
+_PEER_HOW = {"llama.cpp": "llama.cpp's own quantizer, its default parameters, no importance matrix"}
+
+
 def peer_lines(model: str, own: list[dict], peers: list[dict]) -> list[str]:
-    """For each peer point: the lowbit points that dominate it, or that it dominates."""
+    """Which points each peer measured, then for each peer point: the lowbit points that dominate it,
+    or that it dominates."""
     lines = []
+    for peer in dict.fromkeys(p["peer"] for p in peers):
+        types = ", ".join(p["peer_type"] for p in sorted(peers, key=lambda r: r["total_bytes"]) if p["peer"] == peer)
+        how = f" ({_PEER_HOW[peer]})" if peer in _PEER_HOW else ""
+        lines.append(f"{model}: {peer} points: {types}{how}.")
     for p in sorted(peers, key=lambda r: r["total_bytes"]):
         head = (
             f"{model}: {point_label(p)} ({fmt_mb(p['total_bytes'])} MB, {_fmt_bpw(p)} bits/weight over the linears): "
@@ -204,7 +213,7 @@ def table_rows(records: list[dict]) -> list[dict[str, str]]:
                 "rank": str(rank[r["model"]]),
                 "model": r["model"],
                 "label": point_label(r),
-                "quantizer": r["quantizer"] or "-",
+                "quantizer": r["quantizer"] or ("per-layer plan" if r.get("budget_bpw") is not None else "-"),
                 "size_mb": fmt_mb(r["total_bytes"]),
                 "total_bytes": f"{r['total_bytes']:,}",
                 "bits_per_weight": f"{r['bits_per_weight']:.3f}",
@@ -245,9 +254,12 @@ def peer_table_rows(records: list[dict]) -> list[dict[str, str]]:
         own = [r for r in records if r["model"] == p["model"] and not is_peer(r) and r["method"] != "fp"]
         better, worse = versus(p, own)
         row["stored"] = _stored(p)
+        shown = better or worse
         row["versus"] = (
-            f"dominated by {len(better)}" if better else f"dominates {len(worse)}" if worse else "neither"
-        ) + " lowbit point" + ("" if len(better or worse) == 1 else "s")
+            f"{'dominated by' if better else 'dominates'} {len(shown)} lowbit point{'' if len(shown) == 1 else 's'}"
+            if shown
+            else "neither dominates nor is dominated"
+        )
     return rows
 
 
@@ -299,7 +311,24 @@ def eval_description(records: list[dict], spec: SweepSpec) -> list[str]:
             f"QAT training text: {spec.qat_data}; {spec.qat_steps} steps in windows of {spec.seq_len} "
             f"(further settings: {json.dumps(spec.qat_settings) if spec.qat_settings else 'lowbit.train defaults'})."
         )
+    if "auto" in spec.quantized_methods():
+        text.append(budget_description(records, spec))
     return text + peer_description(records, spec)
+
+
+def budget_description(records: list[dict], spec: SweepSpec) -> str:
+    """How the byte-budget points were made: ``lowbit quantize --budget-bpw X`` without a time budget."""
+    budgets = ", ".join(f"{b:g}" for b in spec.budget_bpw)
+    settings = next((r["settings"] for r in records if r.get("budget_bpw") is not None), {})
+    fisher = settings.get("fisher_tokens")
+    return (
+        f"Byte-budget points (budget {budgets} bits/weight over the decoder linears as stored; method auto, as "
+        "lowbit quantize --budget-bpw X runs without --time-budget): rotated (Hadamard, QuaRot-style) where the "
+        "architecture allows, each linear's bits, group and grid planned from measured sensitivities"
+        + (f" (Fisher on {fisher:,} tokens of {spec.calib})" if fisher else "")
+        + f", then GPTQ on the plan with the first {spec.calib_tokens:,} tokens of {spec.calib}; no Block-AP or "
+        "end-to-end training (those need a time budget)."
+    )
 
 
 def peer_description(records: list[dict], spec: SweepSpec) -> list[str]:
@@ -308,8 +337,9 @@ def peer_description(records: list[dict], spec: SweepSpec) -> list[str]:
     text = []
     if any(r["peer"] == "llama.cpp" for r in peers):
         version = next(r["versions"].get("llama.cpp", "?") for r in peers if r["peer"] == "llama.cpp")
+        types = ", ".join(dict.fromkeys(r["peer_type"] for r in peers if r["peer"] == "llama.cpp"))
         text.append(
-            f"llama.cpp points (llama-cpp-python {version}): llama.cpp's own types, made by its quantizer "
+            f"llama.cpp points (llama-cpp-python {version}): llama.cpp's own types ({types}), made by its quantizer "
             "(llama_model_quantize, default parameters, no importance matrix) from an F32 GGUF of the model, run "
             "by llama.cpp on the same windows (each from an empty context) with its weight-repacking buffer types "
             "off (plain CPU kernels; they segfault on AMX CPUs with llama-cpp-python 0.3.36). Where a tensor's rows "

@@ -4,11 +4,14 @@ Quality follows docs/methods.md ("Measuring"): every point of a model is measure
 eval windows against the same full-precision log-probs, computed once per model and kept in
 memory (:func:`lowbit.eval.evaluation.cache_reference`), so the reference model runs once per sweep,
 not once per point. Each finished point goes to the :class:`~lowbit.pareto.store.ResultStore`
-before the next one starts, so a killed sweep loses at most the point in progress.
+before the next one starts, so a killed sweep loses at most the point in progress. Points whose
+method class quantizes several together (``sweep_apply``: a sweep's byte budgets share their
+rotation and sensitivities) are still stored one by one, as each is measured.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import hashlib
@@ -30,38 +33,35 @@ from lowbit.errors import LowbitError
 from lowbit.eval.evaluation import CachedReference, cache_reference, evaluate, size_account
 from lowbit.pareto.html import write_report
 from lowbit.pareto.report import fmt_mb, summary_lines
-from lowbit.pareto.spec import SweepSpec, plan_points, point_key, point_label, text_fingerprints
+from lowbit.pareto.spec import (
+    SweepSpec,
+    llama_cpp_available,
+    method_key,
+    method_points,
+    plan_points,
+    point_key,
+    point_label,
+    text_fingerprints,
+)
 from lowbit.pareto.store import ResultStore
 from lowbit.ptq.methods import Method, make_method
 
-# What a point's record keeps of a training method's report (the per-step metrics stay out).
-_REPORT_KEYS = ("steps", "train_tokens", "train_seconds", "first_loss", "final_loss", "data")
+# What a point's record keeps of its method's report: a training method's losses (the per-step
+# metrics stay out), a pipeline's stages and what it skipped, a byte budget's plan in summary.
+_REPORT_KEYS = ("steps", "train_tokens", "train_seconds", "first_loss", "final_loss", "data", "stages", "skipped")
+_PLAN_KEYS = ("plan_summary", "plan_embeddings", "budget_bytes", "predicted_bits_per_weight_linear",
+              "predicted_loss_increase")  # fmt: skip
+# A planned method's placeholder width: the plan replaces every layer's (as lowbit quantize does).
+_PLANNED_BITS = 4
 
 
-def _method_settings(spec: SweepSpec, name: str) -> dict:
-    """The spec's settings for method ``name`` (:func:`lowbit.ptq.methods.make_method` keeps its fields)."""
-    if name == "qat":
-        return {
-            "steps": spec.qat_steps,
-            "data": spec.qat_data,
-            "seq_len": spec.seq_len,
-            "seed": spec.seed,
-            "settings": {"warmup": min(4, spec.qat_steps - 1), **spec.qat_settings},
-        }
+def sweep_methods(spec: SweepSpec, fingerprints: dict[str, str]) -> dict[str, Method]:
+    """The method of each quantized point, by :func:`~lowbit.pareto.spec.method_key` of its settings;
+    built before any compute, so that a method that cannot run fails first."""
     return {
-        "calib": spec.calib,
-        "calib_tokens": spec.calib_tokens,
-        "seq_len": spec.seq_len,
-        "act_order": spec.act_order,
-        "damp": spec.damp,
-        **spec.gptq_settings,
+        method_key({"method": name, **keyed}): make_method(name, **made)
+        for name, made, keyed in method_points(spec, fingerprints)
     }
-
-
-def sweep_methods(spec: SweepSpec) -> dict[str, Method]:
-    """The method of each quantized point, by name; built before any compute, so that a method
-    that cannot run fails first."""
-    return {name: make_method(name, **_method_settings(spec, name)) for name in spec.quantized_methods()}
 
 
 @dataclass
@@ -116,20 +116,38 @@ def _check_cache_memory(windows: torch.Tensor, reference: nn.Module) -> None:
         )
 
 
-def _quantize(model: nn.Module, settings: dict, spec: SweepSpec, ctx: _ModelContext, progress: bool) -> dict:
-    """Quantize ``model`` in place as ``settings`` say; returns what the method reports (QAT: losses)."""
+def _config(settings: dict, spec: SweepSpec):
+    """The QuantConfig a point quantizes with (a planned method gets a placeholder width)."""
     from lowbit.quant.surgery import QuantConfig
 
-    config = QuantConfig(
-        bits=settings["bits"],
+    return QuantConfig(
+        bits=settings.get("bits", _PLANNED_BITS),
         quantizer=spec.quantizer,
-        group_size=settings["group_size"],
+        group_size=settings.get("group_size"),
         scale_search=spec.scale_search,
         hp_dtype=spec.hp_dtype,
     )
-    method = ctx.methods[settings["method"]]
-    report = method.apply(model, config, tokenizer=ctx.tokenizer, progress=progress)
-    return {method.name: {k: report[k] for k in _REPORT_KEYS if k in report}} if report else {}
+
+
+def _kept(method: Method, report: dict) -> dict:
+    """What a point's record keeps of its method's report (:data:`_REPORT_KEYS`), under the method's name."""
+    if not report:
+        return {}
+    kept = {k: report[k] for k in _REPORT_KEYS if k in report}
+    plan = report.get("plan")
+    if isinstance(plan, dict) and "plan_summary" in plan:  # a pipeline's byte-budget stage
+        kept["plan"] = {k: plan[k] for k in _PLAN_KEYS if k in plan}
+    return {method.name: kept}
+
+
+def _quantize(model: nn.Module, settings: dict, spec: SweepSpec, ctx: _ModelContext, progress: bool) -> dict:
+    """Quantize ``model`` in place as ``settings`` say; returns what the record keeps of the method's report."""
+    method = ctx.methods[method_key(settings)]
+    # what a method prints (a byte budget's plan table) goes to stderr with the progress bars: stdout
+    # holds the sweep's summary
+    with contextlib.redirect_stdout(sys.stderr):
+        report = method.apply(model, _config(settings, spec), tokenizer=ctx.tokenizer, progress=progress)
+    return _kept(method, report)
 
 
 def _versions() -> dict:
@@ -148,27 +166,76 @@ def measure_point(settings: dict, spec: SweepSpec, ctx: _ModelContext, progress:
     """Quantize a copy of the reference model as ``settings`` say and measure it: one result record."""
     t_start = time.perf_counter()
     torch.manual_seed(settings["seed"])
-    quantize_seconds, reported = 0.0, {}
-    if settings["method"] == "fp":
-        model = ctx.reference
-        quality = dict(ctx.cache.result)
-        eval_seconds = ctx.reference_seconds
-        bits = float(8 * next(model.parameters()).element_size())
-        extra = {"bits": bits, "quantizer": None, "group_size": None}
-    else:
+    if settings["method"] != "fp":
         model = copy.deepcopy(ctx.reference)
-        t0 = time.perf_counter()
         reported = _quantize(model, settings, spec, ctx, progress)
-        quantize_seconds = time.perf_counter() - t0
+        return _measured(settings, model, reported, time.perf_counter() - t_start, ctx, progress)
+    model = ctx.reference
+    extra = {"bits": float(8 * next(model.parameters()).element_size()), "quantizer": None, "group_size": None}
+    seconds = time.perf_counter() - t_start + ctx.reference_seconds
+    timing = {"quantize_seconds": 0.0, "eval_seconds": ctx.reference_seconds, "seconds": seconds}
+    return _record(settings, ctx, extra, size_account(model), dict(ctx.cache.result), timing, {})
+
+
+def measure_shared(group: list[dict], spec: SweepSpec, ctx: _ModelContext, progress: bool = True) -> Iterator[dict]:
+    """Measure points whose methods are of one class that quantizes several together (its classmethod
+    ``sweep_apply(methods, model, config, tokenizer, progress)`` yields a quantized copy and a report
+    per method, sharing what does not depend on the point, such as a byte budget's sensitivities):
+    one record per point, yielded as soon as it is measured. A point's quantize seconds are those spent
+    on it since the previous one was ready (the first point's include the shared work)."""
+    torch.manual_seed(group[0]["seed"])
+    methods = [ctx.methods[method_key(s)] for s in group]
+    made = type(methods[0]).sweep_apply(methods, ctx.reference, _config(group[0], spec), tokenizer=ctx.tokenizer,
+                                        progress=progress)  # fmt: skip
+    for settings, method in zip(group, methods, strict=True):
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            quality = evaluate(model, ctx.cache.windows, reference=ctx.cache, progress=progress)
-        eval_seconds = time.perf_counter() - t0
-        extra = {k: settings[k] for k in ("bits", "quantizer", "group_size")}
-    size = size_account(model)
-    seconds = time.perf_counter() - t_start + (eval_seconds if settings["method"] == "fp" else 0.0)
-    timing = {"quantize_seconds": quantize_seconds, "eval_seconds": eval_seconds, "seconds": seconds}
-    return _record(settings, ctx, extra, size, quality, timing, reported)
+        with contextlib.redirect_stdout(sys.stderr):  # as in _quantize
+            model, report = next(made)
+        yield _measured(settings, model, _kept(method, report), time.perf_counter() - t0, ctx, progress)
+        del model
+
+
+def _measured(settings: dict, model: nn.Module, reported: dict, quantize_seconds: float, ctx: _ModelContext,
+              progress: bool) -> dict:  # fmt: skip
+    """The record of a quantized point: ``model`` evaluated on the cached reference, its size, its method's report."""
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        quality = evaluate(model, ctx.cache.windows, reference=ctx.cache, progress=progress)
+    eval_seconds = time.perf_counter() - t0
+    extra = {k: settings.get(k) for k in ("bits", "quantizer", "group_size")}
+    if "budget_bpw" in settings:
+        extra["budget_bpw"] = settings["budget_bpw"]
+    extra["rotated"] = getattr(model, "lowbit_rotation", None) is not None
+    timing = {"quantize_seconds": quantize_seconds, "eval_seconds": eval_seconds,
+              "seconds": quantize_seconds + eval_seconds}  # fmt: skip
+    return _record(settings, ctx, extra, size_account(model), quality, timing, reported)
+
+
+def _shared_class(settings: dict, ctx: _ModelContext) -> type | None:
+    """The class of a point's method when it quantizes several points together (``sweep_apply``), else None."""
+    if settings["method"] == "fp":
+        return None
+    cls = type(ctx.methods[method_key(settings)])
+    return cls if callable(getattr(cls, "sweep_apply", None)) else None
+
+
+def _batches(settings: list[dict], ctx: _ModelContext) -> Iterator[list[dict]]:
+    """The points in order, in batches measured together: each run of consecutive points whose method
+    class quantizes several together (:func:`measure_shared`) is one batch, every other point its own."""
+    batch: list[dict] = []
+    for s in settings:
+        cls = _shared_class(s, ctx)
+        if batch and cls is not None and cls is _shared_class(batch[0], ctx):
+            batch.append(s)
+            continue
+        if batch:
+            yield batch
+        batch = [s]
+        if cls is None:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def _record(settings: dict, ctx: _ModelContext, extra: dict, size: dict, quality: dict, timing: dict, reported) -> dict:
@@ -273,9 +340,15 @@ def _sweep_model(run: _Run, model_spec: str, plan: list[dict]) -> None:
         f"{ctx.cache.nbytes / 2**30:.2f} GiB, {ctx.reference_seconds:.0f} s)"
     )
     own = [p for p in todo if p["method"] != "peer"]
-    for index, settings in enumerate(own, 1):
-        _store(run, measure_point(settings, run.spec, ctx, progress=run.progress), f"{index}/{len(todo)}")
-    index = len(own)
+    index = 0
+    for batch in _batches(own, ctx):
+        if len(batch) == 1:
+            records = [measure_point(batch[0], run.spec, ctx, progress=run.progress)]
+        else:
+            records = measure_shared(batch, run.spec, ctx, progress=run.progress)
+        for record in records:
+            index += 1
+            _store(run, record, f"{index}/{len(todo)}")
     for name, peer in run.peers.items():
         mine = [p for p in todo if p["method"] == "peer" and p["peer"] == name]
         if mine:
@@ -304,9 +377,12 @@ def run_sweep(
     out = Path(out)
     if "qat" in spec.methods and spec.qat_steps == 0:
         log("pareto: 'qat' skipped: QAT points need a training budget (--qat-steps N > 0)")
-    methods = sweep_methods(spec)  # a method (or peer) that cannot run fails before any compute
-    peers = sweep_peers(spec)
+    notes = peer_notes(spec)
+    for note in notes:
+        log(f"pareto: {note}")
     fingerprints = text_fingerprints(spec)
+    methods = sweep_methods(spec, fingerprints)  # a method (or peer) that cannot run fails before any compute
+    peers = sweep_peers(spec)
     t_sweep = time.perf_counter()
     with ResultStore(out, inputs=tuple(spec.models)) as store:
         run = _Run(spec, store, store.read(), methods, peers, uuid.uuid4().hex[:12], progress, log)
@@ -328,5 +404,15 @@ def run_sweep(
         **paths,
         "frontier": [f"{r['model']} {point_label(r)}" for r in records if r["frontier"]],
         "peers": [f"{r['model']} {point_label(r)}" for r in records if r["method"] == "peer"],
-        "summary": summary_lines(records),
+        "summary": summary_lines(records) + notes,
     }
+
+
+def peer_notes(spec: SweepSpec) -> list[str]:
+    """One line when the sweep measures no llama.cpp points because llama-cpp-python is missing."""
+    if "llama.cpp" in spec.peers or llama_cpp_available():
+        return []
+    return [
+        "llama.cpp's own types were not measured: llama-cpp-python is not installed "
+        "(pip install llama-cpp-python diskcache adds them to the default sweep)"
+    ]

@@ -1,4 +1,5 @@
-"""llama.cpp's own quantization types as points of a Pareto sweep (``lowbit pareto --peers llama.cpp``).
+"""llama.cpp's own quantization types as points of a Pareto sweep (``lowbit pareto --peers llama.cpp``;
+the default sweep measures them wherever llama-cpp-python imports, :func:`lowbit.pareto.spec.default_peers`).
 
 Per model: the full-precision model is written once as an F32 GGUF file
 (:func:`~lowbit.peers.llamacpp.write_fp_gguf`); each type is made from it by llama.cpp's own
@@ -14,9 +15,12 @@ AMX CPUs for Q4_0 / Q8_0); the same quantized weights, computed by llama.cpp's p
 
 from __future__ import annotations
 
+import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -33,6 +37,31 @@ from lowbit.peers.llamacpp import (
     require_llama_cpp,
     write_fp_gguf,
 )
+
+
+@contextmanager
+def _stderr_to(path: Path):
+    """What is written to file descriptor 2 meanwhile goes to ``path``: llama.cpp's quantizer prints a
+    warning per tensor that falls back to another type (hundreds on a model whose rows do not fit
+    256-wide blocks), which would bury the sweep's own lines."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(path, "wb") as sink:
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
+
+
+def _fallback_line(log_text: str) -> str | None:
+    """llama.cpp's one-line count of the tensors that fell back to another type, if it printed one."""
+    lines = [line.strip() for line in log_text.splitlines() if "required fallback quantization" in line]
+    return lines[-1].split("WARNING: ", 1)[-1] if lines else None
 
 
 @dataclass
@@ -61,11 +90,21 @@ class LlamaCppPeer:
         with tempfile.TemporaryDirectory(prefix="lowbit-llamacpp-") as tmp:
             fp = write_fp_gguf(ctx.reference, ctx.tokenizer, Path(tmp) / "f32.gguf", model_id(ctx.spec))
             for settings in todo:
-                yield settings, self._measure_type(ctx, fp, settings["peer_type"], threads, progress)
+                yield settings, self._measure_type(ctx, fp, settings["peer_type"], threads, progress, log)
 
-    def _measure_type(self, ctx, fp: Path, type_name: str, threads: int, progress: bool) -> dict:
+    def _measure_type(self, ctx, fp: Path, type_name: str, threads: int, progress: bool,
+                      log: Callable[[str], None] = print) -> dict:  # fmt: skip
         t0 = time.perf_counter()
-        path = quantize_gguf(fp, fp.with_name(f"{type_name}.gguf"), type_name, threads)
+        quantize_log = fp.with_name(f"{type_name}.log")
+        try:
+            with _stderr_to(quantize_log):
+                path = quantize_gguf(fp, fp.with_name(f"{type_name}.gguf"), type_name, threads)
+        except Exception:
+            sys.stderr.write(quantize_log.read_text(errors="replace")[-4000:])  # what llama.cpp said, on failure
+            raise
+        fallback = _fallback_line(quantize_log.read_text(errors="replace"))
+        if fallback:
+            log(f"pareto: llama.cpp {type_name}: {fallback} (rows that do not fit its blocks)")
         quantize_seconds = time.perf_counter() - t0
         size = gguf_account(path)
         llm = open_llamacpp(path, n_ctx=ctx.cache.windows.shape[1], n_threads=threads, extra_bufts=False)

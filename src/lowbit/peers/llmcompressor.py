@@ -93,7 +93,7 @@ class LLMCompressorPeer:
             raise LowbitError(f"{PYTHON_ENV}={python} does not exist: name a Python that has llmcompressor")
 
     def plan(self, spec) -> list[dict]:
-        from lowbit.pareto.spec import text_fingerprint
+        from lowbit.eval.data import text_fingerprint
 
         names = self.schemes or [
             f"w{int(b)}g{self.group_size}-{kind}"

@@ -18,6 +18,7 @@ outside, obtained by autograd through an STE round.
 
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.options import parse_group_size
 
 SUPPORTED_BITS = (1.0, 1.58, 2.0, 3.0, 4.0, 6.0, 8.0)
 # seq clips just inside +-1 so that the edge level is never rounded past (ParetoQ reference code;
@@ -49,6 +51,26 @@ def parse_bits(value: str | float | int) -> float:
             f"unsupported bit-width {value!r}: choose one of 1, 1.58 (or 'ternary'), 2, 3, 4, 6, 8{hint}"
         )
     return bits
+
+
+def parse_bits_option(text: str) -> float:
+    """``--bits``: 1, 1.58 (or ternary), 2, 3, 4, 6 or 8, checked when the command line is read."""
+    try:
+        return parse_bits(text)
+    except LowbitError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def parse_override(text: str) -> tuple[str, dict]:
+    """``--override PATTERN=BITS[:GROUP]`` -> ``(pattern, {"bits": ..., "group_size": ...})``."""
+    pattern, sep, value = text.partition("=")
+    if not sep or not pattern:
+        raise argparse.ArgumentTypeError(f"override must look like 'model.layers.0.*=8' or 'PATTERN=4:64', got {text!r}")
+    bits, _, group = value.partition(":")
+    spec: dict = {"bits": parse_bits_option(bits)}
+    if group:
+        spec["group_size"] = parse_group_size(group)
+    return pattern, spec
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:

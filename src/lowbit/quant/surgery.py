@@ -14,8 +14,15 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.options import parse_bits_option, parse_count, parse_group_size, parse_override
-from lowbit.quant.quantizers import Quantizer, check_group_size, make_quantizer, parse_bits
+from lowbit.options import parse_count, parse_group_size
+from lowbit.quant.quantizers import (
+    Quantizer,
+    check_group_size,
+    make_quantizer,
+    parse_bits,
+    parse_bits_option,
+    parse_override,
+)
 
 ROTATION_FIELDS = ("rotate", "rotation_steps", "rotation_lr")  # what lowbit train leaves to lowbit quantize
 HP_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
