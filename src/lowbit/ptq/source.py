@@ -103,7 +103,7 @@ def release(root: nn.Module) -> None:
     back to the system: glibc keeps freed blocks below its (adaptive, up to 32 MB) mmap threshold in
     the heap, and without a trim the resident set grew ~80 MB a block on a 1.1 B model."""
     root.to("meta")
-    trim_heap()
+    trim_heap(collect=False)
 
 
 def scope_at(prefix: str, module: nn.Module) -> nn.Module:
