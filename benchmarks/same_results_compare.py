@@ -13,7 +13,7 @@ for name in ("rtn4g128", "gptq3g128", "budget35"):
     same = {k: ea[k] == eb[k] for k in keys}
     ta, tb = load_file(a / name / "model.safetensors"), load_file(b / name / "model.safetensors")
     tens = sorted(ta) == sorted(tb) and all(ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]) for k in ta)
-    ia = json.loads((a / name / "lowbit.json").read_text())["info"]; ib = json.loads((b / name / "lowbit.json").read_text())["info"]
+    ia, ib = (json.loads((d / name / "lowbit.json").read_text())["info"] for d in (a, b))
     print(f"{name}: KL {ea['kl_to_reference']:.6g} vs {eb['kl_to_reference']:.6g}; ppl {ea['perplexity']:.6g} vs {eb['perplexity']:.6g}; "
           f"bytes {ea['total_bytes']} vs {eb['total_bytes']}; eval equal: {all(same.values())}; tensors bit-equal: {tens}; "
           f"streamed old/new: {ia.get('streamed', False)}/{ib.get('streamed', False)}")
