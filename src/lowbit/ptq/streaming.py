@@ -91,10 +91,10 @@ def should_stream(spec: str, method: Method, config: QuantConfig) -> bool:
     """Whether :func:`lowbit.api.quantize_to_dir` streams by default: wherever streaming writes the
     folder the in-memory path writes (the method quantizes block by block, no rotation, one process,
     a Hugging Face or built-in model), since it is as fast and holds one block instead of the model."""
-    if not getattr(method, "streamable", False) or config.rotate or launched_by_torchrun():
+    if launched_by_torchrun():
         return False
     try:
-        check_streamable(method, config)
+        check_streamable(method, config)  # the method, its settings and the config allow it
         folder = model_folder(spec)
     except LowbitError:
         return False

@@ -159,14 +159,6 @@ class Checkpoint:
     def dtype(self, key: str) -> torch.dtype:
         return self.where[key].entries[key][0]
 
-    def nbytes_as(self, dtype: torch.dtype) -> int:
-        """Bytes of every floating tensor in ``dtype`` (integers as stored)."""
-        total = 0
-        for f in self.files.values():
-            for dt, _shape, begin, end in f.entries.values():
-                total += (end - begin) // dt.itemsize * dtype.itemsize if dt.is_floating_point else end - begin
-        return total
-
 
 class SafetensorsWriter:
     """Write a safetensors file tensor by tensor (see the module notes); ``work`` holds the spill files."""
